@@ -1,0 +1,151 @@
+"""The exceptions of the client library, and their wire error codes.
+
+::
+
+    CompozyError                    anything this package raises on purpose
+    ├── AgentUnavailable            no agent answers on the socket (and none could be started)
+    ├── ConfigError                 the config file is unreadable or malformed
+    ├── UsageError                  the caller asked for something impossible (CLI exit 2)
+    └── AgentError                  the agent answered with an error (has .code)
+        ├── ProtocolViolation       bad_request, unknown_op, unsupported_version, line_too_long
+        ├── NotImplementedByAgent   not_implemented
+        ├── Forbidden               forbidden, locked
+        ├── AgentBusy               busy
+        ├── NotLoggedIn             not_logged_in, login_required
+        ├── UnknownTokenId          unknown_token_id, unknown_login
+        ├── LoginFailed             login_failed, login_timeout, access_denied
+        ├── RefreshFailed           refresh_failed
+        ├── ProviderUnavailable     provider_unreachable, provider_error
+        └── StorageFailure          storage_error, config_error, internal
+
+This module imports only the standard library: the CLI's fast path uses it.
+Messages never contain a token or key: the agent never puts one in an error,
+and the client never quotes one.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+
+
+class ErrorCode:
+    """Every error code the agent sends on the wire (``docs/protocol.md``)."""
+
+    BAD_REQUEST: Final = "bad_request"
+    UNKNOWN_OP: Final = "unknown_op"
+    UNSUPPORTED_VERSION: Final = "unsupported_version"
+    LINE_TOO_LONG: Final = "line_too_long"
+    NOT_IMPLEMENTED: Final = "not_implemented"
+    FORBIDDEN: Final = "forbidden"
+    BUSY: Final = "busy"
+    LOCKED: Final = "locked"
+    NOT_LOGGED_IN: Final = "not_logged_in"
+    LOGIN_REQUIRED: Final = "login_required"
+    UNKNOWN_TOKEN_ID: Final = "unknown_token_id"
+    UNKNOWN_LOGIN: Final = "unknown_login"
+    LOGIN_FAILED: Final = "login_failed"
+    LOGIN_TIMEOUT: Final = "login_timeout"
+    ACCESS_DENIED: Final = "access_denied"
+    REFRESH_FAILED: Final = "refresh_failed"
+    PROVIDER_UNREACHABLE: Final = "provider_unreachable"
+    PROVIDER_ERROR: Final = "provider_error"
+    STORAGE_ERROR: Final = "storage_error"
+    CONFIG_ERROR: Final = "config_error"
+    INTERNAL: Final = "internal"
+
+
+class CompozyError(Exception):
+    """Base of every exception this package raises on purpose."""
+
+
+class AgentUnavailable(CompozyError):
+    """No agent answers on the socket, and none could be started."""
+
+
+class ConfigError(CompozyError):
+    """The config file is unreadable or malformed."""
+
+
+class UsageError(CompozyError):
+    """The request cannot be made as asked."""
+
+
+class AgentError(CompozyError):
+    """The agent answered with an error response."""
+
+    def __init__(self, code: str, message: str, details: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details or {}
+
+
+class ProtocolViolation(AgentError):
+    pass
+
+
+class NotImplementedByAgent(AgentError):
+    pass
+
+
+class Forbidden(AgentError):
+    pass
+
+
+class AgentBusy(AgentError):
+    pass
+
+
+class NotLoggedIn(AgentError):
+    pass
+
+
+class UnknownTokenId(AgentError):
+    pass
+
+
+class LoginFailed(AgentError):
+    pass
+
+
+class RefreshFailed(AgentError):
+    pass
+
+
+class ProviderUnavailable(AgentError):
+    pass
+
+
+class StorageFailure(AgentError):
+    pass
+
+
+ERROR_CLASSES: Final[dict[str, type[AgentError]]] = {
+    ErrorCode.BAD_REQUEST: ProtocolViolation,
+    ErrorCode.UNKNOWN_OP: ProtocolViolation,
+    ErrorCode.UNSUPPORTED_VERSION: ProtocolViolation,
+    ErrorCode.LINE_TOO_LONG: ProtocolViolation,
+    ErrorCode.NOT_IMPLEMENTED: NotImplementedByAgent,
+    ErrorCode.FORBIDDEN: Forbidden,
+    ErrorCode.LOCKED: Forbidden,
+    ErrorCode.BUSY: AgentBusy,
+    ErrorCode.NOT_LOGGED_IN: NotLoggedIn,
+    ErrorCode.LOGIN_REQUIRED: NotLoggedIn,
+    ErrorCode.UNKNOWN_TOKEN_ID: UnknownTokenId,
+    ErrorCode.UNKNOWN_LOGIN: UnknownTokenId,
+    ErrorCode.LOGIN_FAILED: LoginFailed,
+    ErrorCode.LOGIN_TIMEOUT: LoginFailed,
+    ErrorCode.ACCESS_DENIED: LoginFailed,
+    ErrorCode.REFRESH_FAILED: RefreshFailed,
+    ErrorCode.PROVIDER_UNREACHABLE: ProviderUnavailable,
+    ErrorCode.PROVIDER_ERROR: ProviderUnavailable,
+    ErrorCode.STORAGE_ERROR: StorageFailure,
+    ErrorCode.CONFIG_ERROR: StorageFailure,
+    ErrorCode.INTERNAL: StorageFailure,
+}
+
+
+def error_from_wire(code: str, message: str, details: dict[str, str] | None = None) -> AgentError:
+    """The exception for an error response; unknown codes become plain AgentError."""
+    return ERROR_CLASSES.get(code, AgentError)(code, message, details)

@@ -1,0 +1,99 @@
+"""Where the agent's socket and the config file live, and the rules they obey.
+
+Standard library only: the CLI's token fast path computes the socket path on
+every call. The runtime-directory rule matches ``platformdirs.user_runtime_dir``
+(a test holds the two together) so the agent, which uses platformdirs for its
+other directories, and the CLI always agree.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from pathlib import Path
+from typing import Final
+
+SOCKET_ENV: Final = "COMPOZY_AGENT_SOCK"
+CONFIG_ENV: Final = "COMPOZY_CONFIG"
+APP_NAME: Final = "compozy"
+SOCKET_NAME: Final = "agent.sock"
+
+
+class UnsafePathError(Exception):
+    """A directory that would hold the socket is not private to this user."""
+
+
+def runtime_dir() -> Path | None:
+    """The user's runtime directory, or None when the platform has none.
+
+    Linux and the BSDs: ``$XDG_RUNTIME_DIR``, else ``/run/user/<uid>`` when it
+    exists. macOS: ``~/Library/Caches/TemporaryItems`` as platformdirs says.
+    """
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "TemporaryItems"
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "").strip()
+    if xdg:
+        return Path(xdg)
+    base = "/var/run/user" if sys.platform.startswith(("freebsd", "openbsd", "netbsd")) else "/run/user"
+    candidate = Path(base) / str(os.getuid())
+    return candidate if candidate.is_dir() else None
+
+
+def default_socket_path() -> Path:
+    """``<runtime dir>/compozy/agent.sock``.
+
+    With no runtime directory, ``$TMPDIR/runtime-<uid>`` stands in for it (the
+    fallback platformdirs uses too); it lives in a shared temporary directory,
+    so :func:`ensure_private_dir` refuses it when another user created it first.
+    """
+    base = runtime_dir()
+    if base is None:
+        tmp = os.environ.get("TMPDIR") or "/tmp"  # noqa: S108 - checked by ensure_private_dir
+        base = Path(tmp) / f"runtime-{os.getuid()}"
+    return base / APP_NAME / SOCKET_NAME
+
+
+def socket_path() -> Path:
+    """The socket the CLI talks to: ``$COMPOZY_AGENT_SOCK`` if set, else the default."""
+    explicit = os.environ.get(SOCKET_ENV, "").strip()
+    return Path(explicit) if explicit else default_socket_path()
+
+
+def config_path() -> Path:
+    """``$COMPOZY_CONFIG`` if set, else ``~/.compozy/config.yaml`` (the public docs' path)."""
+    explicit = os.environ.get(CONFIG_ENV, "").strip()
+    return Path(explicit) if explicit else Path.home() / ".compozy" / "config.yaml"
+
+
+def ensure_private_dir(directory: Path) -> None:
+    """Create ``directory`` 0700 if missing; refuse one that is not private to us.
+
+    Refused: a directory owned by another user, group or world writable, or
+    not a directory at all (a symlink to one included).
+    """
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        ensure_private_dir(directory.parent)
+        os.mkdir(directory, 0o700)
+    check_private_dir(directory)
+
+
+def check_private_dir(directory: Path) -> None:
+    """Raise :class:`UnsafePathError` unless ``directory`` is ours and not writable by others."""
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode):
+        raise UnsafePathError(f"{directory} is not a directory")
+    if info.st_uid != os.getuid():
+        raise UnsafePathError(
+            f"{directory} belongs to uid {info.st_uid}, not to you (uid {os.getuid()}); "
+            "refusing to use it for the agent socket"
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafePathError(
+            f"{directory} is writable by group or others (mode {stat.S_IMODE(info.st_mode):o}); "
+            f"run: chmod 700 {directory}"
+        )

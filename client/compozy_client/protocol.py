@@ -1,0 +1,425 @@
+"""The wire protocol between the agent and its clients, defined once.
+
+Transport: a SOCK_STREAM Unix socket carrying JSON Lines (one UTF-8 JSON
+object per ``\\n``-terminated line, at most :data:`MAX_LINE_BYTES` bytes).
+
+Rules (``docs/protocol.md`` is the prose version of this module):
+
+* A request is an object with ``id`` (integer or string, chosen by the client),
+  ``op`` (the operation, which selects the request struct below) and an
+  optional ``v`` (the protocol version the client speaks, default 1).
+* Every request gets exactly one response line carrying the same ``id``:
+  ``{"id": .., "ok": true, "result": {..}}`` or
+  ``{"id": .., "ok": false, "error": {"code": .., "message": ..}}``.
+  A request whose ``id`` cannot be read is answered with ``"id": null``.
+* Requests on one connection are answered in order; a client may pipeline.
+* Unknown fields are ignored on both sides, so newer clients and agents can
+  talk to older ones; unknown ops get the ``unknown_op`` error.
+
+Messages are tagged :class:`msgspec.Struct` classes in one union, decoded by
+one decoder built once (see :func:`decode_request`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, Literal, TypeVar
+
+import msgspec
+
+from compozy_client.errors import ErrorCode
+
+_T = TypeVar("_T")
+
+PROTOCOL_VERSION: Final = 1
+#: The longest request or response line, newline included.
+MAX_LINE_BYTES: Final = 64 * 1024
+
+
+# --------------------------------------------------------------------------
+# Requests. Each is tagged by ``op``; ``id`` and ``v`` are common to all.
+
+
+class _Request(msgspec.Struct, tag_field="op", kw_only=True):
+    id: int | str
+    v: int = PROTOCOL_VERSION
+
+
+class Hello(_Request, tag="hello"):
+    """Ask the agent who it is and which protocol it speaks."""
+
+
+class Status(_Request, tag="status"):
+    """Describe the agent and the session of ``profile`` (all profiles if None)."""
+
+    profile: str | None = None
+
+
+class List(_Request, tag="list"):
+    """List every session the agent holds."""
+
+
+class Token(_Request, tag="token"):
+    """Hand out an access token that stays valid for ``min_valid`` seconds.
+
+    The session is chosen by ``token_id`` when given, else by ``profile``.
+    ``scope`` and ``audience`` ask for a narrower token (RFC 6749 section 6,
+    RFC 8707). ``rejected_token`` is a token a resource server refused with
+    401: the agent drops it and fetches a new one. ``force_new`` does that
+    without naming the token.
+    """
+
+    profile: str = "default"
+    token_id: str | None = None
+    scope: list[str] | None = None
+    audience: str | None = None
+    min_valid: float = 0.0
+    rejected_token: str | None = None
+    force_new: bool = False
+
+    def __repr__(self) -> str:  # rejected_token is a secret
+        return (
+            f"Token(id={self.id!r}, profile={self.profile!r}, token_id={self.token_id!r}, "
+            f"scope={self.scope!r}, audience={self.audience!r}, min_valid={self.min_valid!r}, "
+            f"force_new={self.force_new!r}, rejected_token="
+            f"{'<redacted>' if self.rejected_token else None})"
+        )
+
+
+class Refresh(_Request, tag="refresh"):
+    """Refresh a session now, by ``token_id`` or else ``profile``."""
+
+    profile: str = "default"
+    token_id: str | None = None
+
+
+class Revoke(_Request, tag="revoke"):
+    """Revoke one session at the provider (RFC 7009), then forget it.
+
+    When the provider cannot be reached the session is kept unless ``force``.
+    """
+
+    token_id: str
+    force: bool = False
+
+
+class RevokeAll(_Request, tag="revoke_all"):
+    """Revoke every session; ``force`` as in :class:`Revoke`."""
+
+    force: bool = False
+
+
+class Logout(_Request, tag="logout"):
+    """Revoke and forget ``profile``'s session, or every profile's with ``all``."""
+
+    profile: str = "default"
+    all: bool = False
+    force: bool = False
+
+
+class LoginStart(_Request, tag="login_start"):
+    """Begin a login for ``profile``.
+
+    ``flow`` is ``browser`` (authorization code + PKCE on a loopback redirect,
+    RFC 8252) or ``device`` (RFC 8628). Issuer, client id and scopes default
+    to the profile's configuration. The result tells the client what to show;
+    it then calls :class:`LoginWait`.
+    """
+
+    profile: str = "default"
+    flow: Literal["browser", "device"] = "browser"
+    issuer: str | None = None
+    client_id: str | None = None
+    scope: list[str] | None = None
+
+
+class LoginWait(_Request, tag="login_wait"):
+    """Wait up to ``timeout`` seconds for login ``login_id`` to finish."""
+
+    login_id: str
+    timeout: float = 30.0
+
+
+class LoginCancel(_Request, tag="login_cancel"):
+    """Abandon login ``login_id``."""
+
+    login_id: str
+
+
+class StoreApiKey(_Request, tag="store_api_key"):
+    """Keep an API key for ``profile`` in the agent's secret store."""
+
+    api_key: str
+    profile: str = "default"
+
+    def __repr__(self) -> str:  # the key must never reach a log or traceback
+        return f"StoreApiKey(id={self.id!r}, profile={self.profile!r}, api_key=<redacted>)"
+
+
+Request = (
+    Hello
+    | Status
+    | List
+    | Token
+    | Refresh
+    | Revoke
+    | RevokeAll
+    | Logout
+    | LoginStart
+    | LoginWait
+    | LoginCancel
+    | StoreApiKey
+)
+
+#: Every op name the protocol defines, in the order of the union.
+OPS: Final[tuple[str, ...]] = tuple(
+    cls.__struct_config__.tag  # type: ignore[misc]
+    for cls in (
+        Hello, Status, List, Token, Refresh, Revoke, RevokeAll, Logout,
+        LoginStart, LoginWait, LoginCancel, StoreApiKey,
+    )
+)
+
+
+class Envelope(msgspec.Struct):
+    """What every request line must at least have; read when the full decode fails."""
+
+    id: int | str | None = None
+    op: str | None = None
+    v: int = PROTOCOL_VERSION
+
+
+# --------------------------------------------------------------------------
+# Results.
+
+
+class HelloResult(msgspec.Struct, kw_only=True):
+    protocol: int
+    agent_version: str
+    pid: int
+    ops: list[str]
+    #: "full" on the main socket, "forward" on the restricted forwarding socket.
+    socket_kind: str = "full"
+
+
+class SessionInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One session as ``status`` and ``list`` show it. Never carries a token."""
+
+    token_id: str
+    profile: str
+    kind: Literal["oidc", "api_key"]
+    #: fresh | refreshing | expiring | expired | login_required | revoked
+    state: str
+    issuer: str | None = None
+    account: str | None = None
+    subject: str | None = None
+    scopes: list[str] = []
+    expires_at: float | None = None
+    created_at: float | None = None
+    last_used_at: float | None = None
+    last_refresh_at: float | None = None
+    last_refresh_outcome: str | None = None
+    persisted: bool = True
+
+
+class StorageInfo(msgspec.Struct, kw_only=True):
+    #: keyring | file | memory
+    backend: str
+    detail: str = ""
+    persistent: bool = True
+
+
+class StatusResult(msgspec.Struct, kw_only=True):
+    agent_version: str
+    pid: int
+    socket: str
+    storage: StorageInfo
+    sessions: list[SessionInfo]
+    #: Provider Date header minus local time, from the last exchange, if known.
+    clock_skew_seconds: float | None = None
+    warnings: list[str] = []
+
+
+class ListResult(msgspec.Struct, kw_only=True):
+    sessions: list[SessionInfo]
+
+
+class TokenResult(msgspec.Struct, kw_only=True, omit_defaults=True):
+    access_token: str
+    token_type: str = "Bearer"
+    expires_at: float | None = None
+    token_id: str | None = None
+    profile: str | None = None
+    kind: str = "oidc"
+    scope: list[str] | None = None
+    audience: str | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenResult(token_id={self.token_id!r}, profile={self.profile!r}, "
+            f"expires_at={self.expires_at!r}, access_token=<redacted>)"
+        )
+
+
+class RefreshResult(msgspec.Struct, kw_only=True):
+    token_id: str
+    profile: str
+    expires_at: float | None
+
+
+class RevokeResult(msgspec.Struct, kw_only=True):
+    #: Token ids forgotten by the agent.
+    forgotten: list[str]
+    #: Token ids the provider confirmed revoked (RFC 7009 200 OK).
+    revoked_at_provider: list[str]
+    #: Token ids that could not be revoked at the provider, with the reason.
+    not_revoked: dict[str, str] = {}
+
+
+class LoginStartResult(msgspec.Struct, kw_only=True, omit_defaults=True):
+    login_id: str
+    flow: Literal["browser", "device"]
+    issuer: str
+    #: browser flow: the URL to open.
+    authorization_url: str | None = None
+    #: device flow (RFC 8628 section 3.2).
+    verification_uri: str | None = None
+    verification_uri_complete: str | None = None
+    user_code: str | None = None
+    interval: float | None = None
+    expires_in: float | None = None
+
+
+class LoginWaitResult(msgspec.Struct, kw_only=True, omit_defaults=True):
+    #: pending (call again) | done
+    state: Literal["pending", "done"]
+    session: SessionInfo | None = None
+
+
+class Empty(msgspec.Struct):
+    pass
+
+
+# --------------------------------------------------------------------------
+# Responses.
+
+
+class ErrorBody(msgspec.Struct, kw_only=True, omit_defaults=True):
+    code: str
+    message: str
+    #: Machine-readable hints, e.g. {"command": "compozy login --profile dev"}.
+    details: dict[str, str] = {}
+
+
+class Response(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A response as the agent writes it (``result`` already a Struct)."""
+
+    id: int | str | None
+    ok: bool
+    result: Any = None
+    error: ErrorBody | None = None
+
+
+class RawResponse(msgspec.Struct, kw_only=True):
+    """A response as a client reads it: ``result`` is decoded later by type."""
+
+    id: int | str | None
+    ok: bool
+    result: msgspec.Raw = msgspec.Raw(b"null")
+    error: ErrorBody | None = None
+
+
+_request_decoder: msgspec.json.Decoder[Request] = msgspec.json.Decoder(Request)
+_envelope_decoder = msgspec.json.Decoder(Envelope)
+_raw_response_decoder = msgspec.json.Decoder(RawResponse)
+_encoder = msgspec.json.Encoder()
+
+
+class ProtocolError(Exception):
+    """A request line that cannot be decoded; carries the wire error to send."""
+
+    def __init__(self, code: str, message: str, request_id: int | str | None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.request_id = request_id
+
+
+def decode_request(line: bytes) -> Request:
+    """Decode one request line, or raise :class:`ProtocolError` saying why.
+
+    The message never quotes the request's values: a malformed ``token`` or
+    ``store_api_key`` line may carry a secret.
+    """
+    try:
+        request = _request_decoder.decode(line)
+    except msgspec.DecodeError as exc:
+        full_error = exc
+    else:
+        if request.v != PROTOCOL_VERSION:
+            raise ProtocolError(
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"protocol version {request.v} is not supported; "
+                f"this agent speaks {PROTOCOL_VERSION}",
+                request.id,
+            )
+        return request
+    try:
+        envelope = _envelope_decoder.decode(line)
+    except msgspec.DecodeError:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, "request is not a JSON object with an id and an op", None
+        ) from None
+    if envelope.v != PROTOCOL_VERSION:
+        raise ProtocolError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"protocol version {envelope.v} is not supported; this agent speaks {PROTOCOL_VERSION}",
+            envelope.id,
+        )
+    if envelope.op is not None and envelope.op not in OPS:
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_OP, f"unknown op {envelope.op[:64]!r}", envelope.id
+        )
+    # msgspec names the offending field path ("$.min_valid") but not its value.
+    raise ProtocolError(
+        ErrorCode.BAD_REQUEST, f"invalid request: {_describe(full_error)}", envelope.id
+    )
+
+
+def _describe(error: msgspec.DecodeError) -> str:
+    text = str(error)
+    # ValidationError texts look like "Expected `float`, got `str` - at `$.min_valid`";
+    # JSON syntax errors may quote input bytes, so only their position is kept.
+    if isinstance(error, msgspec.ValidationError):
+        return text
+    return "malformed JSON"
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    """Encode a request or response as one line, newline included."""
+    return _encoder.encode(message) + b"\n"
+
+
+def decode_response(line: bytes) -> RawResponse:
+    """Decode a response line; ``result`` stays raw until :func:`decode_result`."""
+    return _raw_response_decoder.decode(line)
+
+
+def decode_result(raw: msgspec.Raw, result_type: type[_T]) -> _T:
+    """Decode a response's raw ``result`` into ``result_type``."""
+    return msgspec.json.decode(raw, type=result_type)
+
+
+#: The result type of each op, for clients.
+RESULT_TYPES: Final[dict[str, type[msgspec.Struct]]] = {
+    "hello": HelloResult,
+    "status": StatusResult,
+    "list": ListResult,
+    "token": TokenResult,
+    "refresh": RefreshResult,
+    "revoke": RevokeResult,
+    "revoke_all": RevokeResult,
+    "logout": RevokeResult,
+    "login_start": LoginStartResult,
+    "login_wait": LoginWaitResult,
+    "login_cancel": Empty,
+    "store_api_key": SessionInfo,
+}

@@ -1,0 +1,5 @@
+"""Shared fixtures. Each real part has its fixture module under tests/support/."""
+
+from __future__ import annotations
+
+pytest_plugins: list[str] = []
