@@ -28,7 +28,6 @@ from __future__ import annotations
 from typing import Final
 
 
-
 class ErrorCode:
     """Every error code the agent sends on the wire (``docs/protocol.md``)."""
 

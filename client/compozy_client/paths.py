@@ -1,9 +1,10 @@
 """Where the agent's socket and the config file live, and the rules they obey.
 
-Standard library only: the CLI's token fast path computes the socket path on
-every call. The runtime-directory rule matches ``platformdirs.user_runtime_dir``
-(a test holds the two together) so the agent, which uses platformdirs for its
-other directories, and the CLI always agree.
+Standard library only, and no pathlib: the CLI's token fast path computes the
+socket path on every call, so paths are plain strings here. The runtime
+directory rule follows ``platformdirs.user_runtime_dir`` (a test holds the two
+together) so the agent, which uses platformdirs for its other directories, and
+the CLI always agree.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from pathlib import Path
 from typing import Final
 
 SOCKET_ENV: Final = "COMPOZY_AGENT_SOCK"
@@ -24,23 +24,23 @@ class UnsafePathError(Exception):
     """A directory that would hold the socket is not private to this user."""
 
 
-def runtime_dir() -> Path | None:
+def runtime_dir() -> str | None:
     """The user's runtime directory, or None when the platform has none.
 
     Linux and the BSDs: ``$XDG_RUNTIME_DIR``, else ``/run/user/<uid>`` when it
     exists. macOS: ``~/Library/Caches/TemporaryItems`` as platformdirs says.
     """
     if sys.platform == "darwin":
-        return Path.home() / "Library" / "Caches" / "TemporaryItems"
+        return os.path.expanduser("~/Library/Caches/TemporaryItems")
     xdg = os.environ.get("XDG_RUNTIME_DIR", "").strip()
     if xdg:
-        return Path(xdg)
-    base = "/var/run/user" if sys.platform.startswith(("freebsd", "openbsd", "netbsd")) else "/run/user"
-    candidate = Path(base) / str(os.getuid())
-    return candidate if candidate.is_dir() else None
+        return xdg
+    bsd = sys.platform.startswith(("freebsd", "openbsd", "netbsd"))
+    candidate = f"{'/var/run/user' if bsd else '/run/user'}/{os.getuid()}"
+    return candidate if os.path.isdir(candidate) else None
 
 
-def default_socket_path() -> Path:
+def default_socket_path() -> str:
     """``<runtime dir>/compozy/agent.sock``.
 
     With no runtime directory, ``$TMPDIR/runtime-<uid>`` stands in for it (the
@@ -50,23 +50,23 @@ def default_socket_path() -> Path:
     base = runtime_dir()
     if base is None:
         tmp = os.environ.get("TMPDIR") or "/tmp"  # noqa: S108 - checked by ensure_private_dir
-        base = Path(tmp) / f"runtime-{os.getuid()}"
-    return base / APP_NAME / SOCKET_NAME
+        base = os.path.join(tmp, f"runtime-{os.getuid()}")
+    return os.path.join(base, APP_NAME, SOCKET_NAME)
 
 
-def socket_path() -> Path:
+def socket_path() -> str:
     """The socket the CLI talks to: ``$COMPOZY_AGENT_SOCK`` if set, else the default."""
-    explicit = os.environ.get(SOCKET_ENV, "").strip()
-    return Path(explicit) if explicit else default_socket_path()
+    return os.environ.get(SOCKET_ENV, "").strip() or default_socket_path()
 
 
-def config_path() -> Path:
+def config_path() -> str:
     """``$COMPOZY_CONFIG`` if set, else ``~/.compozy/config.yaml`` (the public docs' path)."""
-    explicit = os.environ.get(CONFIG_ENV, "").strip()
-    return Path(explicit) if explicit else Path.home() / ".compozy" / "config.yaml"
+    return os.environ.get(CONFIG_ENV, "").strip() or os.path.expanduser(
+        "~/.compozy/config.yaml"
+    )
 
 
-def ensure_private_dir(directory: Path) -> None:
+def ensure_private_dir(directory: str) -> None:
     """Create ``directory`` 0700 if missing; refuse one that is not private to us.
 
     Refused: a directory owned by another user, group or world writable, or
@@ -77,12 +77,12 @@ def ensure_private_dir(directory: Path) -> None:
     except FileExistsError:
         pass
     except FileNotFoundError:
-        ensure_private_dir(directory.parent)
+        ensure_private_dir(os.path.dirname(directory))
         os.mkdir(directory, 0o700)
     check_private_dir(directory)
 
 
-def check_private_dir(directory: Path) -> None:
+def check_private_dir(directory: str) -> None:
     """Raise :class:`UnsafePathError` unless ``directory`` is ours and not writable by others."""
     info = os.lstat(directory)
     if not stat.S_ISDIR(info.st_mode):

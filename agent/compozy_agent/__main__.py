@@ -1,0 +1,230 @@
+"""`compozy-agent`: the composition root. Hardening, sockets, backend, signals.
+
+Modes:
+
+* ``compozy-agent``: run in the foreground, log to stderr.
+* ``compozy-agent --daemon``: bind, then detach (like ``ssh-agent``) and log to
+  the agent's log file; the parent exits once the socket answers.
+* ``compozy-agent --sh | --csh | --fish``: print the lines that point a shell
+  at the agent's socket, starting a detached agent when none answers.
+* ``--autostarted`` (used by the CLI): like ``--daemon`` but already detached
+  by the CLI; losing the start-up race to another agent is not an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import resource
+import signal
+import sys
+from typing import Final
+
+import anyio
+
+from compozy_agent.server import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    AgentAlreadyRunning,
+    AgentServer,
+    BoundSocket,
+    SocketSetupError,
+    bind_socket,
+)
+from compozy_client import __version__
+from compozy_client.paths import socket_path
+
+log = logging.getLogger("compozy_agent")
+
+EXIT_OK: Final = 0
+EXIT_FAILURE: Final = 1
+EXIT_USAGE: Final = 2
+
+_EPILOG = """examples:
+  compozy-agent                          # run in the foreground, logging to stderr
+  compozy-agent --daemon                 # detach; logs go to the agent's log file
+  eval "$(compozy-agent --sh)"           # in ~/.bashrc or ~/.zshrc: point the shell at an agent
+  compozy-agent --fish | source          # the same for fish
+  COMPOZY_AGENT_SOCK=/tmp/a.sock compozy-agent -v
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="compozy-agent",
+        description="Holds Compozy Cloud sessions, keeps their tokens fresh and hands them "
+        "out over a private Unix socket.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"compozy-agent {__version__}")
+    parser.add_argument("--socket", metavar="PATH",
+                        help="socket path (default: $COMPOZY_AGENT_SOCK, else "
+                        "$XDG_RUNTIME_DIR/compozy/agent.sock)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--daemon", "-d", action="store_true", help="detach after binding")
+    mode.add_argument("--sh", "-s", action="store_true",
+                      help="print sh/bash/zsh lines for the socket, starting an agent if needed")
+    mode.add_argument("--csh", "-c", action="store_true", help="the same for csh/tcsh")
+    mode.add_argument("--fish", action="store_true", help="the same for fish")
+    mode.add_argument("--autostarted", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--log-file", metavar="PATH",
+                        help="log here instead of stderr (default for --daemon: "
+                        "<state dir>/agent.log)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
+    parser.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
+                        metavar="SECONDS", help="close connections idle this long")
+    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                        metavar="N", help="serve at most N connections at once")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = build_parser().parse_args(argv)
+    path = os.path.abspath(options.socket or socket_path())
+    if options.sh or options.csh or options.fish:
+        return _shell_mode(options, path)
+    detach = options.daemon or options.autostarted
+    _disable_core_dumps()
+    try:
+        bound = bind_socket(path)
+    except AgentAlreadyRunning as exc:
+        if options.autostarted:
+            return EXIT_OK  # lost the start-up race; the winner serves
+        print(f"compozy-agent: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (SocketSetupError, OSError) as exc:
+        print(f"compozy-agent: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if options.daemon and os.fork() > 0:
+        # The parent: the child owns the socket and lock from here on.
+        bound.sock.close()
+        if bound.lock_fd is not None:
+            os.close(bound.lock_fd)
+        print(f"compozy-agent: serving {path}", file=sys.stderr)
+        return EXIT_OK
+    if detach:
+        _detach(options.daemon)
+    _setup_logging(options.verbose, options.log_file or (_default_log_file() if detach else None))
+    try:
+        anyio.run(_serve, options, [bound], path)
+    finally:
+        bound.cleanup()
+    return EXIT_OK
+
+
+async def _serve(options: argparse.Namespace, bound: list[BoundSocket], path: str) -> None:
+    from compozy_agent.backend import EmptyBackend
+
+    backend = EmptyBackend()
+    server = AgentServer(backend, socket_path=path, idle_timeout=options.idle_timeout,
+                         max_connections=options.max_connections)
+    async with anyio.create_task_group() as group:
+        group.start_soon(_stop_on_signal, group.cancel_scope)
+        ready = anyio.Event()
+        group.start_soon(server.serve, bound, ready)
+        await ready.wait()
+        log.info("compozy-agent %s (pid %d) serving %s", __version__, os.getpid(), path)
+
+
+async def _stop_on_signal(scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("received %s; shutting down", signal.Signals(signum).name)
+            scope.cancel()
+            return
+
+
+def _disable_core_dumps() -> None:
+    """A core dump would hold every token in memory: turn them off, as ssh-agent does."""
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_dumpable = 4  # <linux/prctl.h>; also stops same-user ptrace attach
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_dumpable, 0, 0, 0, 0)
+
+
+def _detach(new_session: bool) -> None:
+    if new_session:
+        with contextlib.suppress(OSError):
+            os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def state_dir() -> str:
+    """``$COMPOZY_STATE_DIR``, else platformdirs' user state dir for compozy."""
+    explicit = os.environ.get("COMPOZY_STATE_DIR", "").strip()
+    if explicit:
+        return explicit
+    import platformdirs
+
+    return platformdirs.user_state_dir("compozy")
+
+
+def _default_log_file() -> str:
+    return os.path.join(state_dir(), "agent.log")
+
+
+def _setup_logging(verbose: bool, log_file: str | None) -> None:
+    handler: logging.Handler
+    if log_file:
+        os.makedirs(os.path.dirname(os.path.abspath(log_file)), mode=0o700, exist_ok=True)
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        handler = logging.StreamHandler(os.fdopen(fd, "a", buffering=1, encoding="utf-8"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("httpx", "httpcore", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _shell_mode(options: argparse.Namespace, path: str) -> int:
+    """Print shell lines for ``path``; start a detached agent first if none answers."""
+    from compozy_client.connection import connect
+    from compozy_client.errors import CompozyError
+    from compozy_client.protocol import Hello, HelloResult
+
+    os.environ["COMPOZY_AGENT_SOCK"] = path
+    try:
+        with connect(path, timeout=10.0, autostart=True) as conn:
+            pid = conn.call(Hello(id=0), HelloResult).pid
+    except CompozyError as exc:
+        print(f"compozy-agent: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    quoted = _shell_quote(path)
+    if options.csh:
+        print(f"setenv COMPOZY_AGENT_SOCK {quoted};")
+        print(f"echo Agent pid {pid};")
+    elif options.fish:
+        print(f"set -gx COMPOZY_AGENT_SOCK {quoted};")
+        print(f"echo Agent pid {pid};")
+    else:
+        print(f"COMPOZY_AGENT_SOCK={quoted}; export COMPOZY_AGENT_SOCK;")
+        print(f"echo Agent pid {pid};")
+    return EXIT_OK
+
+
+def _shell_quote(value: str) -> str:
+    import shlex
+
+    return shlex.quote(value)
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

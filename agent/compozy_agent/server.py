@@ -1,0 +1,344 @@
+"""The agent's socket: a private place to bind, who may connect, framing, dispatch.
+
+Rules, after ssh-agent (``ssh-agent.c``):
+
+* The socket sits in a directory that is ours and 0700 (created so, with the
+  umask tight around ``bind``); the socket itself is 0600.
+* One agent per socket: an exclusive ``flock`` on ``<socket>.lock`` is held for
+  the agent's life. With the lock held, a socket file that still answers
+  belongs to someone else (a systemd socket, say) and we refuse; one that does
+  not answer is stale and is replaced.
+* Every accepted connection's peer uid (from the kernel) must be ours, else it
+  is closed at once and logged, with nothing sent.
+* Lines are at most ``MAX_LINE_BYTES``; a longer one gets ``line_too_long``
+  and the connection is closed (its framing cannot be trusted any more).
+  Malformed requests get a typed error and the connection stays open.
+* A connection idle longer than ``idle_timeout`` is closed; at most
+  ``max_connections`` are served at once, the next gets ``busy`` and is closed.
+* Requests on a connection are answered in order, one response each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import socket
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Final, assert_never
+
+import anyio
+import anyio.abc
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from compozy_agent.backend import Backend, OpError
+from compozy_agent.peer import Peer, PeerCredentialsUnavailable, peer_of
+from compozy_client import __version__
+from compozy_client import protocol as p
+from compozy_client.errors import ErrorCode
+from compozy_client.paths import ensure_private_dir
+
+log = logging.getLogger("compozy_agent.server")
+
+DEFAULT_IDLE_TIMEOUT: Final = 300.0
+DEFAULT_MAX_CONNECTIONS: Final = 256
+#: Ops served on the restricted forwarding socket.
+FORWARD_OPS: Final = frozenset({"hello", "status", "token"})
+
+
+class AgentAlreadyRunning(Exception):
+    """Another agent holds the lock or already answers on the socket."""
+
+
+class SocketSetupError(Exception):
+    """The socket cannot be created safely at the requested path."""
+
+
+@dataclass
+class BoundSocket:
+    """A listening socket we created, with the lock that makes it ours."""
+
+    sock: socket.socket
+    path: str
+    kind: str = "full"
+    lock_fd: int | None = None
+    inode: int | None = None
+
+    def cleanup(self) -> None:
+        """Remove the socket file if it is still ours, and release the lock."""
+        with contextlib.suppress(OSError):
+            if self.inode is not None and os.lstat(self.path).st_ino == self.inode:
+                os.unlink(self.path)
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+
+@contextlib.contextmanager
+def _umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def bind_socket(path: str, kind: str = "full") -> BoundSocket:
+    """Create the listening socket at ``path`` under the rules in the module docstring."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        ensure_private_dir(directory)
+    except OSError as exc:
+        raise SocketSetupError(f"cannot create socket directory {directory}: {exc}") from None
+    lock_path = path + ".lock"
+    lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(lock_fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise AgentAlreadyRunning(f"an agent is already running on {path}") from None
+        raise
+    try:
+        _remove_stale_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with _umask(0o177):
+                sock.bind(path)
+            os.chmod(path, 0o600)
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            raise SocketSetupError(f"cannot listen on {path}: {exc.strerror}") from None
+        return BoundSocket(sock, path, kind, lock_fd, os.lstat(path).st_ino)
+    except BaseException:
+        os.close(lock_fd)
+        raise
+
+
+def _remove_stale_socket(path: str) -> None:
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise SocketSetupError(
+            f"{path} exists and is not a socket; remove it or choose another path"
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        log.info("replacing stale socket %s left by an agent that is gone", path)
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise AgentAlreadyRunning(
+        f"something already answers on {path} (another agent, or a systemd/launchd socket)"
+    )
+
+
+def check_inherited_socket(sock: socket.socket) -> str:
+    """Check a socket passed by systemd/launchd the way :func:`bind_socket` would make one.
+
+    Returns its path. The socket must be a listening Unix stream socket whose
+    directory is private to us and whose file is not accessible by others.
+    """
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        raise SocketSetupError("the inherited socket is not a Unix stream socket")
+    path = sock.getsockname()
+    if not isinstance(path, str) or not path:
+        raise SocketSetupError("the inherited socket has no path (abstract sockets are refused)")
+    info = os.stat(path)
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise SocketSetupError(
+            f"inherited socket {path} is accessible by others (mode "
+            f"{stat.S_IMODE(info.st_mode):o}, uid {info.st_uid}); set SocketMode=0600"
+        )
+    try:
+        from compozy_client.paths import check_private_dir
+
+        check_private_dir(os.path.dirname(path))
+    except OSError as exc:
+        raise SocketSetupError(str(exc)) from None
+    return path
+
+
+@dataclass
+class ServerStats:
+    connections_open: int = 0
+    connections_total: int = 0
+    refused_peers: int = 0
+    requests: int = 0
+    errors_by_code: dict[str, int] = field(default_factory=dict)
+
+
+class AgentServer:
+    """Serves the protocol on one or more listening sockets."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        socket_path: str,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ) -> None:
+        self.backend = backend
+        self.socket_path = socket_path
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.stats = ServerStats()
+        self._uid = os.getuid()
+
+    async def serve(self, bound: list[BoundSocket], ready: anyio.Event | None = None) -> None:
+        """Accept connections on every socket in ``bound`` until cancelled."""
+        async with anyio.create_task_group() as group:
+            for item in bound:
+                listener = await anyio.abc.SocketListener.from_socket(item.sock)
+                kind = item.kind
+                group.start_soon(listener.serve, self._handler_for(kind), group)
+            if ready is not None:
+                ready.set()
+
+    def _handler_for(self, kind: str) -> Any:
+        async def handle(stream: anyio.abc.SocketStream) -> None:
+            async with stream:
+                await self.handle_connection(stream, kind)
+
+        return handle
+
+    async def handle_connection(self, stream: anyio.abc.SocketStream, kind: str = "full") -> None:
+        raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        try:
+            peer = peer_of(raw)
+        except (OSError, PeerCredentialsUnavailable) as exc:
+            log.warning("refused a connection: peer credentials unavailable (%s)", exc)
+            self.stats.refused_peers += 1
+            return
+        if peer.uid != self._uid:
+            log.warning("refused a connection from uid %d (pid %s): not our user",
+                        peer.uid, peer.pid)
+            self.stats.refused_peers += 1
+            return
+        if self.stats.connections_open >= self.max_connections:
+            await self._send_error(stream, None, ErrorCode.BUSY,
+                                   "the agent is serving too many connections; try again")
+            return
+        self.stats.connections_open += 1
+        self.stats.connections_total += 1
+        try:
+            await self._serve_lines(stream, peer, kind)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+        finally:
+            self.stats.connections_open -= 1
+
+    async def _serve_lines(self, stream: anyio.abc.SocketStream, peer: Peer, kind: str) -> None:
+        reader = BufferedByteReceiveStream(stream)
+        while True:
+            line: bytes | None = None
+            with anyio.move_on_after(self.idle_timeout):
+                try:
+                    line = await reader.receive_until(b"\n", p.MAX_LINE_BYTES)
+                except anyio.DelimiterNotFound:
+                    await self._send_error(
+                        stream, None, ErrorCode.LINE_TOO_LONG,
+                        f"request line longer than {p.MAX_LINE_BYTES} bytes; closing",
+                    )
+                    return
+                except anyio.IncompleteRead:
+                    return  # the client left mid-line
+            if line is None:
+                log.debug("closing a connection idle for %.0f s", self.idle_timeout)
+                return
+            line = line.rstrip(b"\r")
+            if not line.strip():
+                continue
+            self.stats.requests += 1
+            response = await self.respond(line, peer, kind)
+            await stream.send(p.encode(response))
+
+    async def respond(self, line: bytes, peer: Peer, kind: str = "full") -> p.Response:
+        """The response to one request line; never raises for a client's mistake."""
+        try:
+            request = p.decode_request(line)
+        except p.ProtocolError as exc:
+            return self._error(exc.request_id, exc.code, str(exc))
+        op: str = request.__struct_config__.tag  # type: ignore[assignment]
+        if kind != "full" and op not in FORWARD_OPS:
+            return self._error(request.id, ErrorCode.FORBIDDEN,
+                               f"op {op!r} is not allowed on the forwarding socket")
+        try:
+            result = await self.dispatch(request, peer, kind)
+        except OpError as exc:
+            return self._error(request.id, exc.code, exc.message, exc.details)
+        except Exception:
+            # The traceback is logged for the owner; the client gets no internals.
+            log.exception("op %s failed unexpectedly", op)
+            return self._error(request.id, ErrorCode.INTERNAL,
+                               f"the agent failed to handle {op!r}; see the agent's log")
+        return p.Response(id=request.id, ok=True, result=result)
+
+    async def dispatch(self, request: p.Request, peer: Peer, kind: str) -> Any:
+        backend = self.backend
+        match request:
+            case p.Hello():
+                ops = sorted(FORWARD_OPS) if kind != "full" else list(p.OPS)
+                return p.HelloResult(protocol=p.PROTOCOL_VERSION, agent_version=__version__,
+                                     pid=os.getpid(), ops=ops, socket_kind=kind)
+            case p.Status(profile=profile):
+                return p.StatusResult(
+                    agent_version=__version__,
+                    pid=os.getpid(),
+                    socket=self.socket_path,
+                    storage=backend.storage_info(),
+                    sessions=await backend.sessions(profile),
+                    clock_skew_seconds=backend.clock_skew(),
+                    warnings=backend.warnings(),
+                )
+            case p.List():
+                return p.ListResult(sessions=await backend.sessions(None))
+            case p.Token():
+                return await backend.token(request, peer)
+            case p.Refresh():
+                return await backend.refresh(request)
+            case p.Revoke():
+                return await backend.revoke(request)
+            case p.RevokeAll():
+                return await backend.revoke_all(request)
+            case p.Logout():
+                return await backend.logout(request)
+            case p.LoginStart():
+                return await backend.login_start(request)
+            case p.LoginWait():
+                return await backend.login_wait(request)
+            case p.LoginCancel():
+                return await backend.login_cancel(request)
+            case p.StoreApiKey():
+                return await backend.store_api_key(request)
+            case _:
+                assert_never(request)
+
+    def _error(
+        self,
+        request_id: int | str | None,
+        code: str,
+        message: str,
+        details: dict[str, str] | None = None,
+    ) -> p.Response:
+        self.stats.errors_by_code[code] = self.stats.errors_by_code.get(code, 0) + 1
+        return p.Response(id=request_id, ok=False,
+                          error=p.ErrorBody(code=code, message=message, details=details or {}))
+
+    async def _send_error(
+        self, stream: anyio.abc.SocketStream, request_id: int | str | None, code: str, message: str
+    ) -> None:
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            await stream.send(p.encode(self._error(request_id, code, message)))

@@ -1,0 +1,104 @@
+"""The library API for local tools: get a token the way `compozy auth token` does.
+
+Both functions follow the credential chain (``FLYZT_API_KEY``, then the config
+file's ``auth.api_key``, then the agent's session for the profile) and start
+the agent when none runs. The async one uses asyncio streams, so it runs under
+asyncio (and anyio on asyncio) without blocking the loop.
+"""
+
+from __future__ import annotations
+
+from compozy_client import protocol
+from compozy_client.chain import resolve_profile, static_credential
+from compozy_client.config import load_config
+from compozy_client.connection import DEFAULT_TIMEOUT, connect
+from compozy_client.errors import AgentUnavailable, error_from_wire
+from compozy_client.paths import socket_path
+
+
+def _request(
+    profile: str | None,
+    scope: list[str] | None,
+    audience: str | None,
+    min_valid: float,
+    force_new: bool,
+    rejected_token: str | None,
+) -> protocol.Token:
+    return protocol.Token(
+        id=1,
+        profile=resolve_profile(profile),
+        scope=scope,
+        audience=audience,
+        min_valid=min_valid,
+        force_new=force_new,
+        rejected_token=rejected_token,
+    )
+
+
+def get_token(
+    profile: str | None = None,
+    *,
+    scope: list[str] | None = None,
+    audience: str | None = None,
+    min_valid: float = 0.0,
+    force_new: bool = False,
+    rejected_token: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> str:
+    """Return an access token (or API key) for ``profile``.
+
+    ``scope``/``audience`` ask for a narrower token; ``min_valid`` makes sure it
+    stays valid that many seconds; pass the token a server refused with 401 as
+    ``rejected_token`` (or ``force_new=True``) to get a new one.
+    Raises :class:`~compozy_client.errors.NotLoggedIn` when the profile needs
+    ``compozy login``, and other :class:`~compozy_client.errors.CompozyError`\\ s.
+    """
+    static = static_credential(load_config())
+    if static is not None:
+        return static.api_key
+    request = _request(profile, scope, audience, min_valid, force_new, rejected_token)
+    with connect(timeout=timeout) as conn:
+        return conn.call(request, protocol.TokenResult).access_token
+
+
+async def async_get_token(
+    profile: str | None = None,
+    *,
+    scope: list[str] | None = None,
+    audience: str | None = None,
+    min_valid: float = 0.0,
+    force_new: bool = False,
+    rejected_token: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> str:
+    """The asyncio version of :func:`get_token`; starts no agent (use the CLI or service)."""
+    import asyncio
+
+    static = static_credential(load_config())
+    if static is not None:
+        return static.api_key
+    request = _request(profile, scope, audience, min_valid, force_new, rejected_token)
+    path = socket_path()
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), timeout)
+    except (OSError, TimeoutError) as exc:
+        raise AgentUnavailable(f"no agent answers on {path} ({exc.__class__.__name__})") from None
+    try:
+        writer.write(protocol.encode(request))
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), timeout)
+    except (OSError, TimeoutError) as exc:
+        raise AgentUnavailable(f"the agent on {path} did not answer ({exc.__class__.__name__})") \
+            from None
+    finally:
+        writer.close()
+    if not line:
+        raise AgentUnavailable(f"the agent on {path} closed the connection")
+    response = protocol.decode_response(line.rstrip(b"\n"))
+    if not response.ok:
+        error = response.error or protocol.ErrorBody(code="internal", message="empty error")
+        raise error_from_wire(error.code, error.message, error.details)
+    return protocol.decode_result(response.result, protocol.TokenResult).access_token
+
+
+__all__ = ["async_get_token", "get_token"]

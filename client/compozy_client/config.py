@@ -1,0 +1,93 @@
+"""The user's config file (``~/.compozy/config.yaml`` or ``$COMPOZY_CONFIG``).
+
+Shape (every key optional)::
+
+    auth:
+      api_key: ...            # the public docs' CI/CD key; FLYZT_API_KEY wins over it
+    storage: auto             # auto | keyring | file | memory (agent secret storage)
+    profiles:
+      default:                # one entry per profile: compozy login --profile NAME
+        issuer: https://auth.compozy.dev
+        client_id: compozy-cli
+        scopes: [openid, profile, email, offline_access]
+
+Unknown keys are errors, so typos surface. PyYAML is imported only when the
+file exists: the token fast path never pays for it otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Final, Literal
+
+import msgspec
+
+from compozy_client.errors import ConfigError
+from compozy_client.paths import config_path
+
+DEFAULT_ISSUER: Final = "https://auth.compozy.dev"
+DEFAULT_CLIENT_ID: Final = "compozy-cli"
+DEFAULT_SCOPES: Final = ("openid", "profile", "email", "offline_access")
+
+
+class AuthSection(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    api_key: str | None = None
+
+    def __repr__(self) -> str:
+        return f"AuthSection(api_key={'<redacted>' if self.api_key else None})"
+
+
+class ProfileConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    issuer: str | None = None
+    client_id: str | None = None
+    scopes: list[str] | None = None
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    auth: AuthSection = msgspec.field(default_factory=AuthSection)
+    storage: Literal["auto", "keyring", "file", "memory"] = "auto"
+    profiles: dict[str, ProfileConfig] = msgspec.field(default_factory=dict)
+    #: Where the config was read from, and whether others can read it.
+    path: str | None = None
+    readable_by_others: bool = False
+
+
+def load_config(path: str | None = None) -> Config:
+    """Read the config file; a missing file is an empty config.
+
+    Raises :class:`ConfigError` naming the file for anything unreadable or
+    malformed (never quoting its values, which may include a key).
+    """
+    path = path or config_path()
+    try:
+        info = os.stat(path)
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except FileNotFoundError:
+        return Config()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.__class__.__name__}") from None
+    import yaml  # only when a config file exists
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(
+            f"config file {path} is not valid YAML{where}; fix or remove it"
+        ) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a mapping (auth:, profiles:, storage:)")
+    if "path" in data or "readable_by_others" in data:
+        raise ConfigError(f"config file {path}: unknown key")
+    try:
+        config = msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    config.path = path
+    config.readable_by_others = bool(info.st_mode & (stat.S_IRGRP | stat.S_IROTH))
+    return config

@@ -1,0 +1,173 @@
+"""A blocking connection to the agent's socket, with a deadline on every call.
+
+Standard library plus msgspec. One connection carries any number of requests;
+each waits at most ``timeout`` seconds for its response line.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import time
+from types import TracebackType
+from typing import Any, Final, TypeVar
+
+from compozy_client import protocol
+from compozy_client.errors import AgentUnavailable, error_from_wire
+from compozy_client.paths import socket_path
+
+_T = TypeVar("_T")
+
+DEFAULT_TIMEOUT: Final = 30.0
+#: How long the CLI waits for an agent it started to answer.
+AUTOSTART_TIMEOUT: Final = 10.0
+#: Set to "0" to keep the CLI from starting an agent by itself.
+AUTOSTART_ENV: Final = "COMPOZY_AGENT_AUTOSTART"
+
+
+class AgentConnection:
+    """One open connection to the agent; use as a context manager."""
+
+    def __init__(self, sock: socket.socket, path: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self._sock = sock
+        self._buffer = b""
+        self._ids = itertools.count(1)
+        self.path = path
+        self.timeout = timeout
+
+    @classmethod
+    def open(cls, path: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> AgentConnection:
+        """Connect to the agent at ``path`` (default: :func:`socket_path`).
+
+        Raises :class:`AgentUnavailable` when nothing answers there.
+        """
+        path = path or socket_path()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(min(timeout, 5.0))
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            sock.close()
+            raise AgentUnavailable(
+                f"no agent answers on {path} ({exc.strerror or exc.__class__.__name__})"
+            ) from None
+        return cls(sock, path, timeout)
+
+    def __enter__(self) -> AgentConnection:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def call(self, request: Any, result_type: type[_T], timeout: float | None = None) -> _T:
+        """Send ``request`` (a protocol request struct; its ``id`` is set here).
+
+        Returns the decoded result, or raises the :class:`AgentError` subclass
+        for the error code the agent sent.
+        """
+        request.id = next(self._ids)
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        self._send(protocol.encode(request), deadline)
+        while True:
+            response = protocol.decode_response(self._read_line(deadline))
+            if response.id == request.id or response.id is None:
+                break
+            # A response to an earlier request we gave up on: skip it.
+        if not response.ok:
+            error = response.error or protocol.ErrorBody(code="internal", message="empty error")
+            raise error_from_wire(error.code, error.message, error.details)
+        return protocol.decode_result(response.result, result_type)
+
+    def _send(self, data: bytes, deadline: float) -> None:
+        self._sock.settimeout(_remaining(deadline, self.path))
+        try:
+            self._sock.sendall(data)
+        except OSError as exc:
+            raise AgentUnavailable(f"the agent on {self.path} went away: {exc}") from None
+
+    def _read_line(self, deadline: float) -> bytes:
+        while b"\n" not in self._buffer:
+            if len(self._buffer) > protocol.MAX_LINE_BYTES:
+                raise AgentUnavailable("the agent sent a line longer than the protocol allows")
+            self._sock.settimeout(_remaining(deadline, self.path))
+            try:
+                chunk = self._sock.recv(65536)
+            except TimeoutError:
+                raise AgentUnavailable(
+                    f"the agent on {self.path} did not answer in time"
+                ) from None
+            except OSError as exc:
+                raise AgentUnavailable(f"the agent on {self.path} went away: {exc}") from None
+            if not chunk:
+                raise AgentUnavailable(f"the agent on {self.path} closed the connection")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
+
+def _remaining(deadline: float, path: str) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise AgentUnavailable(f"the agent on {path} did not answer in time")
+    return left
+
+
+def autostart_allowed() -> bool:
+    return os.environ.get(AUTOSTART_ENV, "1").strip().lower() not in ("0", "false", "no")
+
+
+def connect(
+    path: str | None = None, timeout: float = DEFAULT_TIMEOUT, *, autostart: bool = True
+) -> AgentConnection:
+    """Connect to the agent, starting one first if none answers and ``autostart``.
+
+    Starting is race-free: every racing CLI may spawn an agent, but the agent
+    holds an exclusive lock beside its socket, so exactly one survives and all
+    callers connect to it.
+    """
+    path = path or socket_path()
+    try:
+        return AgentConnection.open(path, timeout)
+    except AgentUnavailable:
+        if not (autostart and autostart_allowed()):
+            raise
+    start_agent(path)
+    deadline = time.monotonic() + AUTOSTART_TIMEOUT
+    delay = 0.005
+    while True:
+        try:
+            return AgentConnection.open(path, timeout)
+        except AgentUnavailable:
+            if time.monotonic() >= deadline:
+                raise AgentUnavailable(
+                    f"started an agent for {path}, but it did not answer within "
+                    f"{AUTOSTART_TIMEOUT:.0f} s; run `compozy-agent` in a terminal to see why"
+                ) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+
+def start_agent(path: str) -> None:
+    """Spawn a detached agent serving ``path``; its log goes to the agent's log file."""
+    env = dict(os.environ)
+    env["COMPOZY_AGENT_SOCK"] = path
+    subprocess.Popen(
+        [sys.executable, "-m", "compozy_agent", "--autostarted"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+        close_fds=True,
+    )
