@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return _shell_mode(options, path)
     detach = options.daemon or options.autostarted
     _disable_core_dumps()
+    _setup_logging(options.verbose, options.log_file or (_default_log_file() if detach else None))
     try:
         bound = bind_socket(path)
     except AgentAlreadyRunning as exc:
@@ -107,7 +108,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if detach:
         _detach(options.daemon)
-    _setup_logging(options.verbose, options.log_file or (_default_log_file() if detach else None))
     try:
         anyio.run(_serve, options, [bound], path)
     finally:

@@ -1,0 +1,66 @@
+"""The client stays light: what each entry point loads, and the public API."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import compozy_client
+
+HEAVY = ("httpx", "aiohttp", "anyio", "keyring", "platformdirs", "compozy_agent")
+
+
+def modules_after(code: str, env: dict[str, str] | None = None) -> set[str]:
+    """The modules a fresh interpreter has loaded after running ``code``."""
+    script = code + "\nimport sys, json\nprint(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env
+    ).stdout
+    return set(json.loads(out.splitlines()[-1]))
+
+
+def test_importing_the_package_loads_nothing_heavy() -> None:
+    loaded = modules_after("import compozy_client")
+    assert not {m for m in loaded if m.split(".")[0] in (*HEAVY, "msgspec", "yaml")}
+
+
+def test_the_full_cli_never_loads_agent_dependencies() -> None:
+    loaded = modules_after(
+        "from compozy_client import cli, api, connection, chain, config, protocol\n"
+        "cli.build_parser()"
+    )
+    assert not {m for m in loaded if m.split(".")[0] in HEAVY}
+
+
+def test_token_fast_path_loads_no_argparse_msgspec_or_yaml(tmp_path: object) -> None:
+    # No agent answers here, so the fast path gives up; what matters is what it loaded.
+    code = (
+        "import os\n"
+        "os.environ['COMPOZY_AGENT_SOCK'] = '/nonexistent/agent.sock'\n"
+        "from compozy_client import fasttoken\n"
+        "assert fasttoken.run(['--profile', 'dev']) is None\n"
+    )
+    loaded = modules_after(code)
+    assert not {m for m in loaded if m.split(".")[0] in (*HEAVY, "msgspec", "yaml", "argparse")}
+
+
+def test_fast_path_with_env_key_prints_it() -> None:
+    code = (
+        "import os\n"
+        "os.environ['FLYZT_API_KEY'] = 'env-key'\n"
+        "from compozy_client import fasttoken\n"
+        "assert fasttoken.run([]) == 0\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout == "env-key\n"
+
+
+def test_public_api_is_exactly_all() -> None:
+    assert sorted(compozy_client.__all__) == [
+        "AgentError", "AgentUnavailable", "CompozyError", "NotLoggedIn", "__version__",
+        "async_get_token", "get_token",
+    ]
+    for name in compozy_client.__all__:
+        assert getattr(compozy_client, name) is not None
+    assert dir(compozy_client) == sorted(compozy_client.__all__)

@@ -1,0 +1,366 @@
+"""A real agent process on a private socket, driven through the socket and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support.agent import AgentEnv, AgentProcess, agent_pids, can_connect, run_cli, start_agent
+
+
+class LineClient:
+    """A raw JSON-lines client, as a tool in another language would be."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read(self) -> dict[str, Any] | None:
+        """The next response, or None once the agent has closed the connection."""
+        while b"\n" not in self.buffer:
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:  # closed with our unread bytes still queued
+                return None
+            if not chunk:
+                return None
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return json.loads(line)
+
+    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.send(json.dumps(request).encode() + b"\n")
+        response = self.read()
+        assert response is not None
+        return response
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def ask_once(path: str, request: dict[str, Any]) -> dict[str, Any]:
+    """One request on a fresh connection."""
+    client = LineClient(path)
+    try:
+        return client.ask(request)
+    finally:
+        client.close()
+
+
+def test_socket_and_directory_are_private(agent: AgentProcess) -> None:
+    info = os.stat(agent.socket)
+    assert stat.S_ISSOCK(info.st_mode)
+    assert stat.S_IMODE(info.st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(agent.socket)).st_mode) == 0o700
+
+
+def test_hello_and_status(agent: AgentProcess) -> None:
+    client = LineClient(agent.socket)
+    hello = client.ask({"id": 1, "op": "hello"})
+    assert hello["ok"] is True and hello["id"] == 1
+    result = hello["result"]
+    assert isinstance(result, dict)
+    assert result["protocol"] == 1 and result["pid"] == agent.pid
+    assert "token" in result["ops"]
+    status = client.ask({"id": "s", "op": "status"})
+    assert status["id"] == "s" and status["ok"] is True
+    client.close()
+
+
+def test_pipelined_requests_are_answered_in_order_with_their_ids(agent: AgentProcess) -> None:
+    client = LineClient(agent.socket)
+    ids = list(range(1, 51))
+    client.send(b"".join(json.dumps({"id": i, "op": "hello"}).encode() + b"\n" for i in ids))
+    assert [client.read()["id"] for _ in ids] == ids
+    client.close()
+
+
+def test_bad_requests_get_typed_errors_and_the_connection_survives(agent: AgentProcess) -> None:
+    client = LineClient(agent.socket)
+    client.send(b"this is not json\n")
+    assert client.read() == {"id": None, "ok": False, "error": {
+        "code": "bad_request", "message": "request is not a JSON object with an id and an op"}}
+    assert client.ask({"id": 2, "op": "teleport"})["error"]["code"] == "unknown_op"
+    assert client.ask({"id": 3, "op": "token", "min_valid": "x"})["error"]["code"] == "bad_request"
+    assert client.ask({"id": 4, "op": "hello", "v": 99})["error"]["code"] == "unsupported_version"
+    client.send(b"\x00\xff\xfe\n\n   \n")
+    assert client.read()["error"]["code"] == "bad_request"
+    assert client.ask({"id": 5, "op": "hello"})["ok"] is True
+    client.close()
+
+
+def test_ops_without_a_backend_answer_not_implemented_never_success(agent: AgentProcess) -> None:
+    client = LineClient(agent.socket)
+    for op, fields in [("refresh", {}), ("revoke", {"token_id": "x"}), ("revoke_all", {}),
+                       ("logout", {}), ("login_start", {}), ("login_wait", {"login_id": "x"})]:
+        response = client.ask({"id": 1, "op": op, **fields})
+        assert response["ok"] is False, op
+    client.close()
+
+
+def test_a_line_over_the_limit_is_refused_and_closed(agent: AgentProcess) -> None:
+    client = LineClient(agent.socket)
+    client.send(b'{"id": 1, "op": "hello", "pad": "' + b"x" * (70 * 1024))
+    response = client.read()
+    assert response is not None and response["error"]["code"] == "line_too_long"
+    assert client.read() is None  # closed
+    client.close()
+    assert ask_once(agent.socket, {"id": 1, "op": "hello"})["ok"] is True
+
+
+def test_a_client_leaving_mid_line_does_not_hurt(agent: AgentProcess) -> None:
+    for _ in range(20):
+        client = LineClient(agent.socket)
+        client.send(b'{"id": 1, "op": "hel')
+        client.close()
+    assert ask_once(agent.socket, {"id": 1, "op": "hello"})["ok"] is True
+
+
+def test_idle_connections_are_closed(agent_env: AgentEnv) -> None:
+    process = start_agent(agent_env, "--idle-timeout", "0.3")
+    try:
+        client = LineClient(process.socket, timeout=10.0)
+        assert client.ask({"id": 1, "op": "hello"})["ok"] is True
+        assert client.read() is None  # the agent hung up on the idle connection
+        client.close()
+    finally:
+        process.stop()
+
+
+def test_connection_cap_answers_busy(agent_env: AgentEnv) -> None:
+    process = start_agent(agent_env, "--max-connections", "2")
+    try:
+        held = [LineClient(process.socket) for _ in range(2)]
+        for client in held:
+            assert client.ask({"id": 1, "op": "hello"})["ok"] is True
+        extra = LineClient(process.socket)
+        response = extra.read()
+        extra.close()
+        assert response is not None and response["error"]["code"] == "busy"
+        held[0].close()
+        assert held[1].ask({"id": 2, "op": "hello"})["ok"] is True
+        held[1].close()
+    finally:
+        process.stop()
+
+
+def test_second_agent_on_the_same_socket_exits_with_a_message(agent: AgentProcess) -> None:
+    second = start_agent(agent.agent_env, wait=False)
+    assert second.proc.wait(15) == 1
+    second.stop()
+    assert "already running" in second.log()
+    assert ask_once(agent.socket, {"id": 1, "op": "hello"})["result"]["pid"] == agent.pid
+
+
+def test_stale_socket_from_a_crashed_agent_is_replaced(agent_env: AgentEnv) -> None:
+    first = start_agent(agent_env)
+    first.stop(signal.SIGKILL)
+    assert os.path.exists(agent_env.socket) and not can_connect(agent_env.socket)
+    second = start_agent(agent_env)
+    try:
+        assert ask_once(second.socket, {"id": 1, "op": "hello"})["result"]["pid"] == second.pid
+        assert "stale socket" in second.log()
+    finally:
+        second.stop()
+
+
+def test_sigterm_and_sigint_shut_down_cleanly_and_remove_the_socket(agent_env: AgentEnv) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        process = start_agent(agent_env)
+        assert process.stop(sig) == 0
+        assert not os.path.exists(agent_env.socket)
+        assert "shutting down" in process.log()
+
+
+def test_refuses_a_socket_directory_others_can_write(agent_env: AgentEnv) -> None:
+    run = agent_env.root / "run"
+    (run / "compozy").mkdir(parents=True, mode=0o700)
+    (run / "compozy").chmod(0o777)
+    process = start_agent(agent_env, wait=False)
+    assert process.proc.wait(15) == 1
+    process.stop()
+    assert "writable by group or others" in process.log()
+
+
+def test_peer_of_another_uid_is_refused(agent: AgentProcess) -> None:
+    if os.getuid() != 0:
+        pytest.skip("needs root to run a client as another user (uid 65534, nobody)")
+    # Loosen the permissions on purpose: the peer check must hold even then.
+    for directory in (Path(agent.socket).parent, Path(agent.socket).parent.parent,
+                      agent.agent_env.root):
+        directory.chmod(0o755)
+    os.chmod(agent.socket, 0o666)
+    probe = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); s.settimeout(10)\n"
+        f"s.connect({agent.socket!r})\n"
+        "s.sendall(b'{\"id\": 1, \"op\": \"hello\"}\\n')\n"
+        "try:\n"
+        "    data = s.recv(65536)\n"
+        "except ConnectionResetError:\n"
+        "    data = b''\n"
+        "sys.stdout.write(repr(data))\n"
+    )
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if python is None:
+        pytest.skip("needs a system python3 (Debian python3) that uid 65534 may run")
+    out = subprocess.run([python, "-c", probe], user=65534, group=65534,
+                         capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "b''"  # closed with nothing sent
+    assert "refused a connection from uid 65534" in agent.log()
+    assert ask_once(agent.socket, {"id": 1, "op": "hello"})["ok"] is True
+
+
+# --------------------------------------------------------------------------
+# Through the real CLI.
+
+
+def test_cli_status_against_a_running_agent(agent: AgentProcess) -> None:
+    result = run_cli(agent.agent_env, "auth", "status", "--json")
+    assert result.returncode == 1  # not logged in is a handled failure
+    document = json.loads(result.stdout)
+    assert document["agent"]["pid"] == agent.pid
+    assert document["authenticated"] is False
+    assert document["credential_source"]["type"] == "none"
+    text = run_cli(agent.agent_env, "auth", "status")
+    assert "not logged in; run `compozy login`" in text.stdout
+
+
+def test_cli_starts_the_agent_on_demand(agent_env: AgentEnv) -> None:
+    from support.agent import prepare_dirs
+
+    prepare_dirs(agent_env)
+    assert not os.path.exists(agent_env.socket)
+    result = run_cli(agent_env, "auth", "list", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"sessions": []}
+    assert len(agent_pids(agent_env)) == 1
+    log_file = agent_env.state_dir / "agent.log"
+    assert stat.S_IMODE(log_file.stat().st_mode) == 0o600
+
+
+def test_concurrent_clis_start_exactly_one_agent(agent_env: AgentEnv) -> None:
+    from support.agent import prepare_dirs
+
+    prepare_dirs(agent_env)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: run_cli(agent_env, "auth", "status", "--json"), range(8)))
+    pids = {json.loads(r.stdout)["agent"]["pid"] for r in results}
+    assert len(pids) == 1, [r.stderr for r in results]
+    # Every agent that lost the race has exited; the winner is the only one left.
+    losers_gone = [pid for pid in agent_pids(agent_env)]
+    assert losers_gone == list(pids)
+
+
+def test_autostart_can_be_disabled(agent_env: AgentEnv) -> None:
+    from support.agent import prepare_dirs
+
+    prepare_dirs(agent_env)
+    result = run_cli(agent_env, "auth", "list", COMPOZY_AGENT_AUTOSTART="0")
+    assert result.returncode == 1
+    assert "no agent answers" in result.stderr
+    assert agent_pids(agent_env) == []
+
+
+def test_api_key_in_env_needs_no_agent(agent_env: AgentEnv) -> None:
+    result = run_cli(agent_env, "auth", "token", FLYZT_API_KEY="ci-key-123", CI="true")
+    assert result.returncode == 0 and result.stdout == "ci-key-123\n"
+    status = run_cli(agent_env, "auth", "status", "--json", FLYZT_API_KEY="ci-key-123", CI="true")
+    assert status.returncode == 0
+    document = json.loads(status.stdout)
+    assert document["credential_source"] == {"type": "env", "origin": "FLYZT_API_KEY"}
+    assert "ci-key-123" not in status.stdout + status.stderr
+    assert not os.path.exists(agent_env.socket)
+    assert agent_pids(agent_env) == []
+
+
+def test_api_key_in_config_file(agent_env: AgentEnv) -> None:
+    agent_env.config.parent.mkdir(parents=True)
+    agent_env.config.write_text("auth:\n  api_key: cfg-key-456\n")
+    agent_env.config.chmod(0o644)
+    result = run_cli(agent_env, "auth", "token")
+    assert result.returncode == 0 and result.stdout == "cfg-key-456\n"
+    status = run_cli(agent_env, "auth", "status", COMPOZY_AGENT_AUTOSTART="0")
+    assert status.returncode == 0
+    assert "readable by other users" in status.stderr and "chmod 600" in status.stderr
+    assert "cfg-key-456" not in status.stdout + status.stderr
+
+
+def test_broken_config_is_a_clear_handled_error(agent_env: AgentEnv) -> None:
+    agent_env.config.parent.mkdir(parents=True)
+    agent_env.config.write_text("auth: [api_key: oops\n")
+    result = run_cli(agent_env, "auth", "token")
+    assert result.returncode == 1
+    assert str(agent_env.config) in result.stderr and "not valid YAML" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [[], ["login"], ["logout"], ["auth"], ["auth", "status"], ["auth", "list"],
+     ["auth", "refresh"], ["auth", "revoke"], ["auth", "revoke-all"], ["auth", "token"]],
+)
+def test_every_command_has_help_with_examples(agent_env: AgentEnv, command: list[str]) -> None:
+    result = run_cli(agent_env, *command, "--help")
+    assert result.returncode == 0
+    assert "examples:" in result.stdout and "usage: compozy" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["nonsense"], ["auth", "revoke"], ["auth", "token", "--min-valid", "soon"],
+     ["login", "--device", "--no-browser"], ["auth", "refresh", "abc", "--profile", "x"]],
+)
+def test_usage_errors_exit_2(agent: AgentProcess, command: list[str]) -> None:
+    result = run_cli(agent.agent_env, *command)
+    assert result.returncode == 2, result
+    assert result.stdout == ""
+
+
+def test_revoke_all_without_terminal_needs_yes(agent: AgentProcess) -> None:
+    result = run_cli(agent.agent_env, "auth", "revoke-all")
+    assert result.returncode == 2 and "--yes" in result.stderr
+
+
+def test_agent_help_and_shell_lines(agent_env: AgentEnv) -> None:
+    from support.agent import prepare_dirs
+
+    prepare_dirs(agent_env)
+    help_text = subprocess.run([sys.executable, "-m", "compozy_agent", "--help"],
+                               capture_output=True, text=True, env=agent_env.env())
+    assert help_text.returncode == 0 and "examples:" in help_text.stdout
+    sh = subprocess.run([sys.executable, "-m", "compozy_agent", "--sh"], capture_output=True,
+                        text=True, env=agent_env.env(), timeout=30)
+    assert sh.returncode == 0, sh.stderr
+    expected = f"COMPOZY_AGENT_SOCK={agent_env.socket}; export COMPOZY_AGENT_SOCK;"
+    assert sh.stdout.startswith(expected)
+    assert len(agent_pids(agent_env)) == 1
+
+
+def test_daemon_mode_detaches(agent_env: AgentEnv) -> None:
+    from support.agent import prepare_dirs
+
+    prepare_dirs(agent_env)
+    result = subprocess.run([sys.executable, "-m", "compozy_agent", "--daemon"],
+                            capture_output=True, text=True, env=agent_env.env(), timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert can_connect(agent_env.socket)
+    pids = agent_pids(agent_env)
+    assert len(pids) == 1
+    assert ask_once(agent_env.socket, {"id": 1, "op": "hello"})["result"]["pid"] == pids[0]
