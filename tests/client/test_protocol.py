@@ -63,8 +63,9 @@ def test_malformed_requests_get_typed_errors(
 
 def test_error_messages_do_not_echo_request_values() -> None:
     secret = "sk-live-DO-NOT-ECHO"
+    prefix = b'{"id": 1, "op": "store_api_key", "api_key": 12, "x": "'
     with pytest.raises(p.ProtocolError) as caught:
-        p.decode_request(b'{"id": 1, "op": "store_api_key", "api_key": 12, "x": "' + secret.encode())
+        p.decode_request(prefix + secret.encode())
     assert secret not in str(caught.value)
     with pytest.raises(p.ProtocolError) as caught:
         p.decode_request(
