@@ -2,4 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 pytest_plugins: list[str] = ["support.agent"]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """aiohttp (the loopback listener, the fake provider) runs on asyncio only."""
+    return "asyncio"
