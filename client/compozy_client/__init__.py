@@ -8,7 +8,9 @@ Importing this package is cheap: the public names load on first use.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+# typing is not imported at run time (it costs as much as the rest of the token
+# path); mypy treats a name TYPE_CHECKING bound to False as typing's.
+TYPE_CHECKING = False
 
 __version__ = "0.1.0"
 
@@ -23,6 +25,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from compozy_client.api import async_get_token, get_token
     from compozy_client.errors import AgentError, AgentUnavailable, CompozyError, NotLoggedIn
 

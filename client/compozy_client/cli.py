@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
+# No typing import at run time: see compozy_client/__init__.py.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
+    from typing import Any, Literal, NoReturn
 
     from compozy_client.chain import StaticCredential
     from compozy_client.connection import AgentConnection

@@ -1,18 +1,24 @@
-"""`compozy auth token` in the common case, with nothing but os, socket and json.
+"""`compozy auth token` in the common case, importing almost nothing.
 
 A token helper runs before every command a person or script sends, so this
-path imports no argparse, msgspec, YAML or the rest of the client. It handles
-only the plain success: an agent that answers with a token. Anything else
-(an unusual flag, a config file holding a key, no agent, an error response)
-returns None and the full CLI does the work again, with its messages.
+path imports no argparse, typing, msgspec, YAML, ``socket`` (its wrapper pulls
+in enum and selectors) or ``json`` (which pulls in ``re``): it talks through
+``_socket``, writes the request by hand and reads the token from the agent's
+known response shape. It handles only the plain success: an agent answering
+with a token. Anything else (an unusual flag, a config file holding a key, no
+agent, an error, a response in another shape) returns None and the full CLI
+does the work again, with its messages.
 """
 
 from __future__ import annotations
 
+import _socket
 import os
-import socket
 
 from compozy_client.paths import config_path, socket_path
+
+# msgspec writes the struct's fields in order, so a token response starts so.
+_TOKEN_PREFIX = b'{"id":1,"ok":true,"result":{"access_token":"'
 
 _VALUE_FLAGS = {"--profile": "profile", "--audience": "audience", "--min-valid": "min_valid"}
 
@@ -77,16 +83,37 @@ def _config_may_hold_key() -> bool:
         return False
 
 
-def _ask_agent(request: dict[str, object]) -> str | None:
-    import json
+def _json_string(value: str) -> str | None:
+    """``value`` as a JSON string, or None when it needs escapes (left to the full CLI)."""
+    if '"' in value or "\\" in value or not value.isprintable():
+        return None
+    return f'"{value}"'
 
-    request["id"] = 1
-    request["op"] = "token"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+def _encode(request: dict[str, object]) -> bytes | None:
+    parts = ['"id":1', '"op":"token"']
+    for key, value in request.items():
+        if isinstance(value, float):
+            parts.append(f'"{key}":{value!r}')
+            continue
+        items = value if isinstance(value, list) else [value]
+        encoded = [_json_string(str(item)) for item in items]
+        if None in encoded:
+            return None
+        text = ",".join(e for e in encoded if e is not None)
+        parts.append(f'"{key}":[{text}]' if isinstance(value, list) else f'"{key}":{text}')
+    return ("{" + ",".join(parts) + "}\n").encode()
+
+
+def _ask_agent(request: dict[str, object]) -> str | None:
+    line = _encode(request)
+    if line is None:
+        return None
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.settimeout(30.0)
         sock.connect(socket_path())
-        sock.sendall(json.dumps(request).encode() + b"\n")
+        sock.sendall(line)
         buffer = b""
         while b"\n" not in buffer:
             chunk = sock.recv(65536)
@@ -97,9 +124,21 @@ def _ask_agent(request: dict[str, object]) -> str | None:
         return None
     finally:
         sock.close()
+    response = buffer.partition(b"\n")[0]
+    if response.startswith(_TOKEN_PREFIX):
+        token, quote, _ = response[len(_TOKEN_PREFIX):].partition(b'"')
+        if quote and b"\\" not in token and token:
+            return token.decode()
+    return _token_from_json(response)
+
+
+def _token_from_json(response: bytes) -> str | None:
+    """The general case: any valid success response."""
+    import json
+
     try:
-        response = json.loads(buffer.partition(b"\n")[0])
-        token = response["result"]["access_token"] if response.get("ok") is True else None
+        document = json.loads(response)
+        token = document["result"]["access_token"] if document.get("ok") is True else None
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
     return token if isinstance(token, str) and token else None

@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from typing import Final
 
-SOCKET_ENV: Final = "COMPOZY_AGENT_SOCK"
-CONFIG_ENV: Final = "COMPOZY_CONFIG"
-APP_NAME: Final = "compozy"
-SOCKET_NAME: Final = "agent.sock"
+# Plain constants, no typing.Final: importing typing alone would double this path's cost.
+SOCKET_ENV = "COMPOZY_AGENT_SOCK"
+CONFIG_ENV = "COMPOZY_CONFIG"
+APP_NAME = "compozy"
+SOCKET_NAME = "agent.sock"
 
 
 class UnsafePathError(Exception):
