@@ -20,6 +20,7 @@ import os
 import resource
 import signal
 import sys
+import time
 from typing import Final
 
 import anyio
@@ -116,17 +117,34 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _serve(options: argparse.Namespace, bound: list[BoundSocket], path: str) -> None:
-    from compozy_agent.backend import EmptyBackend
+    from compozy_agent.http import ProviderClient
+    from compozy_agent.sessions import SessionManager
+    from compozy_agent.store import StorageChoice, open_store
+    from compozy_client.config import load_config
+    from compozy_client.errors import ConfigError
 
-    backend = EmptyBackend()
+    storage: StorageChoice = "auto"
+    try:
+        storage = load_config().storage
+    except ConfigError as exc:
+        log.error("%s; using automatic storage", exc)
+    store = await open_store(storage, state_dir())
+    log.info("secrets: %s (%s)", store.info.backend, store.info.detail)
+    provider = ProviderClient(now=time.time)
+    backend = SessionManager(store, provider)
     server = AgentServer(backend, socket_path=path, idle_timeout=options.idle_timeout,
                          max_connections=options.max_connections)
-    async with anyio.create_task_group() as group:
-        group.start_soon(_stop_on_signal, group.cancel_scope)
-        ready = anyio.Event()
-        group.start_soon(server.serve, bound, ready)
-        await ready.wait()
-        log.info("compozy-agent %s (pid %d) serving %s", __version__, os.getpid(), path)
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(_stop_on_signal, group.cancel_scope)
+            await group.start(backend.run)
+            ready = anyio.Event()
+            group.start_soon(server.serve, bound, ready)
+            await ready.wait()
+            log.info("compozy-agent %s (pid %d) serving %s", __version__, os.getpid(), path)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await provider.aclose()
 
 
 async def _stop_on_signal(scope: anyio.CancelScope) -> None:

@@ -10,6 +10,7 @@ Shape (every key optional)::
         issuer: https://auth.compozy.dev
         client_id: compozy-cli
         scopes: [openid, profile, email, offline_access]
+        resources: [https://api.compozy.dev]
 
 Unknown keys are errors, so typos surface. PyYAML is imported only when the
 file exists: the token fast path never pays for it otherwise.
@@ -42,6 +43,9 @@ class ProfileConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     issuer: str | None = None
     client_id: str | None = None
     scopes: list[str] | None = None
+    #: APIs (RFC 8707 resource indicators) the login asks access for, so that
+    #: `compozy auth token --audience URI` can later get a token for one of them.
+    resources: list[str] | None = None
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):

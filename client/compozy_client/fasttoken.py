@@ -36,10 +36,16 @@ def run(args: list[str]) -> int | None:
         return None
     if "profile" not in request:
         request["profile"] = os.environ.get("COMPOZY_PROFILE", "").strip() or "default"
-    token = _ask_agent(request)
-    if token is None:
+    answer = _ask_agent(request)
+    if answer is None:
         return None
-    os.write(1, token.encode() + b"\n")
+    if isinstance(answer, tuple):  # the agent said no: report it rather than ask again
+        message, command = answer
+        os.write(2, f"error: {message}\n".encode())
+        if command:
+            os.write(2, f"  run: {command}\n".encode())
+        return 1
+    os.write(1, answer.encode() + b"\n")
     return 0
 
 
@@ -105,7 +111,8 @@ def _encode(request: dict[str, object]) -> bytes | None:
     return ("{" + ",".join(parts) + "}\n").encode()
 
 
-def _ask_agent(request: dict[str, object]) -> str | None:
+def _ask_agent(request: dict[str, object]) -> str | tuple[str, str] | None:
+    """The token; or (message, command) for an error response; or None to fall back."""
     line = _encode(request)
     if line is None:
         return None
@@ -132,13 +139,17 @@ def _ask_agent(request: dict[str, object]) -> str | None:
     return _token_from_json(response)
 
 
-def _token_from_json(response: bytes) -> str | None:
-    """The general case: any valid success response."""
+def _token_from_json(response: bytes) -> str | tuple[str, str] | None:
+    """The general case: any valid response, success or error."""
     import json
 
     try:
         document = json.loads(response)
-        token = document["result"]["access_token"] if document.get("ok") is True else None
+        if document.get("ok") is True:
+            token = document["result"]["access_token"]
+            return token if isinstance(token, str) and token else None
+        error = document["error"]
+        details = error.get("details") or {}
+        return str(error["message"]), str(details.get("command", ""))
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
-    return token if isinstance(token, str) and token else None

@@ -1,0 +1,714 @@
+"""The session driver: feeds events to each session's lifecycle and performs its actions.
+
+This module is the :class:`~compozy_agent.backend.Backend` of the socket
+server. The decisions (when to refresh, who waits, what a failure means) are
+``lifecycle.py``'s; here is only the I/O they ask for: provider calls through
+``http.py``, secrets and metadata through ``store.py``, and the loopback
+listener of the browser login. Refreshes and the persisting of rotated
+refresh tokens run shielded from cancellation: a refresh the provider has
+already answered must not be lost to a client hanging up or a shutdown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+import anyio
+import anyio.abc
+
+from compozy_agent import oidc
+from compozy_agent.backend import OpError
+from compozy_agent.http import ProviderClient
+from compozy_agent.lifecycle import (
+    DEFAULT_SLOT,
+    AccessToken,
+    DeleteRefreshToken,
+    Fail,
+    PersistRefreshToken,
+    Ready,
+    SessionLifecycle,
+    SlotKey,
+    StartRefresh,
+    Wait,
+)
+from compozy_agent.loopback import LoopbackRedirect
+from compozy_agent.peer import Peer
+from compozy_agent.store import SecretKind, SessionStore, StoredSession, StoreError
+from compozy_client import protocol as p
+from compozy_client.config import (
+    DEFAULT_CLIENT_ID,
+    DEFAULT_ISSUER,
+    DEFAULT_SCOPES,
+    Config,
+    load_config,
+)
+from compozy_client.errors import ConfigError, ErrorCode
+
+log = logging.getLogger("compozy_agent.sessions")
+
+#: Longest sleep of the scheduler: wall-clock deadlines are rechecked at least
+#: this often, because monotonic clocks stop while the machine is suspended.
+MAX_SLEEP: Final = 60.0
+LOGIN_TTL: Final = 600.0
+#: How long a token request may wait for someone else's refresh.
+WAIT_LIMIT: Final = 60.0
+
+
+@dataclass
+class Session:
+    meta: StoredSession
+    lifecycle: SessionLifecycle | None
+    refresh_token: str | None = field(default=None, repr=False)
+    api_key: str | None = field(default=None, repr=False)
+    changed: anyio.Event = field(default_factory=anyio.Event)
+    last_used_at: float | None = None
+
+    def notify(self) -> None:
+        """Wake everyone waiting for this session's refresh or persist to end."""
+        self.changed.set()
+        self.changed = anyio.Event()
+
+
+@dataclass
+class Login:
+    login_id: str
+    profile: str
+    issuer: str
+    client_id: str
+    scopes: list[str]
+    resources: list[str]
+    expires_at: float
+    done: anyio.Event = field(default_factory=anyio.Event)
+    session: Session | None = None
+    error: OpError | None = None
+    cancel_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+
+
+def _new_id() -> str:
+    return secrets.token_hex(4)
+
+
+def _slot(scope: list[str] | None, audience: str | None) -> SlotKey:
+    return (frozenset(scope) if scope else None, audience or None)
+
+
+def _secret_kind(meta: StoredSession) -> SecretKind:
+    return "api_key" if meta.kind == "api_key" else "refresh_token"
+
+
+def _login_command(profile: str) -> str:
+    return "compozy login" + ("" if profile == "default" else f" --profile {profile}")
+
+
+class SessionManager:
+    """Every session of the agent, by token id; at most one per profile."""
+
+    def __init__(
+        self,
+        store: SessionStore,
+        provider: ProviderClient,
+        *,
+        now: Callable[[], float] = time.time,
+        config_loader: Callable[[], Config] = load_config,
+    ) -> None:
+        self.store = store
+        self.provider = provider
+        self.now = now
+        self.config_loader = config_loader
+        self.by_id: dict[str, Session] = {}
+        self.logins: dict[str, Login] = {}
+        self._group: anyio.abc.TaskGroup | None = None
+        self._poke = anyio.Event()
+        self._warnings: list[str] = []
+
+    # ------------------------------------------------------------ running
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Restore saved sessions, then schedule refreshes until cancelled."""
+        async with anyio.create_task_group() as group:
+            self._group = group
+            await self.restore()
+            task_status.started()
+            await self._schedule()
+
+    async def restore(self) -> None:
+        try:
+            stored = self.store.load()
+        except StoreError as exc:
+            self._warnings.append(str(exc))
+            log.error("%s", exc)
+            return
+        for meta in stored:
+            try:
+                secret = await self.store.get_secret(meta.token_id, _secret_kind(meta))
+            except StoreError as exc:
+                log.error("session %s: %s", meta.token_id, exc)
+                secret = None
+            if meta.kind == "api_key":
+                if secret is None:
+                    self._warnings.append(f"the API key of profile {meta.profile!r} is missing "
+                                          "from the secret store; store it again")
+                    continue
+                self.by_id[meta.token_id] = Session(meta, None, api_key=secret)
+                continue
+            lifecycle = SessionLifecycle(has_refresh_token=secret is not None)
+            session = Session(meta, lifecycle, refresh_token=secret)
+            if secret is not None:
+                lifecycle.refresh_due_at = self.now()  # warm the token up at once
+            else:
+                lifecycle.last_error = ("the refresh token is missing from the secret store; "
+                                        "log in again")
+            self.by_id[meta.token_id] = session
+        log.info("restored %d session(s) from %s", len(self.by_id), self.store.state_path)
+
+    def poke(self) -> None:
+        self._poke.set()
+
+    async def _schedule(self) -> None:
+        while True:
+            now = self.now()
+            wakeups: list[float] = []
+            for session in list(self.by_id.values()):
+                lifecycle = session.lifecycle
+                if lifecycle is None:
+                    continue
+                if lifecycle.persist_retry_due(now):
+                    self._spawn(self._persist_rotated, session)
+                start = lifecycle.tick(now)
+                if start is not None:
+                    self._spawn(self._refresh, session, start.slot)
+                wakeup = lifecycle.next_wakeup()
+                if wakeup is not None:
+                    wakeups.append(wakeup)
+            sleep = min(min(wakeups, default=now + MAX_SLEEP) - now, MAX_SLEEP)
+            with anyio.move_on_after(max(sleep, 0.01)):
+                await self._poke.wait()
+            self._poke = anyio.Event()
+
+    def _spawn(self, function: Callable[..., object], *args: object) -> None:
+        assert self._group is not None, "run() first"
+        self._group.start_soon(function, *args)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------ the backend
+
+    def storage_info(self) -> p.StorageInfo:
+        return self.store.info
+
+    def clock_skew(self) -> float | None:
+        return self.provider.last_clock_skew
+
+    def warnings(self) -> list[str]:
+        warnings = list(self._warnings)
+        if not self.store.info.persistent:
+            warnings.append("no secure storage: sessions are kept in memory only and end when "
+                            f"the agent stops ({self.store.info.detail})")
+        now = self.now()
+        for session in self.by_id.values():
+            if session.lifecycle is not None:
+                for warning in session.lifecycle.snapshot(now).warnings:
+                    warnings.append(f"profile {session.meta.profile}: {warning}")
+        return warnings
+
+    async def sessions(self, profile: str | None) -> list[p.SessionInfo]:
+        now = self.now()
+        return [self._info(s, now) for s in self.by_id.values()
+                if profile is None or s.meta.profile == profile]
+
+    def _info(self, session: Session, now: float) -> p.SessionInfo:
+        meta = session.meta
+        info = p.SessionInfo(
+            token_id=meta.token_id, profile=meta.profile, kind=meta.kind,
+            state="fresh", issuer=meta.issuer, account=meta.account, subject=meta.subject,
+            scopes=meta.scopes, created_at=meta.created_at, last_used_at=session.last_used_at,
+            persisted=self.store.info.persistent,
+        )
+        if session.lifecycle is not None:
+            snap = session.lifecycle.snapshot(now)
+            info.state = snap.state.value
+            info.expires_at = snap.expires_at
+            info.last_refresh_at = snap.last_refresh_at
+            info.last_refresh_outcome = snap.last_refresh_outcome
+        return info
+
+    def _find(self, profile: str, token_id: str | None) -> Session:
+        if token_id:
+            session = self.by_id.get(token_id)
+            if session is None:
+                raise OpError(ErrorCode.UNKNOWN_TOKEN_ID,
+                              f"no session has token id {token_id!r}; see `compozy auth list`")
+            return session
+        for session in self.by_id.values():
+            if session.meta.profile == profile:
+                return session
+        raise OpError(ErrorCode.NOT_LOGGED_IN, f"not logged in (profile {profile!r})",
+                      {"command": _login_command(profile)})
+
+    async def token(self, request: p.Token, peer: Peer) -> p.TokenResult:
+        session = self._find(request.profile, request.token_id)
+        session.last_used_at = self.now()
+        if session.api_key is not None:
+            return p.TokenResult(access_token=session.api_key, token_id=session.meta.token_id,
+                                 profile=session.meta.profile, kind="api_key")
+        assert session.lifecycle is not None
+        token = await self._obtain(session, _slot(request.scope, request.audience),
+                                   min_valid=request.min_valid, force_new=request.force_new,
+                                   rejected=request.rejected_token)
+        return p.TokenResult(access_token=token.value, expires_at=token.expires_at,
+                             token_id=session.meta.token_id, profile=session.meta.profile,
+                             scope=token.scope, audience=request.audience)
+
+    async def _obtain(
+        self,
+        session: Session,
+        slot: SlotKey,
+        *,
+        min_valid: float = 0.0,
+        force_new: bool = False,
+        rejected: str | None = None,
+    ) -> AccessToken:
+        lifecycle = session.lifecycle
+        assert lifecycle is not None
+        arrived_at = self.now()
+        with anyio.fail_after(WAIT_LIMIT):
+            while True:
+                decision = lifecycle.request_token(
+                    self.now(), slot, min_valid=min_valid, force_new=force_new,
+                    rejected=rejected, arrived_at=arrived_at,
+                )
+                match decision:
+                    case Ready(token=token):
+                        return token
+                    case Fail(code=code, message=message):
+                        details = {"command": _login_command(session.meta.profile)} \
+                            if code == ErrorCode.LOGIN_REQUIRED else {}
+                        raise OpError(code, message, details)
+                    case Wait():
+                        await session.changed.wait()
+                    case StartRefresh(slot=start_slot):
+                        error = await self._refresh(session, start_slot)
+                        if error is not None:
+                            raise error
+
+    async def _refresh(self, session: Session, slot: SlotKey) -> OpError | None:
+        """Run one refresh the lifecycle asked for; never raises for provider trouble.
+
+        Returns an error only for a request the provider refuses for this slot
+        alone (a narrower scope or audience it will not grant).
+        """
+        lifecycle = session.lifecycle
+        assert lifecycle is not None and session.refresh_token is not None
+        meta = session.meta
+        result: OpError | None = None
+        with anyio.CancelScope(shield=True):
+            try:
+                assert meta.issuer is not None and meta.client_id is not None
+                metadata = await self.provider.discover(meta.issuer)
+                request = oidc.refresh_request(
+                    metadata, client_id=meta.client_id, refresh_token=session.refresh_token,
+                    scopes=sorted(slot[0]) if slot[0] else None, resource=slot[1],
+                )
+                response, received_at = await self.provider.token(request)
+            except oidc.OAuthError as exc:
+                if exc.error == "invalid_grant":
+                    log.warning("session %s: refresh token rejected (%s); login required",
+                                meta.token_id, exc.error)
+                    session.refresh_token = None
+                    await self._perform(session, lifecycle.refresh_failed_invalid_grant(
+                        self.now(), slot, exc.error))
+                elif slot != DEFAULT_SLOT and exc.error in ("invalid_scope", "invalid_target"):
+                    lifecycle.refresh_abandoned(slot)
+                    result = OpError(ErrorCode.PROVIDER_ERROR,
+                                     f"the provider will not issue that token: {exc}")
+                else:
+                    log.warning("session %s: refresh failed: %s", meta.token_id, exc.error)
+                    lifecycle.refresh_failed_transient(self.now(), slot, f"provider said {exc}")
+            except oidc.TransientProviderError as exc:
+                log.warning("session %s: refresh failed: %s", meta.token_id, exc)
+                lifecycle.refresh_failed_transient(self.now(), slot, str(exc), exc.retry_after)
+            except (oidc.ProviderUnreachable, oidc.MalformedResponse) as exc:
+                log.warning("session %s: refresh failed: %s", meta.token_id, exc)
+                lifecycle.refresh_failed_transient(self.now(), slot, str(exc))
+            except Exception:
+                log.exception("session %s: refresh failed unexpectedly", meta.token_id)
+                lifecycle.refresh_failed_transient(self.now(), slot, "internal error")
+            else:
+                token = AccessToken(
+                    response.access_token, issued_at=received_at,
+                    expires_at=oidc.access_token_expiry(received_at, response.expires_in,
+                                                        response.access_token),
+                    scope=response.scope,
+                )
+                rotated = (response.refresh_token is not None
+                           and response.refresh_token != session.refresh_token)
+                if rotated:
+                    session.refresh_token = response.refresh_token
+                log.info("session %s: refreshed%s; valid for %.0f s", meta.token_id,
+                         " (refresh token rotated)" if rotated else "",
+                         token.expires_at - received_at)
+                await self._perform(session, lifecycle.refresh_succeeded(
+                    self.now(), slot, token, rotated=rotated))
+            finally:
+                session.notify()
+                self.poke()
+        return result
+
+    async def _perform(
+        self, session: Session, actions: list[PersistRefreshToken | DeleteRefreshToken]
+    ) -> None:
+        for action in actions:
+            match action:
+                case PersistRefreshToken():
+                    await self._persist_rotated(session)
+                case DeleteRefreshToken():
+                    try:
+                        await self.store.delete_secret(session.meta.token_id, "refresh_token")
+                    except StoreError as exc:
+                        log.error("session %s: %s", session.meta.token_id, exc)
+
+    async def _persist_rotated(self, session: Session) -> None:
+        lifecycle = session.lifecycle
+        assert lifecycle is not None
+        with anyio.CancelScope(shield=True):
+            try:
+                if session.refresh_token is not None:
+                    await self.store.put_secret(session.meta.token_id, "refresh_token",
+                                                session.refresh_token)
+            except StoreError as exc:
+                log.error("session %s: could not save the rotated refresh token (%s); "
+                          "keeping it in memory and retrying", session.meta.token_id, exc)
+                lifecycle.persist_failed_at(self.now())
+            else:
+                lifecycle.persist_done(self.now())
+            finally:
+                session.notify()
+                self.poke()
+
+    async def refresh(self, request: p.Refresh) -> p.RefreshResult:
+        session = self._find(request.profile, request.token_id)
+        if session.lifecycle is None:
+            raise OpError(ErrorCode.PROVIDER_ERROR, "an API key has nothing to refresh")
+        token = await self._obtain(session, DEFAULT_SLOT, force_new=True)
+        return p.RefreshResult(token_id=session.meta.token_id, profile=session.meta.profile,
+                               expires_at=token.expires_at)
+
+    # ------------------------------------------------------------ revocation
+
+    async def _revoke_at_provider(self, session: Session) -> str | None:
+        """Revoke at the provider (RFC 7009, refresh token first); the failure reason or None."""
+        meta = session.meta
+        if session.api_key is not None:
+            return "an API key is revoked in the Compozy Cloud dashboard, not here"
+        if session.refresh_token is None or meta.issuer is None or meta.client_id is None:
+            return None  # nothing left that the provider would accept
+        try:
+            metadata = await self.provider.discover(meta.issuer)
+            await self.provider.revoke(oidc.revocation_request(
+                metadata, client_id=meta.client_id, token=session.refresh_token,
+                hint="refresh_token"))
+            assert session.lifecycle is not None
+            for token in list(session.lifecycle.slots.values()):
+                await self.provider.revoke(oidc.revocation_request(
+                    metadata, client_id=meta.client_id, token=token.value, hint="access_token"))
+        except (oidc.ProviderUnreachable, oidc.TransientProviderError) as exc:
+            return f"the provider could not be reached ({exc})"
+        except oidc.OAuthFailure as exc:
+            return f"the provider refused the revocation ({exc})"
+        return None
+
+    async def _forget(self, session: Session) -> None:
+        meta = session.meta
+        self.by_id.pop(meta.token_id, None)
+        if session.lifecycle is not None:
+            session.lifecycle.revoke()
+        session.notify()
+        try:
+            await self.store.delete_secret(meta.token_id, _secret_kind(meta))
+        except StoreError as exc:
+            log.error("session %s: %s", meta.token_id, exc)
+        self._save_metadata()
+
+    def _save_metadata(self) -> None:
+        try:
+            self.store.save([s.meta for s in self.by_id.values()])
+        except (StoreError, OSError) as exc:
+            log.error("could not save session metadata: %s", exc)
+            raise OpError(ErrorCode.STORAGE_ERROR, f"could not save session metadata: {exc}") \
+                from None
+
+    async def _revoke_sessions(self, targets: list[Session], force: bool) -> p.RevokeResult:
+        result = p.RevokeResult(forgotten=[], revoked_at_provider=[], not_revoked={})
+        unreachable: dict[str, str] = {}
+        for session in targets:
+            token_id = session.meta.token_id
+            reason = await self._revoke_at_provider(session)
+            if reason is None:
+                result.revoked_at_provider.append(token_id)
+            elif "could not be reached" in reason and not force:
+                unreachable[token_id] = reason
+                continue
+            else:
+                result.not_revoked[token_id] = reason
+            await self._forget(session)
+            result.forgotten.append(token_id)
+        if unreachable:
+            done = f"; {len(result.forgotten)} other session(s) were revoked and removed" \
+                if result.forgotten else ""
+            raise OpError(
+                ErrorCode.PROVIDER_UNREACHABLE,
+                "not revoked, so not removed: " + "; ".join(
+                    f"{token_id}: {reason}" for token_id, reason in unreachable.items()) + done,
+                {"command": "retry with --force to remove locally anyway"},
+            )
+        return result
+
+    async def revoke(self, request: p.Revoke) -> p.RevokeResult:
+        session = self._find("", request.token_id)
+        return await self._revoke_sessions([session], request.force)
+
+    async def revoke_all(self, request: p.RevokeAll) -> p.RevokeResult:
+        return await self._revoke_sessions(list(self.by_id.values()), request.force)
+
+    async def logout(self, request: p.Logout) -> p.RevokeResult:
+        if request.all:
+            targets = list(self.by_id.values())
+        else:
+            targets = [s for s in self.by_id.values() if s.meta.profile == request.profile]
+        return await self._revoke_sessions(targets, request.force)
+
+    # ------------------------------------------------------------ login
+
+    def _login_settings(self, request: p.LoginStart) -> tuple[str, str, list[str], list[str]]:
+        try:
+            config = self.config_loader()
+        except ConfigError as exc:
+            raise OpError(ErrorCode.CONFIG_ERROR, str(exc)) from None
+        profile = config.profiles.get(request.profile)
+        issuer = request.issuer or (profile.issuer if profile else None) or DEFAULT_ISSUER
+        client_id = request.client_id or (profile.client_id if profile else None) \
+            or DEFAULT_CLIENT_ID
+        scopes = request.scope or (profile.scopes if profile else None) or list(DEFAULT_SCOPES)
+        resources = (profile.resources if profile and profile.resources else [])
+        return issuer.rstrip("/"), client_id, list(scopes), list(resources)
+
+    async def login_start(self, request: p.LoginStart) -> p.LoginStartResult:
+        issuer, client_id, scopes, resources = self._login_settings(request)
+        try:
+            metadata = await self.provider.discover(issuer)
+        except oidc.ProviderUnreachable as exc:
+            raise OpError(ErrorCode.PROVIDER_UNREACHABLE,
+                          f"cannot reach the provider {issuer}: {exc}") from None
+        except oidc.OAuthFailure as exc:
+            raise OpError(ErrorCode.PROVIDER_ERROR, str(exc)) from None
+        login = Login(_new_id(), request.profile, issuer, client_id, scopes, resources,
+                      self.now() + LOGIN_TTL)
+        self.logins[login.login_id] = login
+        if request.flow == "device":
+            try:
+                device = await self.provider.device_authorize(oidc.device_authorization_request(
+                    metadata, client_id=client_id, scopes=scopes, resources=resources))
+            except oidc.OAuthFailure as exc:
+                self.logins.pop(login.login_id, None)
+                raise OpError(ErrorCode.LOGIN_FAILED, f"the provider refused: {exc}") from None
+            login.expires_at = self.now() + device.expires_in
+            self._spawn(self._device_flow, login, metadata, device)
+            return p.LoginStartResult(
+                login_id=login.login_id, flow="device", issuer=issuer,
+                verification_uri=device.verification_uri,
+                verification_uri_complete=device.verification_uri_complete,
+                user_code=device.user_code, interval=device.interval,
+                expires_in=device.expires_in,
+            )
+        pkce = oidc.new_pkce()
+        state = oidc.new_state()
+        listener = LoopbackRedirect(state)
+        await listener.start()
+        try:
+            url = oidc.authorization_url(metadata, client_id=client_id,
+                                         redirect_uri=listener.redirect_uri, scopes=scopes,
+                                         state=state, pkce=pkce, resources=resources)
+        except oidc.OAuthFailure as exc:
+            await listener.close()
+            self.logins.pop(login.login_id, None)
+            raise OpError(ErrorCode.LOGIN_FAILED, str(exc)) from None
+        self._spawn(self._browser_flow, login, metadata, listener, pkce)
+        return p.LoginStartResult(login_id=login.login_id, flow="browser", issuer=issuer,
+                                  authorization_url=url, expires_in=LOGIN_TTL)
+
+    async def _browser_flow(self, login: Login, metadata: oidc.ProviderMetadata,
+                            listener: LoopbackRedirect, pkce: oidc.Pkce) -> None:
+        with login.cancel_scope:
+            try:
+                with anyio.fail_after(LOGIN_TTL):
+                    query = await listener.wait()
+            except TimeoutError:
+                self._fail_login(login, ErrorCode.LOGIN_TIMEOUT,
+                                 "nobody completed the browser login in time")
+                return
+            finally:
+                await listener.close()
+            if "error" in query:
+                code = ErrorCode.ACCESS_DENIED if query["error"] == "access_denied" \
+                    else ErrorCode.LOGIN_FAILED
+                description = query.get("error_description")
+                self._fail_login(login, code, f"the provider said {query['error']}"
+                                 + (f": {description}" if description else ""))
+                return
+            if "code" not in query:
+                self._fail_login(login, ErrorCode.LOGIN_FAILED, "the callback carried no code")
+                return
+            await self._exchange(login, metadata, oidc.code_exchange_request(
+                metadata, client_id=login.client_id, code=query["code"],
+                redirect_uri=listener.redirect_uri, pkce=pkce))
+
+    async def _device_flow(self, login: Login, metadata: oidc.ProviderMetadata,
+                           device: oidc.DeviceAuthorization) -> None:
+        interval = max(device.interval, 1.0)
+        request = oidc.device_token_request(metadata, client_id=login.client_id,
+                                            device_code=device.device_code)
+        with login.cancel_scope:
+            while True:
+                await anyio.sleep(interval)
+                if self.now() > login.expires_at:
+                    self._fail_login(login, ErrorCode.LOGIN_TIMEOUT,
+                                     "the device code expired before the login was approved")
+                    return
+                try:
+                    response, received_at = await self.provider.token(request)
+                except oidc.OAuthError as exc:
+                    match exc.error:
+                        case "authorization_pending":
+                            continue
+                        case "slow_down":  # RFC 8628 section 3.5: add 5 seconds
+                            interval += 5.0
+                            continue
+                        case "expired_token":
+                            self._fail_login(login, ErrorCode.LOGIN_TIMEOUT,
+                                             "the device code expired; run the login again")
+                        case "access_denied":
+                            self._fail_login(login, ErrorCode.ACCESS_DENIED,
+                                             "the login was denied")
+                        case _:
+                            self._fail_login(login, ErrorCode.LOGIN_FAILED,
+                                             f"the provider said {exc}")
+                    return
+                except (oidc.TransientProviderError, oidc.ProviderUnreachable) as exc:
+                    log.warning("device login %s: polling failed (%s); retrying",
+                                login.login_id, exc)
+                    continue
+                except oidc.MalformedResponse as exc:
+                    self._fail_login(login, ErrorCode.LOGIN_FAILED, str(exc))
+                    return
+                await self._finish(login, metadata, response, received_at)
+                return
+
+    async def _exchange(self, login: Login, metadata: oidc.ProviderMetadata,
+                        request: oidc.HttpRequest) -> None:
+        try:
+            response, received_at = await self.provider.token(request)
+        except oidc.OAuthFailure as exc:
+            self._fail_login(login, ErrorCode.LOGIN_FAILED, f"exchanging the code failed: {exc}")
+            return
+        await self._finish(login, metadata, response, received_at)
+
+    async def _finish(self, login: Login, metadata: oidc.ProviderMetadata,
+                      response: oidc.TokenResponse, received_at: float) -> None:
+        claims: dict[str, object] = {}
+        if response.id_token:
+            claims = oidc.decode_jwt_claims(response.id_token)
+            try:
+                oidc.validate_id_token_claims(claims, issuer=login.issuer,
+                                              client_id=login.client_id, now=received_at)
+            except oidc.MalformedResponse as exc:
+                self._fail_login(login, ErrorCode.LOGIN_FAILED, str(exc))
+                return
+        if oidc.account_from_claims(claims) in (None, claims.get("sub")) and \
+                metadata.userinfo_endpoint:
+            with contextlib.suppress(oidc.OAuthFailure):  # a nicety; the login stands
+                claims = {**claims, **await self.provider.userinfo(
+                    oidc.userinfo_request(metadata, response.access_token))}
+        meta = StoredSession(
+            token_id=_new_id(), profile=login.profile, kind="oidc", issuer=login.issuer,
+            client_id=login.client_id,
+            subject=str(claims["sub"]) if "sub" in claims else None,
+            account=oidc.account_from_claims(claims),
+            scopes=response.scope or login.scopes, resources=login.resources,
+            created_at=received_at,
+        )
+        lifecycle = SessionLifecycle(has_refresh_token=response.refresh_token is not None)
+        token = AccessToken(response.access_token, issued_at=received_at,
+                            expires_at=oidc.access_token_expiry(
+                                received_at, response.expires_in, response.access_token),
+                            scope=response.scope)
+        lifecycle.install(received_at, token)
+        session = Session(meta, lifecycle, refresh_token=response.refresh_token)
+        try:
+            await self._adopt(session)
+        except OpError as exc:
+            self._fail_login(login, exc.code, exc.message)
+            return
+        login.session = session
+        login.done.set()
+        log.info("profile %s: logged in to %s as %s (session %s)", login.profile, login.issuer,
+                 meta.account, meta.token_id)
+
+    async def _adopt(self, session: Session) -> None:
+        """Store a new session, replacing the profile's previous one."""
+        meta = session.meta
+        previous = [s for s in self.by_id.values() if s.meta.profile == meta.profile]
+        secret = session.refresh_token if meta.kind == "oidc" else session.api_key
+        if secret is not None:
+            try:
+                await self.store.put_secret(meta.token_id, _secret_kind(meta), secret)
+            except StoreError as exc:
+                raise OpError(ErrorCode.STORAGE_ERROR, str(exc)) from None
+        self.by_id[meta.token_id] = session
+        for old in previous:
+            # The old session is replaced; it stays valid at the provider unless revoked.
+            reason = await self._revoke_at_provider(old)
+            if reason:
+                log.warning("replaced session %s was not revoked: %s", old.meta.token_id, reason)
+            await self._forget(old)
+        self._save_metadata()
+        self.poke()
+
+    def _fail_login(self, login: Login, code: str, message: str) -> None:
+        log.warning("login %s (profile %s) failed: %s", login.login_id, login.profile, message)
+        login.error = OpError(code, message)
+        login.done.set()
+
+    async def login_wait(self, request: p.LoginWait) -> p.LoginWaitResult:
+        login = self.logins.get(request.login_id)
+        if login is None:
+            raise OpError(ErrorCode.UNKNOWN_LOGIN, f"no login {request.login_id!r} in progress")
+        with anyio.move_on_after(max(0.0, min(request.timeout, 300.0))):
+            await login.done.wait()
+        if not login.done.is_set():
+            return p.LoginWaitResult(state="pending")
+        self.logins.pop(login.login_id, None)
+        if login.error is not None:
+            raise login.error
+        assert login.session is not None
+        return p.LoginWaitResult(state="done", session=self._info(login.session, self.now()))
+
+    async def login_cancel(self, request: p.LoginCancel) -> p.Empty:
+        login = self.logins.pop(request.login_id, None)
+        if login is None:
+            raise OpError(ErrorCode.UNKNOWN_LOGIN, f"no login {request.login_id!r} in progress")
+        login.cancel_scope.cancel()
+        return p.Empty()
+
+    async def store_api_key(self, request: p.StoreApiKey) -> p.SessionInfo:
+        meta = StoredSession(token_id=_new_id(), profile=request.profile, kind="api_key",
+                             created_at=self.now())
+        session = Session(meta, None, api_key=request.api_key)
+        await self._adopt(session)
+        return self._info(session, self.now())
+
