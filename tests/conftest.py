@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest_plugins: list[str] = ["support.agent"]
+pytest_plugins: list[str] = ["support.agent", "support.provider", "support.keyring_fixture"]
 
 
 @pytest.fixture

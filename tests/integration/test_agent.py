@@ -105,12 +105,20 @@ def test_bad_requests_get_typed_errors_and_the_connection_survives(agent: AgentP
     client.close()
 
 
-def test_ops_without_a_backend_answer_not_implemented_never_success(agent: AgentProcess) -> None:
+def test_ops_on_an_agent_without_sessions_answer_clearly(agent: AgentProcess) -> None:
     client = LineClient(agent.socket)
-    for op, fields in [("refresh", {}), ("revoke", {"token_id": "x"}), ("revoke_all", {}),
-                       ("logout", {}), ("login_start", {}), ("login_wait", {"login_id": "x"})]:
+    expected = [
+        ("token", {}, "not_logged_in"),
+        ("refresh", {"profile": "dev"}, "not_logged_in"),
+        ("revoke", {"token_id": "x"}, "unknown_token_id"),
+        ("login_wait", {"login_id": "x"}, "unknown_login"),
+        ("login_cancel", {"login_id": "x"}, "unknown_login"),
+    ]
+    for op, fields, code in expected:
         response = client.ask({"id": 1, "op": op, **fields})
-        assert response["ok"] is False, op
+        assert response["ok"] is False and response["error"]["code"] == code, (op, response)
+    assert client.ask({"id": 2, "op": "revoke_all"})["result"]["forgotten"] == []
+    assert client.ask({"id": 3, "op": "logout"})["result"]["forgotten"] == []
     client.close()
 
 

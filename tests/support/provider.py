@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import parse_qs, urljoin, urlsplit
 
 import httpx
 import pytest
@@ -54,7 +54,10 @@ def ensure_installed() -> None:
             return
         result = subprocess.run(
             [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=PROVIDER_DIR, capture_output=True, text=True, timeout=600,
+            cwd=PROVIDER_DIR,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         if result.returncode != 0:
             pytest.fail(f"npm ci in {PROVIDER_DIR} failed:\n{result.stderr[-2000:]}")
@@ -69,6 +72,8 @@ class OidcTestProvider:
     client_id: str = CLIENT_ID
     api: str = API_RESOURCE
     events: list[dict[str, Any]] = field(default_factory=list)
+    port: int = 0
+    _arrived: threading.Condition = field(default_factory=threading.Condition)
 
     @classmethod
     def start(
@@ -76,14 +81,25 @@ class OidcTestProvider:
         access_token_ttl: int = 3600,
         refresh_token_ttl: int = 1209600,
         device_code_ttl: int = 600,
+        port: int = 0,
     ) -> OidcTestProvider:
         ensure_installed()
         proc = subprocess.Popen(
-            ["node", "server.js", "--port", "0",
-             "--access-token-ttl", str(access_token_ttl),
-             "--refresh-token-ttl", str(refresh_token_ttl),
-             "--device-code-ttl", str(device_code_ttl)],
-            cwd=PROVIDER_DIR, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            [
+                "node",
+                "server.js",
+                "--port",
+                str(port),
+                "--access-token-ttl",
+                str(access_token_ttl),
+                "--refresh-token-ttl",
+                str(refresh_token_ttl),
+                "--device-code-ttl",
+                str(device_code_ttl),
+            ],
+            cwd=PROVIDER_DIR,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )
         assert proc.stdout is not None
@@ -91,22 +107,33 @@ class OidcTestProvider:
         if ready.get("event") != "ready":
             proc.kill()
             proc.wait()
-            pytest.fail("the test OpenID provider did not start (run `node server.js` in "
-                        f"{PROVIDER_DIR} to see why)")
-        provider = cls(proc=proc, issuer=ready["issuer"])
+            pytest.fail(
+                "the test OpenID provider did not start (run `node server.js` in "
+                f"{PROVIDER_DIR} to see why)"
+            )
+        provider = cls(
+            proc=proc, issuer=ready["issuer"], port=int(ready["issuer"].rsplit(":", 1)[1])
+        )
         threading.Thread(target=provider._read_events, daemon=True).start()
         return provider
 
     def _read_events(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError), self._arrived:
                 self.events.append(json.loads(line))
+                self._arrived.notify_all()
+
+    def wait_for(self, event: str, count: int, timeout: float = 30.0, **match: Any) -> bool:
+        """Block until the provider has logged ``count`` such events (woken per event)."""
+        with self._arrived:
+            return self._arrived.wait_for(lambda: self.count(event, **match) >= count, timeout)
 
     def count(self, event: str = "token", **match: Any) -> int:
         """How many events of this kind (and matching fields) the provider logged so far."""
         return sum(
-            1 for e in list(self.events)
+            1
+            for e in list(self.events)
             if e.get("event") == event and all(e.get(k) == v for k, v in match.items())
         )
 
@@ -188,6 +215,7 @@ class PersonAtBrowser:
     def walk(self, url: str, stop_prefix: str | None = None) -> str:
         """Start at ``url``; return the URL that leaves the provider (or the last page's URL)."""
         response = self.client.get(url)
+        aborted = False
         for _ in range(30):
             if response.is_redirect:
                 location = urljoin(str(response.url), response.headers["location"])
@@ -196,18 +224,22 @@ class PersonAtBrowser:
                 response = self.client.get(location)
                 continue
             self.pages.append(response.text)
+            if aborted:  # the person clicked abort and reads what the provider says
+                return str(response.url)
             parser = _FormParser()
             parser.feed(response.text)
             form = parser.forms[0] if parser.forms else None
             if form is None:
                 return str(response.url)
             if not self.approve and "/interaction/" in str(response.url):
+                aborted = True
                 response = self.client.get(str(response.url).rstrip("/") + "/abort")
                 continue
             data = dict(form.fields)
             if "login" in data or "password" in data:
                 data["login"], data["password"] = self.login, "test"
             if not self.approve and any(b.get("name") == "abort" for b in parser.buttons):
+                aborted = True
                 data.pop("confirm", None)
                 data["abort"] = "yes"
             action = urljoin(str(response.url), form.action or str(response.url))
@@ -237,11 +269,15 @@ def deny_device(verification_uri_complete: str) -> str:
         person.close()
 
 
+def _redirect_uri(authorization_url: str) -> str:
+    return parse_qs(urlsplit(authorization_url).query)["redirect_uri"][0]
+
+
 def complete_browser_login(authorization_url: str, login: str = "alice") -> str:
     """Log in and consent; returns the loopback callback URL (code and state) unvisited."""
     person = PersonAtBrowser(login)
     try:
-        return person.walk(authorization_url, stop_prefix="http://127.0.0.1:")
+        return person.walk(authorization_url, stop_prefix=_redirect_uri(authorization_url))
     finally:
         person.close()
 
@@ -249,6 +285,6 @@ def complete_browser_login(authorization_url: str, login: str = "alice") -> str:
 def deny_browser_login(authorization_url: str) -> str:
     person = PersonAtBrowser(approve=False)
     try:
-        return person.walk(authorization_url, stop_prefix="http://127.0.0.1:")
+        return person.walk(authorization_url, stop_prefix=_redirect_uri(authorization_url))
     finally:
         person.close()
