@@ -413,14 +413,17 @@ class SessionManager:
             await self.provider.revoke(oidc.revocation_request(
                 metadata, client_id=meta.client_id, token=session.refresh_token,
                 hint="refresh_token"))
-            assert session.lifecycle is not None
-            for token in list(session.lifecycle.slots.values()):
-                await self.provider.revoke(oidc.revocation_request(
-                    metadata, client_id=meta.client_id, token=token.value, hint="access_token"))
         except (oidc.ProviderUnreachable, oidc.TransientProviderError) as exc:
             return f"the provider could not be reached ({exc})"
         except oidc.OAuthFailure as exc:
             return f"the provider refused the revocation ({exc})"
+        # Access tokens too, best effort: many providers revoke them with the refresh
+        # token (RFC 7009 section 2.1) and refuse to revoke self-contained JWTs.
+        assert session.lifecycle is not None
+        for token in list(session.lifecycle.slots.values()):
+            with contextlib.suppress(oidc.OAuthFailure):
+                await self.provider.revoke(oidc.revocation_request(
+                    metadata, client_id=meta.client_id, token=token.value, hint="access_token"))
         return None
 
     async def _forget(self, session: Session) -> None:
