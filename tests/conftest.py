@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-pytest_plugins: list[str] = ["support.agent", "support.provider", "support.keyring_fixture"]
+pytest_plugins: list[str] = [
+    "support.agent",
+    "support.provider",
+    "support.keyring_fixture",
+    "support.browser",
+]
 
 
 @pytest.fixture

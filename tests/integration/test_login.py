@@ -433,3 +433,49 @@ def test_no_token_in_the_agent_log(logged_in: AgentProcess) -> None:
     run_cli(logged_in.agent_env, "auth", "refresh")
     new = run_cli(logged_in.agent_env, "auth", "token").stdout.strip()
     assert token not in logged_in.log() and new not in logged_in.log()
+
+
+@pytest.mark.browser
+def test_browser_login_completed_in_headless_chromium(
+    agent_env: AgentEnv, oidc_provider: OidcTestProvider, chromium: Any, tmp_path: Any
+) -> None:
+    """`compozy login` opens "the default browser" ($BROWSER); a real Chromium completes it."""
+    configure(agent_env, oidc_provider)
+    opened = tmp_path / "opened-url"
+    browser_command = tmp_path / "browser"
+    browser_command.write_text(f'#!/bin/sh\nprintf %s "$1" > {opened}\n')
+    browser_command.chmod(0o755)
+    agent = start_agent(agent_env)
+    try:
+        proc = subprocess.Popen(
+            [*CLI, "login"],
+            env=agent_env.env(BROWSER=f"{browser_command} %s"),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stderr is not None
+        shown = []
+        for line in proc.stderr:
+            shown.append(line)
+            if line.startswith("  http"):
+                break
+        assert "Opening your browser" in "".join(shown)
+        url = shown[-1].strip()
+        assert opened.read_text() == url  # the CLI handed the URL to the browser command
+        chromium.open(url)
+        chromium.type("input[name=login]", "alice")
+        chromium.type("input[name=password]", "test")
+        chromium.click("button[type=submit]")
+        chromium.wait_for_text("Authorize")
+        chromium.click("button[type=submit]")
+        text = chromium.wait_for_text("You can close this tab")
+        chromium.screenshot(str(tmp_path / "logged-in.png"))
+        assert "You are logged in to Compozy" in text
+        assert chromium.url.startswith("http://127.0.0.1:") and "/callback?" in chromium.url
+        _, rest = proc.communicate(timeout=60)
+        assert proc.returncode == 0, rest + agent.log()
+        assert f"Logged in to {oidc_provider.issuer} as alice@example.test" in rest
+    finally:
+        agent.stop()
