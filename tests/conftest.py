@@ -9,6 +9,7 @@ pytest_plugins: list[str] = [
     "support.provider",
     "support.keyring_fixture",
     "support.browser",
+    "support.fake_provider",
 ]
 
 

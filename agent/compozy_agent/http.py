@@ -47,11 +47,12 @@ class ProviderClient:
         self,
         now: Callable[[], float],
         transport: httpx.AsyncBaseTransport | None = None,
+        timeout: float = 15.0,
     ) -> None:
         self._now = now
         self._client = httpx.AsyncClient(
             transport=transport,
-            timeout=httpx.Timeout(15.0, connect=5.0),
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
             follow_redirects=False,
             headers={"User-Agent": f"compozy-agent/{__version__}", "Accept": "application/json"},
         )
