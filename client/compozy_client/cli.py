@@ -451,6 +451,9 @@ def _print_status(
         out.write(f"Profile {profile}: {what}{issuer}{account}\n")
         out.write(f"  Token id: {session.token_id}\n")
         out.write(f"  State: {_state_text(session.state)}\n")
+        if session.state == "login_required":
+            again = "" if profile == "default" else f" --profile {profile}"
+            out.write(f"  Run `compozy login{again}` to sign in again\n")
         if session.scopes:
             out.write(f"  Scopes: {' '.join(session.scopes)}\n")
         if session.kind == "oidc":
