@@ -492,11 +492,15 @@ def cmd_list(options: argparse.Namespace) -> int:
     if not result.sessions:
         _info("No sessions. Log in with `compozy login`.")
         return EXIT_OK
-    rows = [["TOKEN ID", "PROFILE", "KIND", "ACCOUNT", "ISSUER", "STATE", "EXPIRES", "SCOPES"]]
+    def relative(epoch: float | None) -> str:
+        return _when(epoch).split(" (")[0] if epoch else "-"
+
+    rows = [["TOKEN ID", "PROFILE", "KIND", "ACCOUNT", "ISSUER", "STATE", "EXPIRES", "CREATED",
+             "LAST USED", "SCOPES"]]
     for s in result.sessions:
         rows.append([
             s.token_id, s.profile, s.kind, s.account or "-", s.issuer or "-", s.state,
-            _when(s.expires_at).split(" (")[0] if s.expires_at else "-",
+            relative(s.expires_at), relative(s.created_at), relative(s.last_used_at),
             " ".join(s.scopes) or "-",
         ])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
