@@ -25,6 +25,12 @@ from typing import Final
 
 import anyio
 
+from compozy_agent.activation import (
+    FORWARD_NAME,
+    ActivationError,
+    launchd_sockets,
+    systemd_sockets,
+)
 from compozy_agent.server import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
@@ -33,6 +39,7 @@ from compozy_agent.server import (
     BoundSocket,
     SocketSetupError,
     bind_socket,
+    check_inherited_socket,
 )
 from compozy_client import __version__
 from compozy_client.paths import socket_path
@@ -43,7 +50,11 @@ EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
 EXIT_USAGE: Final = 2
 
-_EPILOG = """examples:
+_EPILOG = """commands:
+  compozy-agent install-service [--now]   let your login session start the agent (systemd/launchd)
+  compozy-agent uninstall-service [--now]
+
+examples:
   compozy-agent                          # run in the foreground, logging to stderr
   compozy-agent --daemon                 # detach; logs go to the agent's log file
   eval "$(compozy-agent --sh)"           # in ~/.bashrc or ~/.zshrc: point the shell at an agent
@@ -74,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-file", metavar="PATH",
                         help="log here instead of stderr (default for --daemon: "
                         "<state dir>/agent.log)")
+    parser.add_argument("--forward-socket", metavar="PATH",
+                        help="also serve a restricted socket (hello, status, token only) for "
+                        "forwarding to remote hosts with ssh -R")
+    parser.add_argument("--forward-profile", action="append", metavar="NAME",
+                        help="serve only this profile on the forwarding socket (repeatable)")
+    parser.add_argument("--launchd", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
     parser.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
                         metavar="SECONDS", help="close connections idle this long")
@@ -83,37 +100,71 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    options = build_parser().parse_args(argv)
-    path = os.path.abspath(options.socket or socket_path())
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] in (["install-service"], ["uninstall-service"]):
+        from compozy_agent import service_install
+
+        return service_install.main(args)
+    options = build_parser().parse_args(args)
     if options.sh or options.csh or options.fish:
-        return _shell_mode(options, path)
+        return _shell_mode(options, os.path.abspath(options.socket or socket_path()))
     detach = options.daemon or options.autostarted
     _disable_core_dumps()
     _setup_logging(options.verbose, options.log_file or (_default_log_file() if detach else None))
     try:
-        bound = bind_socket(path)
+        bound = _inherited_sockets(options) or _bind(options)
     except AgentAlreadyRunning as exc:
         if options.autostarted:
             return EXIT_OK  # lost the start-up race; the winner serves
         print(f"compozy-agent: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    except (SocketSetupError, OSError) as exc:
+    except (SocketSetupError, ActivationError, OSError) as exc:
         print(f"compozy-agent: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    path = next(b.path for b in bound if b.kind == "full")
     if options.daemon and os.fork() > 0:
-        # The parent: the child owns the socket and lock from here on.
-        bound.sock.close()
-        if bound.lock_fd is not None:
-            os.close(bound.lock_fd)
+        # The parent: the child owns the sockets and locks from here on.
+        for item in bound:
+            item.sock.close()
+            if item.lock_fd is not None:
+                os.close(item.lock_fd)
         print(f"compozy-agent: serving {path}", file=sys.stderr)
         return EXIT_OK
     if detach:
         _detach(options.daemon)
     try:
-        anyio.run(_serve, options, [bound], path)
+        anyio.run(_serve, options, bound, path)
     finally:
-        bound.cleanup()
+        for item in bound:
+            item.cleanup()
     return EXIT_OK
+
+
+def _bind(options: argparse.Namespace) -> list[BoundSocket]:
+    bound = [bind_socket(os.path.abspath(options.socket or socket_path()))]
+    if options.forward_socket:
+        try:
+            bound.append(bind_socket(os.path.abspath(options.forward_socket), kind="forward"))
+        except BaseException:
+            bound[0].cleanup()
+            raise
+    return bound
+
+
+def _inherited_sockets(options: argparse.Namespace) -> list[BoundSocket]:
+    """Sockets from systemd (or launchd with --launchd), checked like our own."""
+    pairs = systemd_sockets()
+    if options.launchd:
+        pairs += [("agent", sock) for sock in launchd_sockets()]
+    bound = []
+    for name, sock in pairs:
+        kind = "forward" if name == FORWARD_NAME else "full"
+        bound.append(BoundSocket(sock, check_inherited_socket(sock), kind))
+    if bound and not any(b.kind == "full" for b in bound):
+        raise ActivationError("the service manager passed only a forwarding socket")
+    if bound:
+        log.info("serving %d socket(s) passed by the service manager", len(bound))
+    return bound
 
 
 async def _serve(options: argparse.Namespace, bound: list[BoundSocket], path: str) -> None:
@@ -132,8 +183,9 @@ async def _serve(options: argparse.Namespace, bound: list[BoundSocket], path: st
     log.info("secrets: %s (%s)", store.info.backend, store.info.detail)
     provider = ProviderClient(now=time.time)
     backend = SessionManager(store, provider)
+    forwarded = frozenset(options.forward_profile) if options.forward_profile else None
     server = AgentServer(backend, socket_path=path, idle_timeout=options.idle_timeout,
-                         max_connections=options.max_connections)
+                         max_connections=options.max_connections, forward_profiles=forwarded)
     try:
         async with anyio.create_task_group() as group:
             group.start_soon(_stop_on_signal, group.cancel_scope)

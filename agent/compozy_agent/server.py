@@ -189,8 +189,11 @@ class AgentServer:
         socket_path: str,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        forward_profiles: frozenset[str] | None = None,
     ) -> None:
         self.backend = backend
+        #: Profiles the forwarding socket may serve; None: all of them.
+        self.forward_profiles = forward_profiles
         self.socket_path = socket_path
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
@@ -272,9 +275,10 @@ class AgentServer:
         except p.ProtocolError as exc:
             return self._error(exc.request_id, exc.code, str(exc))
         op: str = request.__struct_config__.tag  # type: ignore[assignment]
-        if kind != "full" and op not in FORWARD_OPS:
-            return self._error(request.id, ErrorCode.FORBIDDEN,
-                               f"op {op!r} is not allowed on the forwarding socket")
+        if kind != "full":
+            refusal = self._forward_refusal(request, op)
+            if refusal is not None:
+                return self._error(request.id, ErrorCode.FORBIDDEN, refusal)
         try:
             result = await self.dispatch(request, peer, kind)
         except OpError as exc:
@@ -286,6 +290,20 @@ class AgentServer:
                                f"the agent failed to handle {op!r}; see the agent's log")
         return p.Response(id=request.id, ok=True, result=result)
 
+    def _forward_refusal(self, request: p.Request, op: str) -> str | None:
+        """Why the forwarding socket refuses ``request``, or None if it may be served."""
+        if op not in FORWARD_OPS:
+            return f"op {op!r} is not allowed on the forwarding socket"
+        allowed = self.forward_profiles
+        if allowed is None:
+            return None
+        if isinstance(request, p.Token) and (request.token_id or request.profile not in allowed):
+            return "this profile is not forwarded (ask by a forwarded profile's name)"
+        if isinstance(request, p.Status) and request.profile is not None \
+                and request.profile not in allowed:
+            return "this profile is not forwarded"
+        return None
+
     async def dispatch(self, request: p.Request, peer: Peer, kind: str) -> Any:
         backend = self.backend
         match request:
@@ -294,14 +312,17 @@ class AgentServer:
                 return p.HelloResult(protocol=p.PROTOCOL_VERSION, agent_version=__version__,
                                      pid=os.getpid(), ops=ops, socket_kind=kind)
             case p.Status(profile=profile):
+                sessions = await backend.sessions(profile)
+                if kind != "full" and self.forward_profiles is not None:
+                    sessions = [s for s in sessions if s.profile in self.forward_profiles]
                 return p.StatusResult(
                     agent_version=__version__,
                     pid=os.getpid(),
                     socket=self.socket_path,
                     storage=backend.storage_info(),
-                    sessions=await backend.sessions(profile),
+                    sessions=sessions,
                     clock_skew_seconds=backend.clock_skew(),
-                    warnings=backend.warnings(),
+                    warnings=backend.warnings() if kind == "full" else [],
                 )
             case p.List():
                 return p.ListResult(sessions=await backend.sessions(None))
