@@ -479,3 +479,29 @@ def test_browser_login_completed_in_headless_chromium(
         assert f"Logged in to {oidc_provider.issuer} as alice@example.test" in rest
     finally:
         agent.stop()
+
+
+def test_login_without_a_browser_uses_the_device_flow(
+    agent_env: AgentEnv, oidc_provider: OidcTestProvider
+) -> None:
+    """Over SSH or with no display, plain `compozy login` shows a code instead of failing."""
+    configure(agent_env, oidc_provider)
+    for name in ("DISPLAY", "WAYLAND_DISPLAY", "BROWSER"):
+        agent_env.extra[name] = ""
+    agent_env.extra["SSH_CONNECTION"] = "10.0.0.1 50000 10.0.0.2 22"
+    agent = start_agent(agent_env)
+    try:
+        proc = subprocess.Popen([*CLI, "login"], env=agent_env.env(), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            found = re.search(r"or open: (\S+)", line)
+            if found:
+                approve_device(found.group(1))
+                break
+        _, rest = proc.communicate(timeout=60)
+        assert proc.returncode == 0, rest
+        assert "Logged in to" in rest
+        assert oidc_provider.count("device_authorization") >= 1
+    finally:
+        agent.stop()
