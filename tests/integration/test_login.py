@@ -6,6 +6,7 @@ at the browser is played by plain HTTP following the provider's own pages.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -49,6 +50,17 @@ def configure(
     agent_env.config.write_text("\n".join(lines) + "\n")
 
 
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen[str]) -> Iterator[None]:
+    """Whatever happens in the block, the CLI process does not outlive it."""
+    try:
+        yield
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def login_device(
     agent_env: AgentEnv, *args: str, person: str = "alice", deny: bool = False, **env: str
 ) -> subprocess.CompletedProcess[str]:
@@ -61,18 +73,19 @@ def login_device(
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert proc.stderr is not None
-    shown = []
-    for line in proc.stderr:
-        shown.append(line)
-        found = re.search(r"or open: (\S+)", line)
-        if found:
-            if deny:
-                deny_device(found.group(1))
-            else:
-                approve_device(found.group(1), login=person)
-            break
-    stdout, rest = proc.communicate(timeout=60)
+    with reaped(proc):
+        assert proc.stderr is not None
+        shown = []
+        for line in proc.stderr:
+            shown.append(line)
+            found = re.search(r"or open: (\S+)", line)
+            if found:
+                if deny:
+                    deny_device(found.group(1))
+                else:
+                    approve_device(found.group(1), login=person)
+                break
+        stdout, rest = proc.communicate(timeout=60)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, "".join(shown) + rest)
 
 
@@ -89,17 +102,18 @@ def login_browser(
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert proc.stderr is not None
-    shown = []
-    for line in proc.stderr:
-        shown.append(line)
-        if line.startswith("  http"):
-            url = line.strip()
-            callback = deny_browser_login(url) if deny else complete_browser_login(url)
-            page = httpx.get(callback, timeout=30)
-            shown.append(f"[callback page {page.status_code}]\n")
-            break
-    stdout, rest = proc.communicate(timeout=60)
+    with reaped(proc):
+        assert proc.stderr is not None
+        shown = []
+        for line in proc.stderr:
+            shown.append(line)
+            if line.startswith("  http"):
+                url = line.strip()
+                callback = deny_browser_login(url) if deny else complete_browser_login(url)
+                page = httpx.get(callback, timeout=30)
+                shown.append(f"[callback page {page.status_code}]\n")
+                break
+        stdout, rest = proc.communicate(timeout=60)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, "".join(shown) + rest)
 
 
@@ -455,28 +469,29 @@ def test_browser_login_completed_in_headless_chromium(
             stderr=subprocess.PIPE,
             text=True,
         )
-        assert proc.stderr is not None
-        shown = []
-        for line in proc.stderr:
-            shown.append(line)
-            if line.startswith("  http"):
-                break
-        assert "Opening your browser" in "".join(shown)
-        url = shown[-1].strip()
-        assert opened.read_text() == url  # the CLI handed the URL to the browser command
-        chromium.open(url)
-        chromium.type("input[name=login]", "alice")
-        chromium.type("input[name=password]", "test")
-        chromium.click("button[type=submit]")
-        chromium.wait_for_text("Authorize")
-        chromium.click("button[type=submit]")
-        text = chromium.wait_for_text("You can close this tab")
-        chromium.screenshot(str(tmp_path / "logged-in.png"))
-        assert "You are logged in to Compozy" in text
-        assert chromium.url.startswith("http://127.0.0.1:") and "/callback?" in chromium.url
-        _, rest = proc.communicate(timeout=60)
-        assert proc.returncode == 0, rest + agent.log()
-        assert f"Logged in to {oidc_provider.issuer} as alice@example.test" in rest
+        with reaped(proc):
+            assert proc.stderr is not None
+            shown = []
+            for line in proc.stderr:
+                shown.append(line)
+                if line.startswith("  http"):
+                    break
+            assert "Opening your browser" in "".join(shown)
+            url = shown[-1].strip()
+            assert opened.read_text() == url  # the CLI handed the URL to the browser command
+            chromium.open(url)
+            chromium.type("input[name=login]", "alice")
+            chromium.type("input[name=password]", "test")
+            chromium.click("button[type=submit]")
+            chromium.wait_for_text("Authorize")
+            chromium.click("button[type=submit]")
+            text = chromium.wait_for_text("You can close this tab")
+            chromium.screenshot(str(tmp_path / "logged-in.png"))
+            assert "You are logged in to Compozy" in text
+            assert chromium.url.startswith("http://127.0.0.1:") and "/callback?" in chromium.url
+            _, rest = proc.communicate(timeout=60)
+            assert proc.returncode == 0, rest + agent.log()
+            assert f"Logged in to {oidc_provider.issuer} as alice@example.test" in rest
     finally:
         agent.stop()
 
@@ -491,17 +506,24 @@ def test_login_without_a_browser_uses_the_device_flow(
     agent_env.extra["SSH_CONNECTION"] = "10.0.0.1 50000 10.0.0.2 22"
     agent = start_agent(agent_env)
     try:
-        proc = subprocess.Popen([*CLI, "login"], env=agent_env.env(), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            found = re.search(r"or open: (\S+)", line)
-            if found:
-                approve_device(found.group(1))
-                break
-        _, rest = proc.communicate(timeout=60)
-        assert proc.returncode == 0, rest
-        assert "Logged in to" in rest
-        assert oidc_provider.count("device_authorization") >= 1
+        proc = subprocess.Popen(
+            [*CLI, "login"],
+            env=agent_env.env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        with reaped(proc):
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                found = re.search(r"or open: (\S+)", line)
+                if found:
+                    approve_device(found.group(1))
+                    break
+            _, rest = proc.communicate(timeout=60)
+            assert proc.returncode == 0, rest
+            assert "Logged in to" in rest
+            assert oidc_provider.count("device_authorization") >= 1
     finally:
         agent.stop()

@@ -98,7 +98,13 @@ class HeadlessChromium:
         """The page text once it contains ``fragment`` (the page changes as the login goes)."""
         deadline = time.monotonic() + timeout
         while True:
-            text = self.text
+            try:
+                text = self.text
+            except AssertionError as exc:
+                # The page navigated between finding <body> and reading it: read again.
+                if "does not belong to the document" not in str(exc) and "stale" not in str(exc):
+                    raise
+                text = ""
             if fragment in text or time.monotonic() > deadline:
                 return text
 
