@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import compozy_client
 
@@ -64,3 +67,34 @@ def test_public_api_is_exactly_all() -> None:
     for name in compozy_client.__all__:
         assert getattr(compozy_client, name) is not None
     assert dir(compozy_client) == sorted(compozy_client.__all__)
+
+
+def test_the_compozy_launcher_token_path_imports_only_what_it_needs(tmp_path: Path) -> None:
+    """`compozy auth token` against an answering agent: the whole process's imports."""
+    path = str(tmp_path / "agent.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    reply = b'{"id":1,"ok":true,"result":{"access_token":"tok-123","expires_at":1.0}}\n'
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.makefile("rb").readline()
+            conn.sendall(reply)
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    launcher = Path(__file__).resolve().parents[2] / "client" / "bin" / "compozy"
+    env = {"COMPOZY_AGENT_SOCK": path, "HOME": str(tmp_path), "PATH": "/usr/bin"}
+    result = subprocess.run([sys.executable, "-X", "importtime", str(launcher), "auth", "token"],
+                            capture_output=True, text=True, env=env, timeout=30)
+    thread.join(10)
+    server.close()
+    assert result.returncode == 0 and result.stdout == "tok-123\n", result.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    expensive = {"re", "enum", "typing", "json", "argparse", "socket", "msgspec", "yaml",
+                 "pathlib", "subprocess", *HEAVY}
+    assert imported & expensive == set()
+    assert {"compozy_client.fasttoken", "_socket"} <= imported
