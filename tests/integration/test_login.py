@@ -6,7 +6,6 @@ at the browser is played by plain HTTP following the provider's own pages.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import signal
@@ -15,107 +14,15 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 
 from compozy_agent.oidc import decode_jwt_claims
 from support.agent import AgentEnv, AgentProcess, run_cli, start_agent
 from support.keyring_fixture import SecretService
-from support.provider import (
-    OidcTestProvider,
-    approve_device,
-    complete_browser_login,
-    deny_browser_login,
-    deny_device,
-)
+from support.login import CLI, configure, login_browser, login_device, reaped
+from support.provider import OidcTestProvider, approve_device
 
 pytestmark = pytest.mark.real_provider
-
-CLI = [sys.executable, "-c", "from compozy_client.cli import main; main()"]
-
-
-def configure(
-    agent_env: AgentEnv, provider: OidcTestProvider, *profiles: str, storage: str = "auto"
-) -> None:
-    """A config file pointing every profile at the test provider, asking for its API."""
-    agent_env.config.parent.mkdir(parents=True, exist_ok=True)
-    lines = [f"storage: {storage}", "profiles:"]
-    for profile in profiles or ("default",):
-        lines += [
-            f"  {profile}:",
-            f"    issuer: {provider.issuer}",
-            "    scopes: [openid, profile, email, offline_access, compozy:read, compozy:write]",
-            f"    resources: [{provider.api}]",
-        ]
-    agent_env.config.write_text("\n".join(lines) + "\n")
-
-
-@contextlib.contextmanager
-def reaped(proc: subprocess.Popen[str]) -> Iterator[None]:
-    """Whatever happens in the block, the CLI process does not outlive it."""
-    try:
-        yield
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-
-
-def login_device(
-    agent_env: AgentEnv, *args: str, person: str = "alice", deny: bool = False, **env: str
-) -> subprocess.CompletedProcess[str]:
-    """`compozy login --device`, with the person approving (or denying) on the provider's pages."""
-    proc = subprocess.Popen(
-        [*CLI, "login", "--device", *args],
-        env=agent_env.env(**env),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    with reaped(proc):
-        assert proc.stderr is not None
-        shown = []
-        for line in proc.stderr:
-            shown.append(line)
-            found = re.search(r"or open: (\S+)", line)
-            if found:
-                if deny:
-                    deny_device(found.group(1))
-                else:
-                    approve_device(found.group(1), login=person)
-                break
-        stdout, rest = proc.communicate(timeout=60)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, "".join(shown) + rest)
-
-
-def login_browser(
-    agent_env: AgentEnv, *args: str, deny: bool = False, **env: str
-) -> subprocess.CompletedProcess[str]:
-    """`compozy login --no-browser`, with the person completing it and the browser
-    following the redirect to the agent's loopback listener."""
-    proc = subprocess.Popen(
-        [*CLI, "login", "--no-browser", *args],
-        env=agent_env.env(**env),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    with reaped(proc):
-        assert proc.stderr is not None
-        shown = []
-        for line in proc.stderr:
-            shown.append(line)
-            if line.startswith("  http"):
-                url = line.strip()
-                callback = deny_browser_login(url) if deny else complete_browser_login(url)
-                page = httpx.get(callback, timeout=30)
-                shown.append(f"[callback page {page.status_code}]\n")
-                break
-        stdout, rest = proc.communicate(timeout=60)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, "".join(shown) + rest)
-
 
 def status(agent_env: AgentEnv, *args: str) -> dict[str, Any]:
     result = run_cli(agent_env, "auth", "status", "--json", *args)
