@@ -9,6 +9,10 @@ Modes:
   at the agent's socket, starting a detached agent when none answers.
 * ``--autostarted`` (used by the CLI): like ``--daemon`` but already detached
   by the CLI; losing the start-up race to another agent is not an error.
+* Started by systemd socket activation (``LISTEN_FDS``) or by launchd
+  (``--launchd``): serve the sockets the service manager passed instead of
+  binding; they are the manager's, so no lock and no unlink at exit.
+* ``compozy-agent install-service | uninstall-service``: see ``service_install``.
 """
 
 from __future__ import annotations
@@ -25,12 +29,7 @@ from typing import Final
 
 import anyio
 
-from compozy_agent.activation import (
-    FORWARD_NAME,
-    ActivationError,
-    launchd_sockets,
-    systemd_sockets,
-)
+from compozy_agent.activation import ActivationError, inherited_sockets
 from compozy_agent.server import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
@@ -39,10 +38,9 @@ from compozy_agent.server import (
     BoundSocket,
     SocketSetupError,
     bind_socket,
-    check_inherited_socket,
 )
 from compozy_client import __version__
-from compozy_client.paths import socket_path
+from compozy_client.paths import default_socket_path, socket_path
 
 log = logging.getLogger("compozy_agent")
 
@@ -60,6 +58,9 @@ examples:
   eval "$(compozy-agent --sh)"           # in ~/.bashrc or ~/.zshrc: point the shell at an agent
   compozy-agent --fish | source          # the same for fish
   COMPOZY_AGENT_SOCK=/tmp/a.sock compozy-agent -v
+  compozy-agent install-service --now    # systemd user units / launchd agent, enabled now
+  compozy-agent --forward-socket "$XDG_RUNTIME_DIR/compozy/forward.sock" --forward-profile dev
+                                         # plus a token-only socket for ssh -R (docs/services.md)
 """
 
 
@@ -89,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also serve a restricted socket (hello, status, token only) for "
                         "forwarding to remote hosts with ssh -R")
     parser.add_argument("--forward-profile", action="append", metavar="NAME",
-                        help="serve only this profile on the forwarding socket (repeatable)")
+                        help="serve only this profile on the forwarding socket (repeatable; "
+                        "default: every profile)")
     parser.add_argument("--launchd", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
     parser.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     _disable_core_dumps()
     _setup_logging(options.verbose, options.log_file or (_default_log_file() if detach else None))
     try:
-        bound = _inherited_sockets(options) or _bind(options)
+        bound = _open_sockets(options)
     except AgentAlreadyRunning as exc:
         if options.autostarted:
             return EXIT_OK  # lost the start-up race; the winner serves
@@ -140,31 +142,52 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_OK
 
 
-def _bind(options: argparse.Namespace) -> list[BoundSocket]:
-    bound = [bind_socket(os.path.abspath(options.socket or socket_path()))]
-    if options.forward_socket:
-        try:
-            bound.append(bind_socket(os.path.abspath(options.forward_socket), kind="forward"))
-        except BaseException:
-            bound[0].cleanup()
-            raise
-    return bound
-
-
-def _inherited_sockets(options: argparse.Namespace) -> list[BoundSocket]:
-    """Sockets from systemd (or launchd with --launchd), checked like our own."""
-    pairs = systemd_sockets()
-    if options.launchd:
-        pairs += [("agent", sock) for sock in launchd_sockets()]
-    bound = []
-    for name, sock in pairs:
-        kind = "forward" if name == FORWARD_NAME else "full"
-        bound.append(BoundSocket(sock, check_inherited_socket(sock), kind))
-    if bound and not any(b.kind == "full" for b in bound):
-        raise ActivationError("the service manager passed only a forwarding socket")
+def _open_sockets(options: argparse.Namespace) -> list[BoundSocket]:
+    """The sockets passed by systemd/launchd, else our own; plus ``--forward-socket``."""
+    bound = inherited_sockets(launchd=options.launchd)
     if bound:
-        log.info("serving %d socket(s) passed by the service manager", len(bound))
+        log.info("serving %d socket(s) passed by the service manager: %s", len(bound),
+                 ", ".join(f"{item.path} ({item.kind})" for item in bound))
+        if options.socket:
+            log.warning("--socket %s is ignored: the service manager passed the sockets",
+                        options.socket)
+        if options.launchd:
+            bound += _also_default_path(bound)
+    else:
+        bound = [bind_socket(os.path.abspath(options.socket or socket_path()))]
+    try:
+        if options.forward_socket and not any(item.kind == "forward" for item in bound):
+            bound.append(bind_socket(os.path.abspath(options.forward_socket), kind="forward"))
+    except BaseException:
+        for item in bound:
+            item.cleanup()
+            item.sock.close()
+        raise
+    forward = [item.path for item in bound if item.kind == "forward"]
+    if forward:
+        log.info("forwarding socket %s: hello, status and token only, for %s", forward[0],
+                 ", ".join(options.forward_profile) if options.forward_profile
+                 else "every profile")
+    elif options.forward_profile:
+        log.warning("--forward-profile has no effect without a forwarding socket")
     return bound
+
+
+def _also_default_path(bound: list[BoundSocket]) -> list[BoundSocket]:
+    """Under launchd, also serve the CLI's default path.
+
+    launchd exports COMPOZY_AGENT_SOCK to the GUI login session only; an ssh
+    login's CLI computes the default path instead and would start a second
+    agent there, with a second copy of every session.
+    """
+    default = default_socket_path()
+    if any(os.path.abspath(item.path) == default for item in bound):
+        return []
+    try:
+        return [bind_socket(default)]
+    except (AgentAlreadyRunning, SocketSetupError, OSError) as exc:
+        log.warning("not also serving the default path %s: %s", default, exc)
+        return []
 
 
 async def _serve(options: argparse.Namespace, bound: list[BoundSocket], path: str) -> None:

@@ -40,7 +40,7 @@ from compozy_agent.peer import Peer, PeerCredentialsUnavailable, peer_of
 from compozy_client import __version__
 from compozy_client import protocol as p
 from compozy_client.errors import ErrorCode
-from compozy_client.paths import ensure_private_dir
+from compozy_client.paths import UnsafePathError, check_private_dir, ensure_private_dir
 
 log = logging.getLogger("compozy_agent.server")
 
@@ -92,7 +92,7 @@ def bind_socket(path: str, kind: str = "full") -> BoundSocket:
     directory = os.path.dirname(os.path.abspath(path))
     try:
         ensure_private_dir(directory)
-    except OSError as exc:
+    except (OSError, UnsafePathError) as exc:
         raise SocketSetupError(f"cannot create socket directory {directory}: {exc}") from None
     lock_path = path + ".lock"
     lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -162,10 +162,8 @@ def check_inherited_socket(sock: socket.socket) -> str:
             f"{stat.S_IMODE(info.st_mode):o}, uid {info.st_uid}); set SocketMode=0600"
         )
     try:
-        from compozy_client.paths import check_private_dir
-
         check_private_dir(os.path.dirname(path))
-    except OSError as exc:
+    except (OSError, UnsafePathError) as exc:
         raise SocketSetupError(str(exc)) from None
     return path
 
