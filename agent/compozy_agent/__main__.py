@@ -290,6 +290,9 @@ def _shell_mode(options: argparse.Namespace, path: str) -> int:
     from compozy_client.protocol import Hello, HelloResult
 
     os.environ["COMPOZY_AGENT_SOCK"] = path
+    # Asking for the shell lines is asking for an agent: COMPOZY_AGENT_AUTOSTART=0
+    # only stops the CLI from starting one behind a person's back.
+    os.environ.pop("COMPOZY_AGENT_AUTOSTART", None)
     try:
         with connect(path, timeout=10.0, autostart=True) as conn:
             pid = conn.call(Hello(id=0), HelloResult).pid

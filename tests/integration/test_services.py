@@ -557,3 +557,15 @@ def test_forward_profile_without_a_forwarding_socket_is_pointed_out(agent_env: A
         assert "--forward-profile has no effect without a forwarding socket" in agent.log()
     finally:
         agent.stop()
+
+
+def test_shell_lines_start_an_agent_even_with_autostart_off(agent_env: AgentEnv) -> None:
+    """COMPOZY_AGENT_AUTOSTART=0 stops implicit starts by the CLI, not an explicit --sh."""
+    prepare_dirs(agent_env)
+    agent_env.extra["COMPOZY_AGENT_AUTOSTART"] = "0"
+    result = compozy_agent(agent_env, "--sh")
+    assert result.returncode == 0, result.stderr
+    pids = agent_pids(agent_env)
+    assert len(pids) == 1
+    os.kill(pids[0], signal.SIGTERM)
+    assert wait_for_exit(pids[0])
