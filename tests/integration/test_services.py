@@ -12,7 +12,6 @@ import json
 import os
 import plistlib
 import select
-import shutil
 import signal
 import socket
 import stat
@@ -27,19 +26,13 @@ import pytest
 
 from compozy_agent import service_install
 from support.agent import AgentEnv, agent_pids, prepare_dirs, run_cli, start_agent
+from support.real_parts import require_tools
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def need(tool: str, package: str) -> str:
-    """The tool's path; in CI its absence fails the test, elsewhere it skips it."""
-    path = shutil.which(tool)
-    if path is None:
-        message = f"needs {tool} (Debian package {package})"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    return require_tools((tool,), package, "for the service-manager tests")[0]
 
 
 def ask(path: str, request: dict[str, Any]) -> dict[str, Any]:

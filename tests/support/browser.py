@@ -8,7 +8,6 @@ download, no driver library. Chromium and chromedriver come from Debian
 from __future__ import annotations
 
 import base64
-import os
 import shutil
 import socket
 import subprocess
@@ -19,6 +18,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+from support.real_parts import require_tools
 
 PACKAGES = "chromium chromium-driver"
 ELEMENT = "element-6066-11e4-a52e-4f735466cecf"  # W3C WebDriver element key
@@ -122,12 +123,7 @@ class HeadlessChromium:
 
 @pytest.fixture
 def chromium() -> Iterator[HeadlessChromium]:
-    missing = [tool for tool in ("chromium", "chromedriver") if shutil.which(tool) is None]
-    if missing:
-        message = f"needs {', '.join(missing)} (Debian packages {PACKAGES}) for the browser login"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    require_tools(("chromium", "chromedriver"), PACKAGES, "for the browser login")
     port = _free_port()
     driver = subprocess.Popen(
         ["chromedriver", f"--port={port}", "--allowed-ips=127.0.0.1"],

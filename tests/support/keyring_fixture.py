@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from support.real_parts import require_tools
+
 PACKAGES = "gnome-keyring dbus-daemon dbus-user-session"
 TEST_PASSWORD = "compozy-test-keyring"
 
@@ -59,14 +61,7 @@ class SecretService:
 
 @pytest.fixture(scope="session")
 def secret_service() -> Iterator[SecretService]:
-    missing = [
-        tool for tool in ("dbus-run-session", "gnome-keyring-daemon") if shutil.which(tool) is None
-    ]
-    if missing:
-        message = f"needs {', '.join(missing)} (Debian packages {PACKAGES}) for the real keyring"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    require_tools(("dbus-run-session", "gnome-keyring-daemon"), PACKAGES, "for the real keyring")
     home = tempfile.mkdtemp(prefix="cz-keyring-")
     runtime = os.path.join(home, "run")
     os.mkdir(runtime, 0o700)

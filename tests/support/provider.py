@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
-import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -26,6 +24,8 @@ from urllib.parse import parse_qs, urljoin, urlsplit
 import httpx
 import pytest
 
+from support.real_parts import require_tools
+
 PROVIDER_DIR = Path(__file__).resolve().parent.parent / "provider"
 CLIENT_ID = "compozy-cli"
 API_RESOURCE = "https://api.compozy.dev"
@@ -33,13 +33,7 @@ START_TIMEOUT = 60.0
 
 
 def _require(tool: str, package: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        message = f"needs {tool} (Debian package {package}) for the test OpenID provider"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    return require_tools((tool,), package, "for the test OpenID provider")[0]
 
 
 def ensure_installed() -> None:
