@@ -134,8 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if detach:
         _detach(options.daemon)
+    from compozy_agent.store import StoreError
+
     try:
         anyio.run(_serve, options, bound, path)
+    except StoreError as exc:  # an unusable state directory: nothing could be kept
+        log.error("%s", exc)
+        print(f"compozy-agent: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     finally:
         for item in bound:
             item.cleanup()
@@ -193,7 +199,13 @@ def _also_default_path(bound: list[BoundSocket]) -> list[BoundSocket]:
 async def _serve(options: argparse.Namespace, bound: list[BoundSocket], path: str) -> None:
     from compozy_agent.http import ProviderClient
     from compozy_agent.sessions import SessionManager
-    from compozy_agent.store import StorageChoice, open_store
+    from compozy_agent.store import (
+        SecretStoreUnavailable,
+        SessionStore,
+        StorageChoice,
+        UnavailableSecrets,
+        open_store,
+    )
     from compozy_client.config import load_config
     from compozy_client.errors import ConfigError
 
@@ -202,7 +214,13 @@ async def _serve(options: argparse.Namespace, bound: list[BoundSocket], path: st
         storage = load_config().storage
     except ConfigError as exc:
         log.error("%s; using automatic storage", exc)
-    store = await open_store(storage, state_dir())
+    try:
+        store = await open_store(storage, state_dir())
+    except SecretStoreUnavailable as exc:
+        # Keep serving: status shows why, logins work (their refresh tokens stay in
+        # memory, the writes are retried), and the stored sessions are left untouched.
+        log.error("%s", exc)
+        store = SessionStore(state_dir(), UnavailableSecrets(str(exc)), str(exc))
     log.info("secrets: %s (%s)", store.info.backend, store.info.detail)
     provider = ProviderClient(now=time.time)
     backend = SessionManager(store, provider)

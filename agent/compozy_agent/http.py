@@ -1,149 +1,425 @@
-"""The httpx edge: sends what ``oidc.py`` builds, and maps httpx's failures.
+"""The httpx edge: sends what ``oidc.py`` builds, hands the answers back to its parsers.
 
-Nothing above this module sees an httpx exception: every transport failure
-becomes :class:`~compozy_agent.oidc.ProviderUnreachable`, named by host only.
+This module owns the agent's one HTTP client for identity providers: its
+timeouts (connect 5 s, read 15 s), no redirects, a User-Agent, a cap on body
+size, the discovery cache, and the clock skew seen in ``Date`` headers.
+
+Nothing above this module sees an httpx exception: :data:`_HTTPX_FAILURES`
+maps each to a failure of the tree drawn in ``oidc.py`` (mostly
+:class:`~compozy_agent.oidc.ProviderUnreachable`, named by host only, never
+by a URL's query or a body). It classifies and never retries: retry and
+backoff are the lifecycle's decision.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import TracebackType
+from typing import Final, overload
 from urllib.parse import urlsplit
 
 import httpx
 
 from compozy_agent import oidc
+from compozy_agent.oidc import ProviderUnreachable
 from compozy_client import __version__
 
-#: How long discovered metadata is reused.
-DISCOVERY_TTL = 3600.0
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "DISCOVERY_TTL",
+    "MAX_BODY_BYTES",
+    "READ_TIMEOUT",
+    "USER_AGENT",
+    "HttpResponse",
+    "ProviderClient",
+    "ProviderUnreachable",
+]
 
-# httpx's exception classes, and what each means to a person.
-_TRANSPORT_FAILURES: tuple[tuple[type[Exception], str], ...] = (
-    (httpx.TimeoutException, "timed out"),
-    (httpx.ConnectError, "cannot connect"),
-    (httpx.RemoteProtocolError, "the connection broke"),
-    (httpx.NetworkError, "network error"),
-    (httpx.TransportError, "transport error"),
+log = logging.getLogger("compozy_agent.http")
+
+#: How long discovered metadata is reused, in seconds.
+DISCOVERY_TTL: Final = 3600.0
+CONNECT_TIMEOUT: Final = 5.0
+READ_TIMEOUT: Final = 15.0
+#: Token, discovery and userinfo answers are small; anything bigger is refused.
+MAX_BODY_BYTES: Final = 1024 * 1024
+USER_AGENT: Final = f"compozy-agent/{__version__}"
+
+# httpx's exceptions and what each means, most specific first (the first isinstance
+# match wins; compare httpcore/_exceptions.py). Each becomes the failure class with
+# the reason; the host is added from the request URL.
+_HTTPX_FAILURES: Final[tuple[tuple[type[Exception], type[oidc.OAuthFailure], str], ...]] = (
+    (httpx.ConnectTimeout, ProviderUnreachable, "connecting timed out"),
+    (httpx.ReadTimeout, ProviderUnreachable, "no answer in time (read timeout)"),
+    (httpx.WriteTimeout, ProviderUnreachable, "sending timed out"),
+    (httpx.PoolTimeout, ProviderUnreachable, "too many requests in flight (pool timeout)"),
+    (httpx.TimeoutException, ProviderUnreachable, "timed out"),
+    (httpx.ConnectError, ProviderUnreachable, "cannot connect"),
+    (httpx.ReadError, ProviderUnreachable, "the connection was reset"),
+    (httpx.WriteError, ProviderUnreachable, "the connection was reset while sending"),
+    (httpx.CloseError, ProviderUnreachable, "the connection broke while closing"),
+    (httpx.NetworkError, ProviderUnreachable, "network error"),
+    (httpx.RemoteProtocolError, ProviderUnreachable, "the server broke the HTTP protocol"),
+    (httpx.LocalProtocolError, ProviderUnreachable, "the request could not be sent"),
+    (httpx.ProxyError, ProviderUnreachable, "the proxy refused the connection"),
+    (httpx.UnsupportedProtocol, ProviderUnreachable, "unsupported URL scheme"),
+    (httpx.TransportError, ProviderUnreachable, "transport error"),
+    (httpx.DecodingError, oidc.MalformedResponse, "the answer's content encoding is broken"),
+    (httpx.InvalidURL, oidc.MalformedResponse, "invalid endpoint URL"),
+    (httpx.HTTPError, ProviderUnreachable, "HTTP error"),
+)
+
+# Common causes inside a ConnectError's text (OS and OpenSSL wording), told plainly.
+# Only these fixed phrases are used: the exception's own text is never copied.
+_CONNECT_CAUSES: Final = (
+    ("CERTIFICATE_VERIFY_FAILED", "the TLS certificate is not trusted"),
+    ("Name or service not known", "the host name does not resolve"),
+    ("nodename nor servname", "the host name does not resolve"),
+    ("Temporary failure in name resolution", "the host name does not resolve"),
+    ("Connection refused", "connection refused"),
+    ("Network is unreachable", "the network is unreachable"),
+    ("No route to host", "no route to host"),
 )
 
 
-@dataclass(frozen=True)
+def _host(url: str) -> str:
+    """Host and port of a URL: never its user info, path or query."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return "the provider"
+    if not host:
+        return "the provider"
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{port}" if port else host
+
+
+def _map_httpx_error(exc: Exception, url: str) -> oidc.OAuthFailure:
+    """The failure of our tree for an httpx exception (STYLE idea 4)."""
+    host = _host(url)
+    for kind, failure, reason in _HTTPX_FAILURES:
+        if isinstance(exc, kind):
+            if kind is httpx.ConnectError:
+                reason = next((plain for phrase, plain in _CONNECT_CAUSES
+                               if phrase in str(exc)), reason)
+            if failure is ProviderUnreachable:
+                return ProviderUnreachable(reason, host)
+            return failure(f"{host}: {reason}")
+    return ProviderUnreachable("HTTP error", host)  # pragma: no cover - HTTPError is last
+
+
+@dataclass(frozen=True, repr=False)
 class HttpResponse:
+    """What came back: status, headers with lowercase names, body, and when it arrived."""
+
     status: int
     headers: dict[str, str]
     body: bytes
     received_at: float
 
-    def __repr__(self) -> str:
-        return f"HttpResponse(status={self.status})"
+    def __repr__(self) -> str:  # bodies carry tokens
+        return f"HttpResponse(status={self.status}, received_at={self.received_at!r})"
 
 
 class ProviderClient:
-    """One HTTP client for every provider the agent talks to."""
+    """One HTTP client for every provider the agent talks to.
+
+    ``now`` is the agent's clock (wall-clock seconds); ``transport`` replaces
+    the network in tests (``httpx.MockTransport``). ``timeout`` bounds reading,
+    writing and waiting for a connection; connecting gets at most 5 seconds.
+    """
 
     def __init__(
         self,
         now: Callable[[], float],
         transport: httpx.AsyncBaseTransport | None = None,
-        timeout: float = 15.0,
+        timeout: float = READ_TIMEOUT,
+        *,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        discovery_ttl: float = DISCOVERY_TTL,
     ) -> None:
         self._now = now
+        self._discovery_ttl = discovery_ttl
         self._client = httpx.AsyncClient(
             transport=transport,
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+            timeout=httpx.Timeout(timeout, connect=min(timeout, connect_timeout)),
             follow_redirects=False,
-            headers={"User-Agent": f"compozy-agent/{__version__}", "Accept": "application/json"},
+            # Accept: GitHub answers form-encoded bodies unless asked for JSON.
+            headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
         )
         self._metadata: dict[str, tuple[float, oidc.ProviderMetadata]] = {}
-        #: Provider clock minus ours, from the latest response's Date header.
+        #: Provider clock minus ours (seconds), from the latest response's Date header.
         self.last_clock_skew: float | None = None
 
     async def aclose(self) -> None:
+        """Close the connection pool."""
         await self._client.aclose()
 
+    async def __aenter__(self) -> ProviderClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------------ sending
+
     async def send(self, request: oidc.HttpRequest) -> HttpResponse:
-        headers = {"Authorization": f"Bearer {request.bearer}"} if request.bearer else {}
+        """Send one request; any HTTP status is an answer, no answer raises.
+
+        Raises ProviderUnreachable (or MalformedResponse for an undecodable or
+        oversized body, or an invalid URL). Records the clock skew of the answer.
+        """
+        headers = dict(request.headers)
+        content: bytes | None = None
+        if request.form:
+            content = request.encoded_form()
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
         try:
-            response = await self._client.request(
-                request.method, request.url, data=dict(_merge(request.form)) or None,
-                headers=headers,
-            )
-        except httpx.HTTPError as exc:
-            host = urlsplit(request.url).netloc
-            reason = next((text for kind, text in _TRANSPORT_FAILURES if isinstance(exc, kind)),
-                          "HTTP error")
-            raise oidc.ProviderUnreachable(f"{host}: {reason}") from None
+            async with self._client.stream(
+                request.method, request.url, content=content, headers=headers
+            ) as response:
+                body = await _read_capped(response, request.url)
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            # "from None": the httpx exception holds the request, form and all.
+            raise _map_httpx_error(exc, request.url) from None
         received_at = self._now()
         skew = oidc.clock_skew(response.headers.get("date"), received_at)
         if skew is not None:
             self.last_clock_skew = skew
+        log.debug("%s %s%s -> %d", request.method, _host(request.url),
+                  urlsplit(request.url).path, response.status_code)
         return HttpResponse(
             status=response.status_code,
             headers={k.lower(): v for k, v in response.headers.items()},
-            body=response.content,
+            body=body,
             received_at=received_at,
         )
 
+    # ---------------------------------------------------------------- discovery
+
     async def discover(self, issuer: str) -> oidc.ProviderMetadata:
-        """Metadata for ``issuer`` (OIDC Discovery, then RFC 8414), cached for an hour."""
+        """Metadata for ``issuer``: OIDC Discovery, then RFC 8414; cached for an hour.
+
+        A URL that answers 4xx, or 200 with a document that fails the checks of
+        ``oidc.parse_discovery``, gives way to the next. Raises
+        TransientProviderError (5xx/429), ProviderUnreachable, or
+        MalformedResponse when no URL yields valid metadata.
+        """
         cached = self._metadata.get(issuer)
         if cached is not None and cached[0] > self._now():
             return cached[1]
-        oidc.check_endpoint_url(issuer)
-        last_status = 0
+        oidc.check_issuer(issuer)
+        statuses: list[int] = []
+        first_problem: oidc.MalformedResponse | None = None
         for url in oidc.discovery_urls(issuer):
             response = await self.send(oidc.HttpRequest(method="GET", url=url))
-            if response.status == 200:
+            if response.status == 429 or response.status >= 500:
+                oidc.check_status(response.status, response.headers, response.body,
+                                  response.received_at)
+            if response.status != 200:
+                statuses.append(response.status)
+                continue
+            try:
                 metadata = oidc.parse_discovery(issuer, response.body)
-                self._metadata[issuer] = (response.received_at + DISCOVERY_TTL, metadata)
-                return metadata
-            if response.status >= 500 or response.status == 429:
-                raise oidc.TransientProviderError(response.status)
-            last_status = response.status
+            except oidc.MalformedResponse as exc:
+                first_problem = first_problem or exc
+                continue
+            self._metadata[issuer] = (response.received_at + self._discovery_ttl, metadata)
+            return metadata
+        if first_problem is not None:
+            raise first_problem
         raise oidc.MalformedResponse(
-            f"{urlsplit(issuer).netloc} publishes no OpenID/OAuth metadata "
-            f"(HTTP {last_status}); is {issuer} the right issuer?"
+            f"{_host(issuer)} publishes no OpenID or OAuth metadata "
+            f"(HTTP {', '.join(map(str, statuses))}); is {issuer} the right issuer?",
+            statuses[-1] if statuses else None,
         )
 
+    def forget_metadata(self, issuer: str | None = None) -> None:
+        """Drop cached metadata for ``issuer``, or for every issuer."""
+        if issuer is None:
+            self._metadata.clear()
+        else:
+            self._metadata.pop(issuer, None)
+
+    # ------------------------------------------------------------------- tokens
+
     async def token(self, request: oidc.HttpRequest) -> tuple[oidc.TokenResponse, float]:
-        """Send a token request; the parsed response and when it arrived."""
+        """Send a prebuilt token request; the parsed answer and when it arrived.
+
+        Device-flow ``authorization_pending`` and ``slow_down`` raise OAuthError
+        here; :meth:`poll_device` returns them as values instead.
+        """
         response = await self.send(request)
         parsed = oidc.parse_token_response(
             response.status, response.headers, response.body, response.received_at
         )
         return parsed, response.received_at
 
-    async def device_authorize(self, request: oidc.HttpRequest) -> oidc.DeviceAuthorization:
+    async def exchange(
+        self,
+        metadata: oidc.ProviderMetadata,
+        *,
+        client_id: str,
+        code: str,
+        redirect_uri: str,
+        pkce: oidc.Pkce,
+        resources: Sequence[str] = (),
+    ) -> oidc.TokenResponse:
+        """Exchange an authorization code (RFC 6749 4.1.3 with the PKCE verifier)."""
+        response = await self.send(oidc.code_exchange_request(
+            metadata, client_id=client_id, code=code, redirect_uri=redirect_uri, pkce=pkce,
+            resources=resources))
+        return oidc.parse_token_response(response.status, response.headers, response.body,
+                                         response.received_at)
+
+    async def refresh(
+        self,
+        metadata: oidc.ProviderMetadata,
+        *,
+        client_id: str,
+        refresh_token: str,
+        scopes: Sequence[str] | None = None,
+        resources: Sequence[str] = (),
+        audience: str | None = None,
+    ) -> oidc.TokenResponse:
+        """Refresh (RFC 6749 section 6); the answer's refresh_token is the sent one
+        when the provider did not rotate it."""
+        response = await self.send(oidc.refresh_request(
+            metadata, client_id=client_id, refresh_token=refresh_token, scopes=scopes,
+            resources=resources, audience=audience))
+        return oidc.parse_refresh_response(response.status, response.headers, response.body,
+                                           response.received_at, refresh_token=refresh_token)
+
+    @overload
+    async def device_authorize(
+        self, metadata: oidc.ProviderMetadata, /, *, client_id: str, scopes: Sequence[str],
+        resources: Sequence[str] = (),
+    ) -> oidc.DeviceAuthorization: ...
+
+    @overload
+    async def device_authorize(self, request: oidc.HttpRequest, /) -> oidc.DeviceAuthorization:
+        ...
+
+    async def device_authorize(
+        self,
+        target: oidc.ProviderMetadata | oidc.HttpRequest,
+        /,
+        *,
+        client_id: str | None = None,
+        scopes: Sequence[str] = (),
+        resources: Sequence[str] = (),
+    ) -> oidc.DeviceAuthorization:
+        """Start a device flow (RFC 8628 section 3.1-3.2).
+
+        Pass the metadata and parameters; a prebuilt request is still accepted.
+        """
+        request = target if isinstance(target, oidc.HttpRequest) else \
+            oidc.device_authorization_request(target, client_id=_required(client_id),
+                                              scopes=scopes, resources=resources)
         response = await self.send(request)
         return oidc.parse_device_authorization(
             response.status, response.headers, response.body, response.received_at
         )
 
-    async def revoke(self, request: oidc.HttpRequest) -> None:
-        """RFC 7009 section 2.2: 200 means revoked (or already invalid)."""
+    async def poll_device(
+        self, metadata: oidc.ProviderMetadata, *, client_id: str, device_code: str
+    ) -> oidc.TokenResponse | oidc.DevicePending | oidc.DeviceSlowDown:
+        """One poll of the device flow (RFC 8628 sections 3.4-3.5).
+
+        ``expired_token``, ``access_denied`` and other codes raise OAuthError.
+        """
+        response = await self.send(oidc.device_token_request(
+            metadata, client_id=client_id, device_code=device_code))
+        return oidc.parse_device_poll(response.status, response.headers, response.body,
+                                      response.received_at)
+
+    # ------------------------------------------------------ revocation, userinfo
+
+    @overload
+    async def revoke(
+        self, metadata: oidc.ProviderMetadata, /, *, client_id: str, token: str,
+        hint: str | None = None,
+    ) -> None: ...
+
+    @overload
+    async def revoke(self, request: oidc.HttpRequest, /) -> None: ...
+
+    async def revoke(
+        self,
+        target: oidc.ProviderMetadata | oidc.HttpRequest,
+        /,
+        *,
+        client_id: str | None = None,
+        token: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        """Revoke a token (RFC 7009); returning means revoked or already invalid.
+
+        Pass the metadata and parameters; a prebuilt request is still accepted.
+        """
+        request = target if isinstance(target, oidc.HttpRequest) else \
+            oidc.revocation_request(target, client_id=_required(client_id),
+                                    token=_required(token), hint=hint)
         response = await self.send(request)
-        oidc.check_status(response.status, response.headers, response.body, response.received_at)
+        oidc.parse_revocation_response(response.status, response.headers, response.body,
+                                       response.received_at)
 
-    async def userinfo(self, request: oidc.HttpRequest) -> dict[str, object]:
+    @overload
+    async def userinfo(
+        self, metadata: oidc.ProviderMetadata, /, access_token: str, *,
+        subject: str | None = None,
+    ) -> dict[str, object]: ...
+
+    @overload
+    async def userinfo(
+        self, request: oidc.HttpRequest, /, *, subject: str | None = None
+    ) -> dict[str, object]: ...
+
+    async def userinfo(
+        self,
+        target: oidc.ProviderMetadata | oidc.HttpRequest,
+        /,
+        access_token: str | None = None,
+        *,
+        subject: str | None = None,
+    ) -> dict[str, object]:
+        """The userinfo claims (OIDC Core 5.3); ``subject``, when given, must match ``sub``.
+
+        Pass the metadata and the access token; a prebuilt request is still accepted.
+        """
+        request = target if isinstance(target, oidc.HttpRequest) else \
+            oidc.userinfo_request(target, _required(access_token))
         response = await self.send(request)
-        if response.status != 200:
-            return {}
-        try:
-            document = json.loads(response.body)
-        except ValueError:
-            return {}
-        return document if isinstance(document, dict) else {}
+        return oidc.parse_userinfo(response.status, response.headers, response.body,
+                                   response.received_at, subject=subject)
 
 
-def _merge(pairs: list[tuple[str, str]]) -> list[tuple[str, str | list[str]]]:
-    """httpx takes repeated form names as a list value."""
-    merged: dict[str, str | list[str]] = {}
-    for name, value in pairs:
-        if name in merged:
-            existing = merged[name]
-            merged[name] = [*existing, value] if isinstance(existing, list) else [existing, value]
-        else:
-            merged[name] = value
-    return list(merged.items())
+def _required(value: str | None) -> str:
+    if value is None:
+        raise TypeError("a required keyword argument is missing")
+    return value
+
+
+async def _read_capped(response: httpx.Response, url: str) -> bytes:
+    """The body, refusing more than MAX_BODY_BYTES (a hostile or broken provider)."""
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise oidc.MalformedResponse(f"{_host(url)}: the answer is larger than "
+                                     f"{MAX_BODY_BYTES} bytes", response.status_code)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise oidc.MalformedResponse(f"{_host(url)}: the answer is larger than "
+                                         f"{MAX_BODY_BYTES} bytes", response.status_code)
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,70 +1,347 @@
 """The token lifecycle of one session, as a sans-I/O state machine.
 
-No sockets, HTTP, sleeps or clock reads: every event carries ``now`` (wall-clock
-epoch seconds) and the machine answers with what the driver (``sessions.py``)
-must do. Tests drive hours of token life in milliseconds.
-
-States (derived, see :meth:`SessionLifecycle.state`)::
-
-    FRESH ──(refresh due)──> EXPIRING ──(expires_at)──> EXPIRED
-      ^                         │                          │
-      └──── refresh ok ─────────┴── REFRESHING <───────────┘
-                                       │
-               invalid_grant ──> LOGIN_REQUIRED        revoke ──> REVOKED (terminal)
-
-Rules:
-
-1. Expiry is wall-clock ``expires_at`` (from ``expires_in`` measured when the
-   response arrived). Every request compares it with ``now``, so a suspend
-   that stops monotonic clocks cannot hand out an expired token.
-2. Proactive refresh of the default token at a jittered 75-85 % of its
-   lifetime, and never later than ``min(30 s, lifetime / 2)`` before expiry,
-   so callers almost never wait.
-3. Single flight: at most one refresh per session is in flight, whatever slot
-   it is for, because every refresh (narrower scopes and audiences included)
-   spends the session's one rotating refresh token. Everyone else waits and
-   asks again when it ends.
-4. A rotated refresh token must be persisted before it is spent again: while
-   a persist is in flight no refresh starts. If persisting fails the token
-   stays in memory (it is the only valid one), refreshes go on, the persist is
-   retried, and the snapshot carries a warning.
-5. ``min_valid``: refresh first when less is left; but a token issued within
-   :data:`RECENT` seconds is handed out even if the provider granted less than
-   ``min_valid``, so one request causes at most one refresh (no storms).
-6. ``force_new``/``rejected_token``: the named (or current) token is dropped
-   and refreshed, unless a token issued after the request arrived exists.
-7. Transient failures (network, 5xx, 429) back off exponentially with jitter,
-   from 1 s to :data:`MAX_BACKOFF` (Retry-After honoured), while the current
-   token is handed out as long as it is valid; ``refresh_failed`` only once
-   none is. ``invalid_grant`` means LOGIN_REQUIRED, and the refresh token is
-   deleted.
-8. An event that does not fit the state raises :class:`IllegalTransition` and
-   changes nothing.
+This module owns every decision about a session's tokens: when to refresh,
+who runs the refresh and who waits, what a failure means, when a rotated
+refresh token must be saved. It does no I/O and reads no clock: every call
+takes ``now`` (wall-clock epoch seconds) and answers with what the driver
+(``sessions.py``) must do. Tests drive hours of token life in milliseconds.
 """
+
+################################################################
+# The rules
+################################################################
+#
+# Rule 1: everything that decides what happens to a session's tokens lives in
+# this file. The driver only performs the actions it is handed and reports
+# back what happened; it never looks inside.
+#
+# Rule 2: no I/O and no clock reads here. Time arrives as ``now`` on every
+# call, and expiry is always a wall-clock value (``expires_at``, computed by
+# the driver from ``expires_in`` as measured when the response arrived). Every
+# call compares it with ``now``: a suspended laptop whose monotonic clock
+# stopped can never be handed an expired token.
+#
+# Theory of operation
+# ===================
+#
+# A session is one refresh token plus the access tokens obtained with it. The
+# default access token (the login's scopes, no audience) lives in the slot
+# keyed DEFAULT_SLOT == (None, None); narrower tokens (RFC 6749 section 6
+# downscoping, RFC 8707 audiences) live in slots keyed (frozenset of scopes,
+# audience). Each slot caches one AccessToken.
+#
+# There are two machines, as in h11:
+#
+# 1) The *phase* of the session, stored, changed only by events, with its
+#    transitions in the table _TRANSITIONS below:
+#
+#        IDLE ──start refresh──> REFRESHING ──ok, refresh token rotated──> PERSISTING
+#         ^ ^                      │  │                                      │
+#         │ └─ ok / transient / ───┘  └─ invalid_grant ──> LOGIN_REQUIRED    │
+#         │    refused / abandoned                                          │
+#         └────────────────────── persist done / persist failed ────────────┘
+#         IDLE ──persist retry due──> PERSISTING
+#         any phase ──revoked──> REVOKED (terminal)
+#
+#    IDLE holds a refresh token with nothing in flight; LOGIN_REQUIRED holds
+#    none (never had one, or the provider rejected it).
+#
+# 2) Each slot's *freshness*, never stored: it is where ``now`` falls
+#    against the slot token's deadlines (refresh_due_at, expires_at). Time
+#    passing is not an event anyone reliably tells us about (the machine may
+#    have been asleep), so freshness is recomputed on every call.
+#
+# The session State reported to users joins the two (see
+# SessionLifecycle.state): REVOKED and REFRESHING come from the phase; then
+# the default token decides FRESH (valid, before its refresh window),
+# EXPIRING (valid, inside the window) or, when no valid default token is
+# left, EXPIRED (a refresh token is held) or LOGIN_REQUIRED (none is).
+#
+# Rule 3, single flight: at most one operation on the refresh token is in
+# flight per session: one refresh (of *any* slot) or one persist. Every
+# refresh, narrower ones included, spends the session's refresh token, and
+# providers that rotate refresh tokens invalidate the old one on use: two
+# concurrent refreshes would spend the same token twice, and one of them
+# would lose (or, with reuse detection, revoke the whole session). So a
+# request that needs a refresh while anything is in flight gets
+# WaitForRefresh; the driver wakes it when the operation ends and it asks
+# again. A request whose slot holds a good enough token is answered Ready at
+# once, whatever is in flight.
+#
+# Rule 4, persist before reuse: a rotated refresh token is the only valid one;
+# the driver must save it (PersistRefreshToken) and report the outcome. While
+# that write is in flight no refresh starts (rule 3), so writes land in the
+# order the tokens were issued and the store never goes back to a spent
+# token. If the write fails the new token stays in memory (dropping it would
+# lose the session), the write is retried with backoff (persist_retry_at),
+# the status carries a warning, and refreshes go on: the stored token is
+# already spent, so spending the in-memory one again risks nothing more, and
+# each later rotation is written at once (the newest token is always what is
+# written).
+#
+# Rule 5, proactive refresh: the default token is refreshed at a jittered
+# 75-85 % of its lifetime (WINDOW; jitter from the injected random.Random),
+# never later than min(MIN_MARGIN, lifetime / 2) before expiry, and never
+# sooner than RECENT seconds after issue (a provider granting absurdly short
+# tokens gets one refresh per RECENT seconds, not a loop). next_wakeup() says
+# when the driver should next call tick(); it is O(1). The driver caps its
+# sleeps (monotonic clocks stop during suspend) and calls tick() on waking.
+# A narrower token is not kept warm (each refresh spends the shared refresh
+# token; nobody may ask for that audience again): a request that finds it
+# inside its window is answered Ready *and* handed a background StartRefresh
+# when nothing else is in flight. The default slot gets the same treatment,
+# which covers a driver that wakes late.
+#
+# Rule 6, min_valid: a request is answered from the cache only when the token
+# has at least min_valid seconds left; otherwise it refreshes first. But a
+# token issued at or after the request began, or less than RECENT seconds
+# ago, is handed out even with less: if the provider grants less than
+# min_valid, one request causes one refresh, and a crowd of them causes one
+# in all (no refresh storms). Requests that wait and ask again must pass the
+# same ``asked_at``.
+#
+# Rule 7, rejected tokens: ``rejected_token`` (a resource server answered 401)
+# is compared with the cached token in constant time; if it is the cached
+# token it is dropped and a refresh made; if not, the cache already holds a
+# newer one and that is the answer. ``force_new`` asks for a token issued
+# after the request began (or within RECENT seconds): the cached one keeps
+# serving other callers until it is replaced, since nobody said it was bad.
+# Either way concurrent askers share the one refresh (rule 3).
+#
+# Rule 8, failures: a transient failure (network, 5xx, 429, timeouts) backs
+# off exponentially with jitter from FIRST_BACKOFF to MAX_BACKOFF, or longer
+# when the provider sent Retry-After (honoured up to MAX_RETRY_AFTER). While
+# backing off, a request the cached token satisfies is answered with it;
+# others fail with refresh_failed at once, rather than hang. The callers who
+# waited for the failed refresh are told refresh_failed, unless the cached
+# token still serves them. invalid_grant means the refresh token is dead:
+# LOGIN_REQUIRED, every cached token dropped, DeleteRefreshToken. A narrower
+# request the provider refuses (invalid_scope, invalid_target) fails for that
+# slot alone, for REFUSAL_TTL seconds.
+#
+# Rule 9, no second refresh for one request: when a refresh of its slot has
+# ended since the request began (attempt_ended_at >= asked_at) and still
+# cannot serve it, the request fails; it never starts another. (It does wait
+# for a refresh of its slot already in flight: that one may serve it.)
+#
+# Rule 10: an event the phase does not allow (a result for a refresh that is
+# not in flight, a second revoke) raises IllegalTransition and changes
+# nothing. The one exception is the answer to the operation that was in
+# flight when the session was revoked: it is expected, and is absorbed.
+#
+# Rule 11: no token value ever appears in a repr, str or exception message:
+# values are wrapped in Secret, and messages are built from codes and times.
+#
+# The driver's side of the contract
+# ---------------------------------
+#
+# - Perform every Action returned, in order: run a StartRefresh (also the one
+#   in Ready.background, and the one request_token returns), shielded from
+#   cancellation; write a PersistRefreshToken; delete on DeleteRefreshToken.
+# - Answer every StartRefresh and PersistRefreshToken exactly once, with its
+#   id, through one outcome method. Each outcome method returns whatever is
+#   due right after it (a persist, the next refresh), so there is no need to
+#   call tick() after an event.
+# - When an operation ends, wake the callers told WaitForRefresh; they ask
+#   again with their original ``asked_at``.
+# - Sleep until next_wakeup() (re-read after every call; it is O(1)), in
+#   capped slices, then call tick(). None means: nothing until an event.
 
 from __future__ import annotations
 
 import enum
+import hmac
 import random
-from dataclasses import dataclass, field
-from typing import Final
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final, TypeAlias
 
 from compozy_client.errors import ErrorCode
 
-#: A token issued this recently is never refreshed again just for min_valid.
-RECENT: Final = 5.0
-MAX_BACKOFF: Final = 60.0
-FIRST_BACKOFF: Final = 1.0
-#: Rule 2's window, as fractions of the token's lifetime.
-WINDOW: Final = (0.75, 0.85)
-MAX_MARGIN: Final = 30.0
+__all__ = [
+    "DEFAULT_SLOT",
+    "FIRST_BACKOFF",
+    "MAX_BACKOFF",
+    "MAX_NARROWER_SLOTS",
+    "MAX_RETRY_AFTER",
+    "MIN_MARGIN",
+    "RECENT",
+    "REFUSAL_TTL",
+    "WINDOW",
+    "AccessToken",
+    "AccessTokenSlot",
+    "Action",
+    "Decision",
+    "DeleteRefreshToken",
+    "Fail",
+    "IllegalTransition",
+    "PersistRefreshToken",
+    "Ready",
+    "Secret",
+    "SessionLifecycle",
+    "SlotKey",
+    "StartRefresh",
+    "State",
+    "Status",
+    "WaitForRefresh",
+    "slot_key",
+]
 
-#: A cached access token's slot: (scope set or None, audience or None); (None, None) is default.
-SlotKey = tuple[frozenset[str] | None, str | None]
+#: A token issued this recently is new enough for any request (rules 5-7).
+RECENT: Final = 5.0
+#: Rule 5's proactive window, as fractions of the default token's lifetime.
+WINDOW: Final = (0.75, 0.85)
+#: The proactive refresh happens at least this long before expiry (capped at lifetime / 2).
+MIN_MARGIN: Final = 30.0
+#: Rule 8's backoff: the first delay, doubling per consecutive failure, up to the cap.
+FIRST_BACKOFF: Final = 1.0
+MAX_BACKOFF: Final = 60.0
+#: The longest Retry-After honoured; a provider asking for more is retried after this.
+MAX_RETRY_AFTER: Final = 600.0
+#: How long a narrower token the provider refused is not asked for again.
+REFUSAL_TTL: Final = 60.0
+#: Narrower slots kept per session; the least recently used one goes first.
+MAX_NARROWER_SLOTS: Final = 64
+
+#: (scopes, audience) of a cached access token; (None, None) is the default token.
+SlotKey: TypeAlias = tuple[frozenset[str] | None, str | None]
 DEFAULT_SLOT: Final[SlotKey] = (None, None)
 
 
+def slot_key(scopes: Iterable[str] | None = None, audience: str | None = None) -> SlotKey:
+    """The slot for a request's scopes and audience; empty values mean the default."""
+    scope_set = frozenset(scopes) if scopes is not None else None
+    return (scope_set or None, audience or None)
+
+
+class IllegalTransition(Exception):
+    """An event the session's phase does not allow. The machine is unchanged."""
+
+
+class Secret:
+    """A token value that never shows in a repr, str or f-string (rule 11)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The value, for the one place that must send or store it."""
+        return self._value
+
+    def matches(self, value: str) -> bool:
+        """Whether ``value`` is this secret, compared in constant time."""
+        return hmac.compare_digest(self._value.encode(), value.encode())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return self.matches(other._value)
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret(<redacted>)"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True, slots=True)
+class AccessToken:
+    """A cached access token. ``issued_at`` and ``expires_at`` are on the agent's wall clock."""
+
+    value: Secret
+    issued_at: float
+    expires_at: float
+    #: The scopes the provider granted, when it said (RFC 6749 section 5.1).
+    scope: tuple[str, ...] | None = None
+
+    def remaining(self, now: float) -> float:
+        return self.expires_at - now
+
+    @property
+    def lifetime(self) -> float:
+        return max(0.0, self.expires_at - self.issued_at)
+
+
+# ---------------------------------------------------------------------------
+# What request_token answers (a Decision) and what events ask of the driver
+# (Actions). StartRefresh is both: the caller that receives it must run it.
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """Hand out ``token``. If ``background`` is set, also run that refresh (don't wait for it)."""
+
+    token: AccessToken
+    background: StartRefresh | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StartRefresh:
+    """Run this refresh (shielded from cancellation) and report its outcome.
+
+    Spend ``refresh_token`` at the token endpoint, asking for ``slot``'s scopes
+    (RFC 6749 section 6) and audience (RFC 8707 ``resource``) when set. Report
+    with refresh_succeeded / refresh_failed_transient /
+    refresh_failed_invalid_grant / refresh_refused / refresh_abandoned, passing
+    ``refresh_id``. Whoever else needs a refresh meanwhile is told to wait.
+    """
+
+    refresh_id: int
+    slot: SlotKey
+    refresh_token: Secret
+
+    @property
+    def scopes(self) -> list[str] | None:
+        return sorted(self.slot[0]) if self.slot[0] is not None else None
+
+    @property
+    def audience(self) -> str | None:
+        return self.slot[1]
+
+
+@dataclass(frozen=True, slots=True)
+class WaitForRefresh:
+    """A refresh (or the saving of a rotated refresh token) is in flight.
+
+    Wait until operation ``op_id`` ends, then ask again with the same ``asked_at``.
+    """
+
+    op_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """Answer the caller with this wire error (``compozy_client.errors.ErrorCode``)."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class PersistRefreshToken:
+    """Write ``refresh_token`` to the secret store; report persist_done / persist_failed."""
+
+    persist_id: int
+    refresh_token: Secret
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteRefreshToken:
+    """Remove the session's refresh token from the secret store (best effort)."""
+
+
+Decision: TypeAlias = Ready | StartRefresh | WaitForRefresh | Fail
+Action: TypeAlias = StartRefresh | PersistRefreshToken | DeleteRefreshToken
+
+
 class State(enum.Enum):
+    """The session's state as ``compozy auth status`` shows it (values are the wire strings)."""
+
     FRESH = "fresh"
     EXPIRING = "expiring"
     REFRESHING = "refreshing"
@@ -73,126 +350,235 @@ class State(enum.Enum):
     REVOKED = "revoked"
 
 
-class IllegalTransition(Exception):
-    """An event that the current state does not allow; the state is unchanged."""
+@dataclass(frozen=True, slots=True)
+class Status:
+    """A snapshot for ``compozy auth status``. Never carries a token."""
 
-
-@dataclass(frozen=True)
-class AccessToken:
-    value: str = field(repr=False)
-    issued_at: float
-    expires_at: float
-    scope: list[str] | None = None
-
-    def remaining(self, now: float) -> float:
-        return self.expires_at - now
-
-
-# Answers to request_token.
-@dataclass(frozen=True)
-class Ready:
-    token: AccessToken
-
-
-@dataclass(frozen=True)
-class StartRefresh:
-    """The caller runs this refresh and reports back; others wait for it."""
-
-    slot: SlotKey
-
-
-@dataclass(frozen=True)
-class Wait:
-    """A refresh or persist is in flight; ask again when it ends."""
-
-
-@dataclass(frozen=True)
-class Fail:
-    code: str
-    message: str
-
-
-# Actions returned by events.
-@dataclass(frozen=True)
-class PersistRefreshToken:
-    """Write the session's current refresh token to the secret store."""
-
-
-@dataclass(frozen=True)
-class DeleteRefreshToken:
-    """Remove the session's refresh token from the secret store."""
-
-
-Action = PersistRefreshToken | DeleteRefreshToken
-
-
-@dataclass
-class Snapshot:
     state: State
+    #: The default token's expiry, if one is cached (even an expired one).
     expires_at: float | None
+    #: Whether the default token is valid now (during REFRESHING: whether one remains).
+    token_valid: bool
+    has_refresh_token: bool
     last_refresh_at: float | None
+    #: "refreshed", "refreshed; refresh token rotated", "failed: ...", "rejected: ...", ...
     last_refresh_outcome: str | None
+    #: When a refresh is next allowed after transient failures, if backing off.
+    retry_at: float | None
     next_wakeup: float | None
-    warnings: list[str]
+    #: The newest refresh token is not (yet) known to be in the secret store.
+    unsaved_refresh_token: bool
+    #: Set when saving the newest refresh token failed (rule 4).
+    persist_warning: str | None
+    warnings: tuple[str, ...]
+
+
+# ---------------------------------------------------------------------------
+# The phase machine (rule 3's single flight, rule 4's persist-before-reuse).
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"
+    REFRESHING = "refreshing"
+    PERSISTING = "persisting"
+    LOGIN_REQUIRED = "login_required"
+    REVOKED = "revoked"
+
+
+class Event(enum.Enum):
+    START_REFRESH = "start refresh"
+    REFRESH_OK = "refresh ok"
+    REFRESH_OK_ROTATED = "refresh ok, refresh token rotated"
+    REFRESH_TRANSIENT = "refresh failed (transient)"
+    REFRESH_INVALID_GRANT = "refresh failed (invalid_grant)"
+    REFRESH_REFUSED = "narrower refresh refused"
+    REFRESH_ABANDONED = "refresh abandoned"
+    START_PERSIST = "start persist"
+    PERSIST_DONE = "persist done"
+    PERSIST_FAILED = "persist failed"
+    REVOKE = "revoke"
+
+
+_TRANSITIONS: Final[dict[Phase, dict[Event, Phase]]] = {
+    Phase.IDLE: {
+        Event.START_REFRESH: Phase.REFRESHING,
+        Event.START_PERSIST: Phase.PERSISTING,
+        Event.REVOKE: Phase.REVOKED,
+    },
+    Phase.REFRESHING: {
+        Event.REFRESH_OK: Phase.IDLE,
+        Event.REFRESH_OK_ROTATED: Phase.PERSISTING,
+        Event.REFRESH_TRANSIENT: Phase.IDLE,
+        Event.REFRESH_INVALID_GRANT: Phase.LOGIN_REQUIRED,
+        Event.REFRESH_REFUSED: Phase.IDLE,
+        Event.REFRESH_ABANDONED: Phase.IDLE,
+        Event.REVOKE: Phase.REVOKED,
+    },
+    Phase.PERSISTING: {
+        Event.PERSIST_DONE: Phase.IDLE,
+        Event.PERSIST_FAILED: Phase.IDLE,
+        Event.REVOKE: Phase.REVOKED,
+    },
+    Phase.LOGIN_REQUIRED: {
+        Event.REVOKE: Phase.REVOKED,
+    },
+    Phase.REVOKED: {},
+}
+
+
+def _retry_hint(slot: SlotKey | None, delay: float) -> str:
+    if slot == DEFAULT_SLOT:
+        return f"the agent retries in {delay:.0f} s"
+    return f"ask again in {delay:.0f} s or later"
+
+
+@dataclass(frozen=True, slots=True)
+class _Flight:
+    """The one operation in flight: a refresh of ``slot``, or a persist (slot is None)."""
+
+    op_id: int
+    slot: SlotKey | None
+
+
+@dataclass(slots=True)
+class AccessTokenSlot:
+    """The cache for one (scopes, audience) of a session, and what its last refresh did."""
+
+    key: SlotKey
+    token: AccessToken | None = None
+    #: Rule 5: when this token enters its refresh window.
+    refresh_due_at: float | None = None
+    #: Rule 9: when the last refresh of this slot ended (success or not).
+    attempt_ended_at: float | None = None
+    #: What callers who waited for that refresh are told if it did not serve them.
+    failure: Fail | None = None
+    #: Rule 8: a refused narrower slot is not asked for again before this.
+    refused_until: float | None = None
 
 
 class SessionLifecycle:
-    """The state of one session's tokens. See the module docstring for the rules."""
+    """One session's tokens. The rules are at the top of this module.
 
-    def __init__(self, *, has_refresh_token: bool, rng: random.Random | None = None) -> None:
-        self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrecy
-        self.has_refresh_token = has_refresh_token
-        self.slots: dict[SlotKey, AccessToken] = {}
-        self.in_flight: SlotKey | None = None
-        self.persist_in_flight = False
-        self.persist_failed = False
-        self.persist_retry_at: float | None = None
-        self.refresh_due_at: float | None = None
-        self.retry_at: float | None = None
-        self.failures = 0
-        self.login_required = not has_refresh_token
-        self.revoked = False
-        self.last_refresh_at: float | None = None
-        self.last_refresh_outcome: str | None = None
-        self.last_error: str | None = None
-        #: The slot whose refresh failed and is retried.
-        self.in_retry_slot: SlotKey = DEFAULT_SLOT
+    Create one per session: after a login with its tokens, or on restore with
+    the stored refresh token and no access token (the first tick refreshes).
+    """
+
+    def __init__(
+        self,
+        now: float,
+        *,
+        refresh_token: str | None,
+        access_token: AccessToken | None = None,
+        refresh_token_saved: bool = True,
+        login_reason: str | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        # Jitter only; never secrecy.
+        self._rng = rng if rng is not None else random.Random()  # noqa: S311
+        self._phase = Phase.IDLE if refresh_token is not None else Phase.LOGIN_REQUIRED
+        self._refresh_token = Secret(refresh_token) if refresh_token is not None else None
+        self._default = AccessTokenSlot(DEFAULT_SLOT)
+        self._narrower: OrderedDict[SlotKey, AccessTokenSlot] = OrderedDict()
+        self._last_op_id = 0
+        self._flight: _Flight | None = None
+        #: The operation in flight when the session was revoked; its answer is absorbed.
+        self._orphan: _Flight | None = None
+        # Rule 8: transient failures.
+        self._failures = 0
+        self._retry_at: float | None = None
+        self._last_error: str | None = None
+        # Rule 4: the newest refresh token is not known to be stored.
+        self._unsaved = refresh_token is not None and not refresh_token_saved
+        self._persist_failures = 0
+        self._persist_retry_at: float | None = now if self._unsaved else None
+        self._persist_error: str | None = None
+        #: Why a session without a refresh token needs a login (shown to users).
+        self._login_reason = login_reason or ("the provider issued no refresh token"
+                                              if refresh_token is None else "")
+        self._last_refresh_at: float | None = None
+        self._last_refresh_outcome: str | None = None
+        if access_token is not None:
+            self._install(self._default, access_token)
+
+    def __repr__(self) -> str:
+        return (f"<SessionLifecycle phase={self._phase.name} in_flight={self.in_flight} "
+                f"narrower_slots={len(self._narrower)}>")
 
     # ------------------------------------------------------------------ queries
 
+    @property
+    def refresh_token(self) -> Secret | None:
+        """The newest refresh token (for revocation at logout), if the session has one."""
+        return self._refresh_token
+
+    @property
+    def in_flight(self) -> int | None:
+        """The id of the refresh or persist in flight, if any."""
+        return self._flight.op_id if self._flight is not None else None
+
+    def access_tokens(self) -> list[AccessToken]:
+        """Every cached access token (for best-effort revocation at logout)."""
+        slots = [self._default, *self._narrower.values()]
+        return [slot.token for slot in slots if slot.token is not None]
+
     def state(self, now: float) -> State:
-        if self.revoked:
+        """The session's state at ``now`` (see the theory of operation)."""
+        if self._phase is Phase.REVOKED:
             return State.REVOKED
-        if self.in_flight is not None:
+        if self._phase is Phase.REFRESHING:
             return State.REFRESHING
-        token = self.slots.get(DEFAULT_SLOT)
-        if token is not None and token.remaining(now) > 0:
-            due = self.refresh_due_at
-            return State.EXPIRING if due is not None and now >= due else State.FRESH
-        if self.login_required or not self.has_refresh_token:
-            return State.LOGIN_REQUIRED
-        return State.EXPIRED
+        token = self._default.token
+        if token is None or token.remaining(now) <= 0:
+            return State.LOGIN_REQUIRED if self._phase is Phase.LOGIN_REQUIRED else State.EXPIRED
+        if self._phase is Phase.LOGIN_REQUIRED:
+            return State.FRESH  # valid, and no refresh window without a refresh token
+        due = self._default.refresh_due_at
+        return State.EXPIRING if due is not None and now >= due else State.FRESH
 
-    def next_wakeup(self) -> float | None:
-        """When the driver should call :meth:`tick` next (O(1))."""
-        if self.revoked or self.login_required:
+    def next_wakeup(self, now: float) -> float | None:
+        """When the driver should call :meth:`tick` next; never before ``now``. O(1).
+
+        None when nothing is scheduled: an operation is in flight (its outcome
+        event returns what comes next), or the session cannot refresh.
+        """
+        if self._phase is not Phase.IDLE:
             return None
-        candidates = [t for t in (self.retry_at, self.persist_retry_at) if t is not None]
-        if self.retry_at is None and self.refresh_due_at is not None and self.has_refresh_token:
-            candidates.append(self.refresh_due_at)
-        return min(candidates) if candidates else None
+        refresh_at = self._default_refresh_at()
+        if self._unsaved and self._persist_retry_at is not None:
+            refresh_at = min(refresh_at, self._persist_retry_at)
+        return max(now, refresh_at)
 
-    def snapshot(self, now: float) -> Snapshot:
-        token = self.slots.get(DEFAULT_SLOT)
-        warnings = []
-        if self.persist_failed:
-            warnings.append("the newest refresh token could not be saved to the secret store; "
-                            "it is kept in memory and saving is retried")
-        if self.retry_at is not None and self.last_error:
-            warnings.append(f"refreshing failed ({self.last_error}); retrying")
-        return Snapshot(self.state(now), token.expires_at if token else None,
-                        self.last_refresh_at, self.last_refresh_outcome, self.next_wakeup(),
-                        warnings)
+    def status(self, now: float) -> Status:
+        """A snapshot for ``compozy auth status``."""
+        token = self._default.token
+        persist_warning = None
+        if self._unsaved and self._persist_failures:
+            persist_warning = (
+                "the newest refresh token could not be saved to the secret store"
+                + (f" ({self._persist_error})" if self._persist_error else "")
+                + "; it is kept in memory and saving is retried; if the agent stops first, "
+                "the next start needs a new login")
+        warnings = [persist_warning] if persist_warning else []
+        if self._retry_at is not None and self._phase is not Phase.REVOKED:
+            warnings.append(f"refreshing failed ({self._last_error or 'provider error'}); "
+                            f"retrying in {max(0.0, self._retry_at - now):.0f} s")
+        if self._phase is Phase.LOGIN_REQUIRED:
+            warnings.append(
+                f"login required: {self._login_reason}" if not (token and token.remaining(now) > 0)
+                else f"{self._login_reason}: a new login is needed once the access token expires")
+        return Status(
+            state=self.state(now),
+            expires_at=token.expires_at if token is not None else None,
+            token_valid=token is not None and token.remaining(now) > 0,
+            has_refresh_token=self._refresh_token is not None,
+            last_refresh_at=self._last_refresh_at,
+            last_refresh_outcome=self._last_refresh_outcome,
+            retry_at=self._retry_at,
+            next_wakeup=self.next_wakeup(now),
+            unsaved_refresh_token=self._unsaved,
+            persist_warning=persist_warning,
+            warnings=tuple(warnings),
+        )
 
     # ------------------------------------------------------------------ requests
 
@@ -203,149 +589,346 @@ class SessionLifecycle:
         *,
         min_valid: float = 0.0,
         force_new: bool = False,
-        rejected: str | None = None,
-        arrived_at: float | None = None,
-    ) -> Ready | StartRefresh | Wait | Fail:
-        """What to do for a caller who wants a token of ``slot``.
+        rejected_token: str | None = None,
+        asked_at: float | None = None,
+        recent: float = RECENT,
+    ) -> Decision:
+        """What to do for a caller who wants an access token of ``slot``.
 
-        ``arrived_at`` is when the caller first asked (a waiting caller asks
-        again with the same value), for rule 6.
+        ``asked_at`` is when this caller first asked (default ``now``); a caller
+        told to wait asks again with the same value (rules 6, 7, 9). ``recent`` is
+        how young a token counts as new whenever it was issued (rules 6, 7); a
+        person who asked for a new token by hand passes 0.
+        StartRefresh means the caller must run the refresh; WaitForRefresh means
+        someone else's operation must end first.
         """
-        if self.revoked:
-            return Fail(ErrorCode.NOT_LOGGED_IN, "this session was revoked")
-        arrived_at = now if arrived_at is None else arrived_at
-        token = self.slots.get(slot)
-        if token is not None and (force_new or rejected is not None):
-            newer = token.issued_at > arrived_at
-            named_other = rejected is not None and rejected != token.value
-            if not (newer or named_other):
-                del self.slots[slot]  # rule 6: drop it, then refresh below
-                token = None
-        if (token is not None and token.remaining(now) > 0
-                and (token.remaining(now) >= min_valid or now - token.issued_at <= RECENT)):
-            return Ready(token)
-        if self.login_required or not self.has_refresh_token:
+        asked_at = now if asked_at is None else min(asked_at, now)
+        if self._phase is Phase.REVOKED:
+            return Fail(ErrorCode.NOT_LOGGED_IN, "this session was logged out or revoked")
+        cache = self._default if slot == DEFAULT_SLOT else self._narrower.get(slot)
+        token = cache.token if cache is not None else None
+        if cache is not None and token is not None and rejected_token is not None \
+                and token.value.matches(rejected_token):
+            cache.token = cache.refresh_due_at = token = None  # rule 7: known bad
+        if token is not None and token.remaining(now) > 0:
+            new_enough = token.issued_at >= asked_at or now - token.issued_at < recent
+            wanted = new_enough if force_new and rejected_token is None else (
+                new_enough or token.remaining(now) >= min_valid)
+            if wanted:
+                if slot != DEFAULT_SLOT:
+                    self._narrower.move_to_end(slot)  # least recently used goes first
+                assert cache is not None
+                due = cache.refresh_due_at
+                if due is not None and now >= due and self._may_start_refresh(now, cache):
+                    return Ready(token, self._start_refresh(now, slot))  # rule 5
+                return Ready(token)
+        if self._refresh_token is None:
             return Fail(ErrorCode.LOGIN_REQUIRED,
-                        self.last_error or "this session needs a new login")
-        if self.in_flight is not None or self.persist_in_flight:
-            return Wait()
-        if self.retry_at is not None and now < self.retry_at:
-            if token is not None and token.remaining(now) > 0:
-                return Ready(token)  # rule 7: still valid, hand it out
+                        f"this session needs a new login ({self._login_reason})")
+        flight = self._flight
+        if flight is not None and flight.slot == slot:
+            return WaitForRefresh(flight.op_id)  # its outcome is this caller's answer
+        if cache is not None and cache.attempt_ended_at is not None \
+                and cache.attempt_ended_at >= asked_at:  # rule 9
+            return cache.failure or Fail(ErrorCode.REFRESH_FAILED, (
+                "the new token had already expired when it arrived; check the system clock"
+                if cache.token is not None else
+                "the new token was reported rejected before it could be handed out; ask again"))
+        if cache is not None and cache.refused_until is not None and now < cache.refused_until:
+            assert cache.failure is not None
+            return cache.failure
+        if flight is not None:
+            return WaitForRefresh(flight.op_id)
+        if self._retry_at is not None and now < self._retry_at:
             return Fail(ErrorCode.REFRESH_FAILED,
-                        f"could not refresh the token ({self.last_error or 'provider error'}); "
-                        "retrying automatically")
-        self.in_flight = slot
-        return StartRefresh(slot)
+                        f"could not refresh the token ({self._last_error or 'provider error'}); "
+                        + _retry_hint(slot, self._retry_at - now))
+        return self._start_refresh(now, slot)
 
-    def tick(self, now: float) -> StartRefresh | None:
-        """The proactive refresh or a retry, when it is due (rule 2, rule 7)."""
-        if self.revoked or self.login_required or not self.has_refresh_token:
-            return None
-        if self.in_flight is not None or self.persist_in_flight:
-            return None
-        due = self.retry_at if self.retry_at is not None else self.refresh_due_at
-        if due is None or now < due:
-            return None
-        slot = self.in_retry_slot if self.retry_at is not None else DEFAULT_SLOT
-        self.in_flight = slot
-        return StartRefresh(slot)
-
-    # ------------------------------------------------------------------ events
-
-    def install(self, now: float, token: AccessToken, slot: SlotKey = DEFAULT_SLOT) -> None:
-        """A token from a login (or a restored one)."""
-        self.slots[slot] = token
-        if slot == DEFAULT_SLOT:
-            self.refresh_due_at = self._due(token)
-        self.login_required = False
-
-    def refresh_succeeded(
-        self, now: float, slot: SlotKey, token: AccessToken, *, rotated: bool
-    ) -> list[Action]:
-        self._expect_in_flight(slot)
-        self.in_flight = None
-        self.retry_at = None
-        self.failures = 0
-        self.last_error = None
-        self.last_refresh_at = now
-        self.last_refresh_outcome = "ok"
-        self.install(now, token, slot)
-        if rotated:
-            self.persist_in_flight = True
-            return [PersistRefreshToken()]
+    def tick(self, now: float) -> list[Action]:
+        """What is due at ``now`` (at most one action): a persist retry (rule 4), else a
+        refresh of the default token (rules 5, 8). Call it when next_wakeup() comes."""
+        if self._phase is not Phase.IDLE:
+            return []
+        if self._unsaved and self._persist_retry_at is not None and now >= self._persist_retry_at:
+            return [self._start_persist()]
+        if now >= self._default_refresh_at():
+            return [self._start_refresh(now, DEFAULT_SLOT)]
         return []
 
-    def refresh_failed_transient(
-        self, now: float, slot: SlotKey, reason: str, retry_after: float | None = None
-    ) -> None:
-        self._expect_in_flight(slot)
-        self.in_flight = None
-        self.failures += 1
-        backoff = min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** (self.failures - 1))
-        delay = backoff * self._rng.uniform(0.5, 1.0)
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, 10 * MAX_BACKOFF))
-        self.retry_at = now + delay
-        self.in_retry_slot = slot
-        self.last_refresh_at = now
-        self.last_refresh_outcome = f"failed: {reason}"
-        self.last_error = reason
+    # ------------------------------------------------------------------ refresh outcomes
 
-    def refresh_failed_invalid_grant(self, now: float, slot: SlotKey, reason: str) -> list[Action]:
-        self._expect_in_flight(slot)
-        self.in_flight = None
-        self.retry_at = None
-        self.login_required = True
-        self.has_refresh_token = False
-        self.slots.clear()
-        self.refresh_due_at = None
-        self.last_refresh_at = now
-        self.last_refresh_outcome = f"rejected: {reason}"
-        self.last_error = "the provider no longer accepts this session; log in again"
+    def refresh_succeeded(
+        self,
+        now: float,
+        refresh_id: int,
+        access_token: str,
+        expires_at: float,
+        *,
+        issued_at: float | None = None,
+        refresh_token: str | None = None,
+        scope: Iterable[str] | None = None,
+    ) -> list[Action]:
+        """The provider issued a token. ``refresh_token`` is the response's, if it sent one.
+
+        A refresh token different from the current one is a rotation (RFC 6749
+        section 6, RFC 9700 section 4.14.2): the answer then holds its
+        PersistRefreshToken, and no refresh starts until that write is reported.
+        """
+        if self._absorb_orphan(refresh_id, persist=False):
+            return []
+        current = self._refresh_token
+        rotated = refresh_token is not None and (current is None
+                                                 or not current.matches(refresh_token))
+        flight = self._end_refresh(
+            refresh_id, Event.REFRESH_OK_ROTATED if rotated else Event.REFRESH_OK)
+        issued = now if issued_at is None else issued_at
+        token = AccessToken(Secret(access_token), issued, max(expires_at, issued),
+                            tuple(scope) if scope is not None else None)
+        cache = self._cache_for(flight)
+        self._install(cache, token)
+        cache.attempt_ended_at = now
+        cache.failure = None
+        cache.refused_until = None
+        self._failures = 0
+        self._retry_at = None
+        self._last_error = None
+        self._last_refresh_at = now
+        self._last_refresh_outcome = "refreshed"
+        if refresh_token is not None and rotated:
+            self._refresh_token = Secret(refresh_token)
+            self._unsaved = True
+            self._last_refresh_outcome = "refreshed; refresh token rotated"
+            return [self._issue_persist()]
+        return self.tick(now)
+
+    def refresh_failed_transient(
+        self,
+        now: float,
+        refresh_id: int,
+        *,
+        retry_after: float | None = None,
+        reason: str = "provider unavailable",
+    ) -> list[Action]:
+        """The refresh failed for now (network, 5xx, 429, timeout); back off (rule 8).
+
+        ``retry_after`` is the provider's Retry-After in seconds, if it sent one.
+        ``reason`` is shown to users and must not contain a token.
+        """
+        if self._absorb_orphan(refresh_id, persist=False):
+            return []
+        flight = self._end_refresh(refresh_id, Event.REFRESH_TRANSIENT)
+        self._failures += 1
+        delay = self._backoff(self._failures)
+        if retry_after is not None:
+            delay = max(delay, min(max(retry_after, 0.0), MAX_RETRY_AFTER))
+        self._retry_at = now + delay
+        self._last_error = reason
+        self._last_refresh_at = now
+        self._last_refresh_outcome = f"failed: {reason}"
+        cache = self._cache_for(flight)
+        cache.attempt_ended_at = now
+        cache.failure = Fail(ErrorCode.REFRESH_FAILED, f"could not refresh the token ({reason}); "
+                             + _retry_hint(flight.slot, delay))
+        return self.tick(now)
+
+    def refresh_failed_invalid_grant(
+        self, now: float, refresh_id: int, *, reason: str = "invalid_grant"
+    ) -> list[Action]:
+        """The provider rejected the refresh token: LOGIN_REQUIRED, and delete it (rule 8)."""
+        if self._absorb_orphan(refresh_id, persist=False):
+            return []
+        self._end_refresh(refresh_id, Event.REFRESH_INVALID_GRANT)
+        self._refresh_token = None
+        self._drop_tokens()
+        self._login_reason = f"the provider no longer accepts this session ({reason})"
+        self._last_refresh_at = now
+        self._last_refresh_outcome = f"rejected: {reason}"
         return [DeleteRefreshToken()]
 
-    def refresh_abandoned(self, slot: SlotKey) -> None:
-        """The refresh was cancelled before an answer (e.g. shutdown)."""
-        self._expect_in_flight(slot)
-        self.in_flight = None
+    def refresh_refused(self, now: float, refresh_id: int, *, reason: str) -> list[Action]:
+        """The provider will not issue this narrower token (invalid_scope, invalid_target).
 
-    def persist_done(self, now: float) -> None:
-        if not self.persist_in_flight:
-            raise IllegalTransition("no persist is in flight")
-        self.persist_in_flight = False
-        self.persist_failed = False
-        self.persist_retry_at = None
+        Only for narrower slots: the session itself is fine (rule 8).
+        """
+        if self._absorb_orphan(refresh_id, persist=False):
+            return []
+        flight = self._check_refresh(refresh_id, Event.REFRESH_REFUSED)
+        if flight.slot == DEFAULT_SLOT:
+            raise IllegalTransition(
+                "the default token's refresh cannot be refused for its scope; "
+                "report it as transient or invalid_grant")
+        self._end_refresh(refresh_id, Event.REFRESH_REFUSED)
+        cache = self._cache_for(flight)
+        cache.attempt_ended_at = now
+        cache.refused_until = now + REFUSAL_TTL
+        cache.failure = Fail(ErrorCode.PROVIDER_ERROR,
+                             f"the provider will not issue a token for that scope or "
+                             f"audience ({reason})")
+        self._last_refresh_at = now
+        self._last_refresh_outcome = f"refused: {reason}"
+        return self.tick(now)
 
-    def persist_failed_at(self, now: float, retry_in: float = 30.0) -> None:
-        if not self.persist_in_flight:
-            raise IllegalTransition("no persist is in flight")
-        self.persist_in_flight = False
-        self.persist_failed = True
-        self.persist_retry_at = now + retry_in
+    def refresh_abandoned(self, now: float, refresh_id: int) -> list[Action]:
+        """The refresh ended without an answer (the driver is stopping). Nothing is learnt."""
+        if self._absorb_orphan(refresh_id, persist=False):
+            return []
+        self._end_refresh(refresh_id, Event.REFRESH_ABANDONED)
+        return []
 
-    def persist_retry_due(self, now: float) -> bool:
-        """True (and a persist is then in flight) when a failed persist should be retried."""
-        if self.persist_retry_at is None or now < self.persist_retry_at or self.persist_in_flight:
-            return False
-        self.persist_in_flight = True
-        self.persist_retry_at = None
-        return True
+    # ------------------------------------------------------------------ persist outcomes
 
-    def revoke(self) -> None:
-        self.revoked = True
-        self.slots.clear()
-        self.refresh_due_at = None
-        self.retry_at = None
+    def persist_done(self, now: float, persist_id: int) -> list[Action]:
+        """The rotated refresh token is in the secret store."""
+        if self._absorb_orphan(persist_id, persist=True):
+            # The write may have landed after the logout's delete: delete again.
+            return [DeleteRefreshToken()]
+        self._end_persist(persist_id, Event.PERSIST_DONE)
+        self._unsaved = False
+        self._persist_failures = 0
+        self._persist_retry_at = None
+        self._persist_error = None
+        return self.tick(now)
 
-    # ------------------------------------------------------------------ helpers
+    def persist_failed(self, now: float, persist_id: int, *, reason: str = "") -> list[Action]:
+        """Saving failed: keep the token in memory, retry with backoff, warn (rule 4)."""
+        if self._absorb_orphan(persist_id, persist=True):
+            return []
+        self._end_persist(persist_id, Event.PERSIST_FAILED)
+        self._persist_failures += 1
+        self._persist_retry_at = now + self._backoff(self._persist_failures)
+        self._persist_error = reason or None
+        return self.tick(now)
 
-    def _expect_in_flight(self, slot: SlotKey) -> None:
-        if self.in_flight != slot:
-            raise IllegalTransition(f"no refresh of slot {slot!r} is in flight")
+    # ------------------------------------------------------------------ the end
 
-    def _due(self, token: AccessToken) -> float:
-        lifetime = max(0.0, token.expires_at - token.issued_at)
-        due = token.issued_at + lifetime * self._rng.uniform(*WINDOW)
-        latest = token.expires_at - min(MAX_MARGIN, lifetime / 2)
-        return min(due, latest)
+    def revoked(self, now: float) -> list[Action]:
+        """The session is logged out or revoked: forget every token (terminal).
+
+        Revoke at the provider first if you mean to (see :attr:`refresh_token`
+        and :meth:`access_tokens`). An answer to the operation in flight now is
+        absorbed when it arrives.
+        """
+        self._fire(Event.REVOKE)
+        self._orphan = self._flight
+        self._flight = None
+        had_refresh_token = self._refresh_token is not None
+        self._refresh_token = None
+        self._drop_tokens()
+        return [DeleteRefreshToken()] if had_refresh_token else []
+
+    # ------------------------------------------------------------------ internals
+
+    def _fire(self, event: Event) -> None:
+        """Move the phase by the table, or raise IllegalTransition and change nothing."""
+        try:
+            self._phase = _TRANSITIONS[self._phase][event]
+        except KeyError:
+            raise IllegalTransition(
+                f"cannot handle '{event.value}' in phase {self._phase.name}") from None
+
+    def _check_refresh(self, refresh_id: int, event: Event) -> _Flight:
+        flight = self._flight
+        if event not in _TRANSITIONS[self._phase] or flight is None or flight.slot is None \
+                or flight.op_id != refresh_id:
+            raise IllegalTransition(
+                f"cannot handle '{event.value}' for refresh {refresh_id} in phase "
+                f"{self._phase.name} (in flight: {self.in_flight})")
+        return flight
+
+    def _end_refresh(self, refresh_id: int, event: Event) -> _Flight:
+        flight = self._check_refresh(refresh_id, event)
+        self._fire(event)
+        self._flight = None
+        return flight
+
+    def _end_persist(self, persist_id: int, event: Event) -> None:
+        flight = self._flight
+        if event not in _TRANSITIONS[self._phase] or flight is None or flight.slot is not None \
+                or flight.op_id != persist_id:
+            raise IllegalTransition(
+                f"cannot handle '{event.value}' for persist {persist_id} in phase "
+                f"{self._phase.name} (in flight: {self.in_flight})")
+        self._fire(event)
+        self._flight = None
+
+    def _absorb_orphan(self, op_id: int, *, persist: bool) -> bool:
+        orphan = self._orphan
+        if self._phase is Phase.REVOKED and orphan is not None and orphan.op_id == op_id \
+                and (orphan.slot is None) == persist:
+            self._orphan = None
+            return True
+        return False
+
+    def _may_start_refresh(self, now: float, cache: AccessTokenSlot) -> bool:
+        return (self._phase is Phase.IDLE
+                and (self._retry_at is None or now >= self._retry_at)
+                and (cache.refused_until is None or now >= cache.refused_until))
+
+    def _start_refresh(self, now: float, slot: SlotKey) -> StartRefresh:
+        assert self._refresh_token is not None
+        self._fire(Event.START_REFRESH)
+        self._last_op_id += 1
+        self._flight = _Flight(self._last_op_id, slot)
+        if slot != DEFAULT_SLOT and slot not in self._narrower:
+            self._narrower[slot] = AccessTokenSlot(slot)
+            self._evict()
+        return StartRefresh(self._last_op_id, slot, self._refresh_token)
+
+    def _start_persist(self) -> PersistRefreshToken:
+        self._fire(Event.START_PERSIST)
+        return self._issue_persist()
+
+    def _issue_persist(self) -> PersistRefreshToken:
+        assert self._refresh_token is not None and self._phase is Phase.PERSISTING
+        self._last_op_id += 1
+        self._flight = _Flight(self._last_op_id, None)
+        self._persist_retry_at = None
+        return PersistRefreshToken(self._last_op_id, self._refresh_token)
+
+    def _default_refresh_at(self) -> float:
+        """When the default token is due for a refresh, respecting backoff (rules 5, 8)."""
+        due = self._default.refresh_due_at
+        refresh_at = due if self._default.token is not None and due is not None \
+            else float("-inf")
+        if self._retry_at is not None:
+            refresh_at = max(refresh_at, self._retry_at)
+        return refresh_at
+
+    def _cache_for(self, flight: _Flight) -> AccessTokenSlot:
+        assert flight.slot is not None
+        if flight.slot == DEFAULT_SLOT:
+            return self._default
+        # A slot in flight is never evicted (see _evict); setdefault only for safety.
+        return self._narrower.setdefault(flight.slot, AccessTokenSlot(flight.slot))
+
+    def _install(self, cache: AccessTokenSlot, token: AccessToken) -> None:
+        lifetime = token.lifetime
+        jittered = token.issued_at + lifetime * self._rng.uniform(*WINDOW)
+        latest = token.expires_at - min(MIN_MARGIN, lifetime / 2)
+        cache.token = token
+        cache.refresh_due_at = max(min(jittered, latest), token.issued_at + RECENT)
+
+    def _evict(self) -> None:
+        in_flight = self._flight.slot if self._flight is not None else None
+        while len(self._narrower) > MAX_NARROWER_SLOTS:
+            oldest = next(iter(self._narrower))
+            if oldest == in_flight:
+                self._narrower.move_to_end(oldest)
+                continue
+            del self._narrower[oldest]
+
+    def _drop_tokens(self) -> None:
+        self._default = AccessTokenSlot(DEFAULT_SLOT)
+        self._narrower.clear()
+        self._failures = 0
+        self._retry_at = None
+        self._unsaved = False
+        self._persist_failures = 0
+        self._persist_retry_at = None
+        self._persist_error = None
+
+    def _backoff(self, failures: int) -> float:
+        """Capped exponential backoff with jitter: [d/2, d] for d = 1, 2, 4, ... 60 s."""
+        ceiling = min(MAX_BACKOFF, FIRST_BACKOFF * 2.0 ** min(failures - 1, 32))
+        return ceiling * self._rng.uniform(0.5, 1.0)

@@ -1,68 +1,196 @@
 """OAuth 2.0 / OpenID Connect messages, without I/O: build requests, parse responses.
 
-Nothing here opens a socket or reads a clock; times come in as arguments.
-``http.py`` sends what this module builds. The exception tree::
+This module owns what the agent says to an identity provider and how it reads
+the answers: discovery (OIDC Discovery 1.0, RFC 8414), PKCE (RFC 7636), the
+authorization code flow on a loopback redirect (RFC 6749 section 4.1, RFC 8252),
+the device flow (RFC 8628), refresh (RFC 6749 section 6, RFC 8707), revocation
+(RFC 7009), userinfo, and the ID token claims the agent relies on.
+
+Nothing here opens a socket or reads a clock: times come in as ``now``
+arguments, and ``http.py`` sends the :class:`HttpRequest` values built here
+and hands the status, headers and body back to the parsers here.
+
+The exception tree (every failure of a provider exchange)::
 
     OAuthFailure                 anything a provider exchange can end in
-    ├── OAuthError               the provider said no (RFC 6749 section 5.2: error, description)
-    ├── TransientProviderError   5xx or 429: try again later (retry_after, if the provider said)
-    ├── MalformedResponse        the provider's answer cannot be understood
-    └── ProviderUnreachable      no answer at all (raised by http.py)
+    ├── OAuthError               the provider said no: RFC 6749 section 5.2 ``error`` code
+    │                            (.error, .description, .status); also an ``error=`` callback
+    ├── TransientProviderError   HTTP 5xx or 429: ask again later (.status, .retry_after)
+    ├── MalformedResponse        an answer that breaks the standard: not JSON, no access_token,
+    │                            another issuer, a plain-http endpoint, a bad ID token (.status)
+    ├── CallbackError            a loopback redirect that does not belong to this login
+    │                            (state mismatch, no code, another issuer)
+    └── ProviderUnreachable      no answer at all: DNS, connect, TLS, timeout, reset
+                                 (raised by http.py; .host, .reason)
 
-Messages name the endpoint's host and the error code, never a token or a body.
+Secrets: messages and reprs name hosts, statuses and error codes, never a
+token, a code or a body. Provider-supplied text (``error_description``) is
+cut short and anything in it that looks like a credential is replaced. Every
+struct that holds a secret has a redacting ``__repr__``.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
+import math
+import re
 import secrets
+from collections.abc import Mapping, Sequence
+from datetime import UTC
 from email.utils import parsedate_to_datetime
-from typing import Final
+from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import msgspec
 
+__all__ = [
+    "DEFAULT_LIFETIME",
+    "DEVICE_GRANT",
+    "LOOPBACK_HOSTS",
+    "CallbackError",
+    "DeviceAuthorization",
+    "DevicePending",
+    "DeviceSlowDown",
+    "HttpRequest",
+    "MalformedResponse",
+    "OAuthError",
+    "OAuthFailure",
+    "Pkce",
+    "ProviderMetadata",
+    "ProviderUnreachable",
+    "TokenResponse",
+    "TransientProviderError",
+    "access_token_expiry",
+    "account_from_claims",
+    "authorization_url",
+    "check_endpoint_url",
+    "check_issuer",
+    "check_status",
+    "clock_skew",
+    "code_exchange_request",
+    "decode_jwt_claims",
+    "device_authorization_request",
+    "device_token_request",
+    "discovery_urls",
+    "loopback_redirect_uri",
+    "new_nonce",
+    "new_pkce",
+    "new_state",
+    "parse_callback",
+    "parse_device_authorization",
+    "parse_device_poll",
+    "parse_discovery",
+    "parse_refresh_response",
+    "parse_revocation_response",
+    "parse_token_response",
+    "parse_userinfo",
+    "pkce_challenge",
+    "refresh_request",
+    "retry_after_seconds",
+    "revocation_request",
+    "userinfo_request",
+    "validate_id_token_claims",
+]
+
+#: RFC 8628 section 3.4.
 DEVICE_GRANT: Final = "urn:ietf:params:oauth:grant-type:device_code"
-#: Used when neither expires_in nor a JWT exp says how long a token lives.
+#: Used when neither expires_in nor a JWT ``exp`` says how long an access token lives.
 DEFAULT_LIFETIME: Final = 300.0
+#: Hosts where plain http is allowed (RFC 8252 section 8.3, RFC 9700 section 2.6).
 LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "::1", "localhost"})
+#: RFC 8628 section 3.5: on slow_down "the interval MUST be increased by 5 seconds".
+SLOW_DOWN_STEP: Final = 5.0
+#: RFC 8628 section 3.2: the polling interval when the provider names none.
+DEFAULT_DEVICE_INTERVAL: Final = 5.0
+#: When a device authorization response omits expires_in (it is REQUIRED; be lenient).
+DEFAULT_DEVICE_LIFETIME: Final = 600.0
+REDACTED: Final = "<redacted>"
+
+
+# --------------------------------------------------------------------------
+# Exceptions. Messages are built from codes and hosts only; see _safe_text.
 
 
 class OAuthFailure(Exception):
-    """Base of every failure of a provider exchange."""
+    """Base of every failure of a provider exchange (the tree is in the module docstring)."""
 
 
 class OAuthError(OAuthFailure):
-    """An error response (RFC 6749 section 5.2, RFC 8628 section 3.5)."""
+    """The provider refused: an RFC 6749 section 5.2 error response.
 
-    def __init__(self, error: str, description: str | None = None, status: int = 400) -> None:
-        self.error = error
-        self.description = description
+    ``error`` is the code (``invalid_grant``, ``access_denied``, ...), matched by
+    callers; ``description`` is the provider's human text, shortened and scrubbed
+    of anything token-like; ``status`` is the HTTP status, or None for an error
+    delivered on the browser redirect (RFC 6749 section 4.1.2.1).
+    """
+
+    def __init__(self, error: str, description: str | None = None,
+                 status: int | None = 400) -> None:
+        self.error = _safe_text(error, 64)
+        self.description = _safe_text(description, 300) if description else None
         self.status = status
-        super().__init__(f"{error}: {description}" if description else error)
+        super().__init__(f"{self.error}: {self.description}" if self.description else self.error)
 
 
 class TransientProviderError(OAuthFailure):
-    """5xx or 429: the provider may answer later."""
+    """HTTP 5xx or 429: the provider may answer later; ``retry_after`` seconds if it said."""
 
     def __init__(self, status: int, retry_after: float | None = None) -> None:
         self.status = status
         self.retry_after = retry_after
-        super().__init__(f"the provider answered HTTP {status}; try again later")
+        hint = f" (retry after {retry_after:.0f} s)" if retry_after is not None else ""
+        super().__init__(f"the provider answered HTTP {status}; try again later{hint}")
 
 
 class MalformedResponse(OAuthFailure):
     """The provider's answer is not what the standard says it should be."""
 
+    def __init__(self, message: str, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class CallbackError(OAuthFailure):
+    """A loopback redirect that does not complete this login (RFC 6749 10.12, RFC 9207)."""
+
 
 class ProviderUnreachable(OAuthFailure):
-    """The provider could not be reached (raised by the I/O edge)."""
+    """No answer from the provider (raised by the I/O edge); the message names the host only."""
+
+    def __init__(self, reason: str, host: str | None = None) -> None:
+        self.reason = reason
+        self.host = host
+        super().__init__(f"{host}: {reason}" if host else reason)
+
+
+# Runs of token alphabet (base64url, JWT dots, standard base64) long enough to be a
+# credential. A run is replaced if it is long, or shorter but holds a digit:
+# error codes such as invalid_authorization_details stay readable.
+_TOKEN_LIKE: Final = re.compile(r"[A-Za-z0-9._~+/=-]{16,}")
+
+
+def _safe_text(value: str, limit: int) -> str:
+    """Provider text fit for a message: printable, no token-like runs, at most ``limit``."""
+    text = "".join(ch if ch.isprintable() else " " for ch in value)
+    text = _TOKEN_LIKE.sub(
+        lambda m: REDACTED if len(m[0]) >= 32 or any(c.isdigit() for c in m[0]) else m[0], text
+    )
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _redacted(value: str | None) -> str | None:
+    return REDACTED if value else None
+
+
+# --------------------------------------------------------------------------
+# Discovery: OIDC Discovery 1.0 section 4, RFC 8414 section 3.
 
 
 class ProviderMetadata(msgspec.Struct, kw_only=True):
-    """OIDC Discovery / RFC 8414 metadata, the fields this agent uses."""
+    """Authorization server metadata, the fields this agent uses (others are ignored)."""
 
     issuer: str
     token_endpoint: str
@@ -70,83 +198,156 @@ class ProviderMetadata(msgspec.Struct, kw_only=True):
     device_authorization_endpoint: str | None = None
     revocation_endpoint: str | None = None
     userinfo_endpoint: str | None = None
+    introspection_endpoint: str | None = None
     code_challenge_methods_supported: list[str] | None = None
     scopes_supported: list[str] | None = None
     grant_types_supported: list[str] | None = None
+    #: RFC 9207: the provider puts ``iss`` on the authorization response.
+    authorization_response_iss_parameter_supported: bool = False
 
 
 def discovery_urls(issuer: str) -> list[str]:
-    """Where to look for metadata: OIDC Discovery 4.1, then RFC 8414 section 3.1.
+    """Where to look for metadata, in order.
 
-    RFC 8414 inserts the well-known segment between host and path.
+    First OIDC Discovery 4.1 (the well-known path appended to the issuer, after
+    removing a trailing ``/``), then RFC 8414 section 3.1 (the well-known segment
+    inserted between the host and the issuer's path).
     """
-    issuer = issuer.rstrip("/")
-    parts = urlsplit(issuer)
-    oidc = f"{issuer}/.well-known/openid-configuration"
-    rfc8414 = f"{parts.scheme}://{parts.netloc}/.well-known/oauth-authorization-server{parts.path}"
-    return [oidc, rfc8414]
+    trimmed = issuer.rstrip("/")
+    parts = urlsplit(trimmed)
+    return [
+        f"{trimmed}/.well-known/openid-configuration",
+        f"{parts.scheme}://{parts.netloc}/.well-known/oauth-authorization-server{parts.path}",
+    ]
 
 
 def check_endpoint_url(url: str) -> None:
-    """HTTPS everywhere but on the loopback interface (RFC 9700 section 2.6)."""
+    """Refuse an endpoint that is not https, unless on loopback (RFC 9700 section 2.6).
+
+    Also refuses a fragment (RFC 6749 section 3.1 and 3.2). Raises MalformedResponse.
+    """
     parts = urlsplit(url)
+    if not parts.hostname:
+        raise MalformedResponse("refusing a provider endpoint without a host")
+    if parts.fragment:
+        raise MalformedResponse(f"refusing a provider endpoint on {parts.hostname} "
+                                "with a fragment (RFC 6749 3.1)")
     if parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in LOOPBACK_HOSTS):
         return
     raise MalformedResponse(f"refusing a non-HTTPS provider endpoint on {parts.hostname}")
 
 
+def check_issuer(issuer: str) -> None:
+    """An issuer is an https URL without query or fragment (RFC 8414 section 2)."""
+    check_endpoint_url(issuer)
+    if urlsplit(issuer).query:
+        raise MalformedResponse("an issuer identifier has no query part (RFC 8414 2)")
+
+
+def _same_issuer(stated: str, expected: str) -> bool:
+    # RFC 8414 3.3 / OIDC Discovery 4.3 want identical strings. The one allowance is a
+    # trailing "/": OIDC Discovery 4.1 strips it to build the URL, so both spellings
+    # fetch the same document, and providers differ (Auth0 issuers end in "/").
+    return stated == expected or stated.rstrip("/") == expected.rstrip("/")
+
+
 def parse_discovery(issuer: str, body: bytes) -> ProviderMetadata:
-    """Parse metadata and insist that it names ``issuer`` exactly (RFC 8414 section 3.3)."""
+    """Parse a metadata document for ``issuer`` and check it.
+
+    The document must name ``issuer`` itself (RFC 8414 section 3.3, OIDC
+    Discovery 4.3: defends against mix-up), and every endpoint must be https
+    except on loopback. Raises MalformedResponse.
+    """
     try:
         metadata = msgspec.json.decode(body, type=ProviderMetadata)
-    except msgspec.DecodeError:
-        raise MalformedResponse("the provider's discovery document is not valid metadata") \
+    except msgspec.ValidationError as exc:
+        # msgspec names the field ("$.token_endpoint"), never its value.
+        raise MalformedResponse(f"the discovery document is not valid metadata: {exc}") \
             from None
-    if metadata.issuer.rstrip("/") != issuer.rstrip("/"):
+    except msgspec.DecodeError:
+        raise MalformedResponse("the discovery document is not JSON") from None
+    if not _same_issuer(metadata.issuer, issuer):
         raise MalformedResponse(
-            f"discovery names issuer {metadata.issuer!r}, not {issuer!r}; refusing (RFC 8414 3.3)"
+            f"the discovery document names issuer {_safe_text(metadata.issuer, 200)!r}, "
+            f"not {issuer!r}; refusing it (RFC 8414 3.3)"
         )
     for url in (metadata.token_endpoint, metadata.authorization_endpoint,
-                metadata.device_authorization_endpoint, metadata.revocation_endpoint):
-        if url:
+                metadata.device_authorization_endpoint, metadata.revocation_endpoint,
+                metadata.userinfo_endpoint, metadata.introspection_endpoint):
+        if url is not None:
             check_endpoint_url(url)
     return metadata
 
 
+# --------------------------------------------------------------------------
+# PKCE (RFC 7636), state and nonce.
+
+
 class Pkce(msgspec.Struct, frozen=True):
+    """A PKCE pair: the secret ``verifier`` and its S256 ``challenge``."""
+
     verifier: str
     challenge: str
 
     def __repr__(self) -> str:
         return "Pkce(<redacted>)"
 
+    def __rich_repr__(self) -> list[tuple[str, Any]]:
+        return [("verifier", REDACTED)]
+
 
 def pkce_challenge(verifier: str) -> str:
-    """S256: BASE64URL(SHA256(verifier)) without padding (RFC 7636 section 4.2)."""
+    """S256: BASE64URL(SHA256(ASCII(verifier))) without padding (RFC 7636 section 4.2)."""
     digest = hashlib.sha256(verifier.encode("ascii")).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
 def new_pkce() -> Pkce:
-    """A fresh verifier of 43 characters from 32 random bytes (RFC 7636 section 4.1)."""
+    """A fresh pair (RFC 7636 section 4.1).
+
+    The verifier is 32 random octets, base64url-encoded: 43 characters from the
+    unreserved set, as section 4.1 recommends.
+    """
     verifier = secrets.token_urlsafe(32)
     return Pkce(verifier, pkce_challenge(verifier))
 
 
 def new_state() -> str:
-    return secrets.token_urlsafe(24)
+    """A fresh ``state`` for one authorization request (RFC 6749 section 10.12)."""
+    return secrets.token_urlsafe(32)
+
+
+def new_nonce() -> str:
+    """A fresh ``nonce`` for one authentication request (OIDC Core 3.1.2.1, 15.5.2)."""
+    return secrets.token_urlsafe(32)
+
+
+# --------------------------------------------------------------------------
+# Requests.
 
 
 class HttpRequest(msgspec.Struct, kw_only=True):
-    """A request for the I/O edge to send. ``form`` pairs may repeat a name (resource=)."""
+    """A request for the I/O edge to send.
+
+    ``form`` is sent as ``application/x-www-form-urlencoded`` when not empty; it
+    is a list of pairs because ``resource`` may repeat (RFC 8707 section 2).
+    """
 
     method: str
     url: str
+    headers: dict[str, str] = {}
     form: list[tuple[str, str]] = []
-    bearer: str | None = None
 
-    def __repr__(self) -> str:  # forms carry codes and refresh tokens
-        return f"HttpRequest({self.method} {urlsplit(self.url).netloc}{urlsplit(self.url).path})"
+    def encoded_form(self) -> bytes:
+        """The form body, in order (RFC 6749 Appendix B)."""
+        return urlencode(self.form).encode("ascii")
+
+    def __repr__(self) -> str:  # forms and headers carry codes, tokens and verifiers
+        parts = urlsplit(self.url)
+        return f"HttpRequest({self.method} {parts.netloc}{parts.path})"
+
+    def __rich_repr__(self) -> list[tuple[str, Any]]:
+        return [("request", repr(self))]
 
 
 def authorization_url(
@@ -154,14 +355,20 @@ def authorization_url(
     *,
     client_id: str,
     redirect_uri: str,
-    scopes: list[str],
+    scopes: Sequence[str],
     state: str,
     pkce: Pkce,
-    resources: list[str] = [],  # noqa: B006 - never mutated
+    nonce: str | None = None,
+    resources: Sequence[str] = (),
 ) -> str:
-    """The browser's URL for the authorization code flow with PKCE S256 (RFC 7636, 8252)."""
+    """The URL the browser opens: authorization code with PKCE S256.
+
+    RFC 6749 section 4.1.1, RFC 7636 section 4.3, OIDC Core 3.1.2.1 (``nonce``),
+    RFC 8707 section 2 (``resource``, repeatable). Raises MalformedResponse when
+    the provider has no authorization endpoint.
+    """
     if not metadata.authorization_endpoint:
-        raise MalformedResponse("the provider has no authorization endpoint; use --device")
+        raise MalformedResponse("the provider has no authorization endpoint; use the device flow")
     params = [
         ("response_type", "code"),
         ("client_id", client_id),
@@ -171,6 +378,8 @@ def authorization_url(
         ("code_challenge", pkce.challenge),
         ("code_challenge_method", "S256"),
     ]
+    if nonce is not None:
+        params.append(("nonce", nonce))
     if "offline_access" in scopes:
         # OIDC Core 11: offline_access is honoured only together with prompt=consent.
         params.append(("prompt", "consent"))
@@ -180,19 +389,32 @@ def authorization_url(
 
 
 def code_exchange_request(
-    metadata: ProviderMetadata, *, client_id: str, code: str, redirect_uri: str, pkce: Pkce
+    metadata: ProviderMetadata,
+    *,
+    client_id: str,
+    code: str,
+    redirect_uri: str,
+    pkce: Pkce,
+    resources: Sequence[str] = (),
 ) -> HttpRequest:
-    """RFC 6749 section 4.1.3 with the PKCE verifier (RFC 7636 section 4.5)."""
-    return HttpRequest(method="POST", url=metadata.token_endpoint, form=[
+    """Exchange an authorization code (RFC 6749 section 4.1.3) with its PKCE verifier
+    (RFC 7636 section 4.5); ``resources`` per RFC 8707 section 2.2."""
+    form = [
         ("grant_type", "authorization_code"), ("code", code), ("redirect_uri", redirect_uri),
         ("client_id", client_id), ("code_verifier", pkce.verifier),
-    ])
+    ]
+    form.extend(("resource", r) for r in resources)
+    return HttpRequest(method="POST", url=metadata.token_endpoint, form=form)
 
 
 def device_authorization_request(
-    metadata: ProviderMetadata, *, client_id: str, scopes: list[str], resources: list[str] = []  # noqa: B006
+    metadata: ProviderMetadata,
+    *,
+    client_id: str,
+    scopes: Sequence[str],
+    resources: Sequence[str] = (),
 ) -> HttpRequest:
-    """RFC 8628 section 3.1."""
+    """Start a device flow (RFC 8628 section 3.1). Raises MalformedResponse when unsupported."""
     if not metadata.device_authorization_endpoint:
         raise MalformedResponse("the provider does not support the device flow; use the browser")
     form = [("client_id", client_id), ("scope", " ".join(scopes))]
@@ -203,7 +425,7 @@ def device_authorization_request(
 def device_token_request(
     metadata: ProviderMetadata, *, client_id: str, device_code: str
 ) -> HttpRequest:
-    """RFC 8628 section 3.4."""
+    """One poll of the token endpoint in the device flow (RFC 8628 section 3.4)."""
     return HttpRequest(method="POST", url=metadata.token_endpoint, form=[
         ("grant_type", DEVICE_GRANT), ("device_code", device_code), ("client_id", client_id),
     ])
@@ -214,38 +436,64 @@ def refresh_request(
     *,
     client_id: str,
     refresh_token: str,
-    scopes: list[str] | None = None,
+    scopes: Sequence[str] | None = None,
+    resources: Sequence[str] = (),
     resource: str | None = None,
+    audience: str | None = None,
 ) -> HttpRequest:
-    """RFC 6749 section 6; narrower with ``scope``, for one API with RFC 8707 ``resource``."""
+    """Refresh (RFC 6749 section 6).
+
+    ``scopes`` asks for a narrower token (section 6: at most the original grant);
+    ``resources`` (or a single ``resource``) name the APIs it is for (RFC 8707
+    section 2.2); ``audience`` is the parameter some providers (Auth0, Keycloak
+    token exchange) use instead.
+    """
     form = [("grant_type", "refresh_token"), ("refresh_token", refresh_token),
             ("client_id", client_id)]
     if scopes:
         form.append(("scope", " ".join(scopes)))
-    if resource:
-        form.append(("resource", resource))
+    targets = [*resources, *([resource] if resource else [])]
+    form.extend(("resource", r) for r in dict.fromkeys(targets))
+    if audience:
+        form.append(("audience", audience))
     return HttpRequest(method="POST", url=metadata.token_endpoint, form=form)
 
 
 def revocation_request(
-    metadata: ProviderMetadata, *, client_id: str, token: str, hint: str
+    metadata: ProviderMetadata, *, client_id: str, token: str, hint: str | None = None
 ) -> HttpRequest:
-    """RFC 7009 section 2.1."""
+    """Revoke a token (RFC 7009 section 2.1); ``hint`` is ``refresh_token`` or ``access_token``.
+
+    Raises MalformedResponse when the provider has no revocation endpoint.
+    """
     if not metadata.revocation_endpoint:
         raise MalformedResponse("the provider has no revocation endpoint")
-    return HttpRequest(method="POST", url=metadata.revocation_endpoint, form=[
-        ("token", token), ("token_type_hint", hint), ("client_id", client_id),
-    ])
+    form = [("token", token)]
+    if hint:
+        form.append(("token_type_hint", hint))
+    form.append(("client_id", client_id))
+    return HttpRequest(method="POST", url=metadata.revocation_endpoint, form=form)
 
 
 def userinfo_request(metadata: ProviderMetadata, access_token: str) -> HttpRequest:
+    """GET the userinfo endpoint with a bearer token (OIDC Core 5.3.1, RFC 6750 section 2.1)."""
     if not metadata.userinfo_endpoint:
         raise MalformedResponse("the provider has no userinfo endpoint")
-    return HttpRequest(method="GET", url=metadata.userinfo_endpoint, bearer=access_token)
+    return HttpRequest(method="GET", url=metadata.userinfo_endpoint,
+                       headers={"Authorization": f"Bearer {access_token}"})
+
+
+# --------------------------------------------------------------------------
+# Responses.
 
 
 class TokenResponse(msgspec.Struct, kw_only=True):
-    """A successful token response (RFC 6749 section 5.1), normalised."""
+    """A successful token response (RFC 6749 section 5.1), normalised.
+
+    ``token_type`` is ``Bearer`` whatever the case the provider used;
+    ``expires_in`` is seconds or None; ``received_at`` is the ``now`` the parser
+    was given, so :attr:`expires_at` is on the agent's clock.
+    """
 
     access_token: str
     token_type: str = "Bearer"
@@ -253,158 +501,387 @@ class TokenResponse(msgspec.Struct, kw_only=True):
     refresh_token: str | None = None
     id_token: str | None = None
     scope: list[str] | None = None
+    received_at: float = 0.0
+
+    @property
+    def expires_at(self) -> float:
+        """When the access token expires, on the agent's clock (see access_token_expiry)."""
+        return access_token_expiry(self.received_at, self.expires_in, self.access_token)
 
     def __repr__(self) -> str:
-        refresh = "<redacted>" if self.refresh_token else None
-        return (f"TokenResponse(token_type={self.token_type!r}, expires_in={self.expires_in!r}, "
-                f"scope={self.scope!r}, refresh_token={refresh})")
+        return (f"TokenResponse(access_token={REDACTED}, token_type={self.token_type!r}, "
+                f"expires_in={self.expires_in!r}, scope={self.scope!r}, "
+                f"refresh_token={_redacted(self.refresh_token)}, "
+                f"id_token={_redacted(self.id_token)}, received_at={self.received_at!r})")
+
+    def __rich_repr__(self) -> list[tuple[str, Any]]:
+        return [("access_token", REDACTED), ("expires_in", self.expires_in),
+                ("scope", self.scope)]
 
 
 class DeviceAuthorization(msgspec.Struct, kw_only=True):
-    """RFC 8628 section 3.2."""
+    """A device authorization response (RFC 8628 section 3.2)."""
 
     device_code: str
     user_code: str
     verification_uri: str
     verification_uri_complete: str | None = None
-    expires_in: float = 600.0
-    interval: float = 5.0
+    expires_in: float = DEFAULT_DEVICE_LIFETIME
+    interval: float = DEFAULT_DEVICE_INTERVAL
 
-    def __repr__(self) -> str:
-        return f"DeviceAuthorization(user_code={self.user_code!r}, <device_code redacted>)"
+    def __repr__(self) -> str:  # the device code is a credential; the user code is shown anyway
+        return (f"DeviceAuthorization(user_code={self.user_code!r}, "
+                f"verification_uri={self.verification_uri!r}, expires_in={self.expires_in!r}, "
+                f"interval={self.interval!r}, device_code={REDACTED})")
+
+    def __rich_repr__(self) -> list[tuple[str, Any]]:
+        return [("user_code", self.user_code), ("device_code", REDACTED)]
 
 
-def _body_fields(headers: dict[str, str], body: bytes) -> dict[str, object]:
-    """JSON, or form-encoded as some providers send (e.g. GitHub without Accept)."""
-    content_type = headers.get("content-type", "")
+class DevicePending(msgspec.Struct, frozen=True):
+    """Device flow: not approved yet; poll again after the interval (RFC 8628 3.5)."""
+
+
+class DeviceSlowDown(msgspec.Struct, frozen=True):
+    """Device flow: polling too fast (RFC 8628 section 3.5).
+
+    ``interval`` is the provider's new interval when it named one (GitHub does).
+    """
+
+    interval: float | None = None
+
+    def next_interval(self, current: float) -> float:
+        """The interval to use from now on: 5 seconds more, or the provider's, if larger."""
+        return max(current + SLOW_DOWN_STEP, self.interval or 0.0)
+
+
+def _http_date(value: str) -> float | None:
+    """An HTTP-date (RFC 9110 section 5.6.7) as a POSIX timestamp, or None."""
+    try:
+        parsed = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if parsed.tzinfo is None:  # "-0000" parses naive; HTTP dates are always GMT
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """Retry-After as delta-seconds or an HTTP-date (RFC 9110 section 10.2.3), in seconds.
+
+    ``now`` is the time on the same clock as the date: pass the response's Date
+    header time when there is one, so that clock skew does not matter.
+    """
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        when = _http_date(value)
+        return None if when is None else max(0.0, when - now)
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def _fields(headers: Mapping[str, str], body: bytes) -> dict[str, object]:
+    """The body as a flat object: JSON, or form-encoded as some providers send.
+
+    GitHub answers ``application/x-www-form-urlencoded`` unless asked for JSON;
+    a few old providers send form bodies labelled ``text/plain``.
+    """
+    content_type = headers.get("content-type", "").lower()
+    text = body.decode("utf-8", "replace")
     if "application/x-www-form-urlencoded" in content_type:
-        return dict(parse_qsl(body.decode("utf-8", "replace")))
+        return dict(parse_qsl(text, keep_blank_values=True))
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
+        if "json" not in content_type and text.strip():
+            try:
+                return dict(parse_qsl(text.strip(), keep_blank_values=True,
+                                      strict_parsing=True))
+            except ValueError:
+                pass
         raise MalformedResponse("the provider's answer is not JSON") from None
     if not isinstance(document, dict):
         raise MalformedResponse("the provider's answer is not a JSON object")
     return document
 
 
-def retry_after_seconds(value: str | None, now: float) -> float | None:
-    """Retry-After as delta-seconds or an HTTP-date (RFC 9110 section 10.2.3)."""
+def _www_authenticate_error(value: str | None) -> tuple[str, str | None] | None:
+    """``error`` and ``error_description`` of a Bearer challenge (RFC 6750 section 3)."""
     if not value:
         return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - now)
-    except (TypeError, ValueError):
+    error = re.search(r'\berror="([^"]*)"', value)
+    if error is None:
         return None
+    description = re.search(r'\berror_description="([^"]*)"', value)
+    return error[1], description[1] if description else None
 
 
-def check_status(status: int, headers: dict[str, str], body: bytes, now: float) -> None:
-    """Raise for 5xx/429 (transient) and for OAuth error bodies."""
+def check_status(status: int, headers: Mapping[str, str], body: bytes, now: float) -> None:
+    """Raise for any answer that is not a success.
+
+    5xx and 429 raise TransientProviderError with Retry-After in seconds; 3xx (the
+    edge never follows redirects) raises MalformedResponse; 4xx raises OAuthError
+    from the RFC 6749 section 5.2 body, or from a Bearer ``WWW-Authenticate``
+    challenge (RFC 6750 section 3), else MalformedResponse.
+    """
     if status == 429 or status >= 500:
-        raise TransientProviderError(status, retry_after_seconds(headers.get("retry-after"), now))
+        date = _http_date(headers["date"]) if headers.get("date") else None
+        reference = now if date is None else date  # both ends on the provider's clock
+        raise TransientProviderError(status, retry_after_seconds(headers.get("retry-after"),
+                                                                 reference))
+    if 300 <= status < 400:
+        raise MalformedResponse(f"the provider answered with a redirect (HTTP {status}); "
+                                "is the endpoint URL right?", status)
     if status >= 400:
         try:
-            fields = _body_fields(headers, body)
+            fields = _fields(headers, body)
         except MalformedResponse:
-            raise MalformedResponse(f"the provider answered HTTP {status} without an error body") \
-                from None
+            fields = {}
         error = fields.get("error")
-        if not isinstance(error, str):
-            raise MalformedResponse(f"the provider answered HTTP {status} without an error code")
-        description = fields.get("error_description")
-        raise OAuthError(error, description if isinstance(description, str) else None, status)
+        if isinstance(error, str) and error:
+            description = fields.get("error_description")
+            raise OAuthError(error, description if isinstance(description, str) else None,
+                             status)
+        challenge = _www_authenticate_error(headers.get("www-authenticate"))
+        if challenge is not None:
+            raise OAuthError(challenge[0], challenge[1], status)
+        raise MalformedResponse(f"the provider answered HTTP {status} without an OAuth error",
+                                status)
+    if status < 200:
+        raise MalformedResponse(f"the provider answered HTTP {status}", status)
 
 
 def _number(value: object) -> float | None:
-    if isinstance(value, bool) or value is None:
+    """A finite, non-negative number from an int, float or numeric string."""
+    if isinstance(value, bool):
         return None
-    if isinstance(value, int | float):
-        return float(value)
     if isinstance(value, str):
         try:
-            return float(value)
+            value = float(value.strip())
         except ValueError:
             return None
+    if isinstance(value, int | float):
+        number = float(value)
+        return number if math.isfinite(number) and number >= 0 else None
     return None
 
 
+def _scope(value: object) -> list[str] | None:
+    # RFC 6749 section 3.3: space-delimited; some providers send a JSON array.
+    if isinstance(value, str):
+        return value.split()
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return list(value)
+    return None
+
+
+def _optional_str(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
 def parse_token_response(
-    status: int, headers: dict[str, str], body: bytes, now: float
+    status: int, headers: Mapping[str, str], body: bytes, now: float
 ) -> TokenResponse:
-    """A token response, tolerant of expires_in as a string or missing, and form bodies."""
+    """A token endpoint answer (RFC 6749 sections 5.1 and 5.2), read tolerantly.
+
+    Accepts JSON or form bodies, ``expires_in`` as a number, a numeric string or
+    missing, ``token_type`` in any case, ``scope`` as a string or list, and an
+    ``error`` on HTTP 200 (as GitHub sends). Raises OAuthError,
+    TransientProviderError or MalformedResponse.
+    """
     check_status(status, headers, body, now)
-    fields = _body_fields(headers, body)
+    fields = _fields(headers, body)
     access_token = fields.get("access_token")
+    error = fields.get("error")
+    if not access_token and isinstance(error, str) and error:
+        description = fields.get("error_description")
+        raise OAuthError(error, description if isinstance(description, str) else None, status)
     if not isinstance(access_token, str) or not access_token:
-        raise MalformedResponse("the token response has no access_token")
-    scope = fields.get("scope")
-    refresh = fields.get("refresh_token")
-    id_token = fields.get("id_token")
+        raise MalformedResponse("the token response has no access_token", status)
     token_type = fields.get("token_type")
     return TokenResponse(
         access_token=access_token,
+        # RFC 6749 section 5.1: token_type is case insensitive.
         token_type="Bearer" if not isinstance(token_type, str) or token_type.lower() == "bearer"
         else token_type,
         expires_in=_number(fields.get("expires_in")),
-        refresh_token=refresh if isinstance(refresh, str) and refresh else None,
-        id_token=id_token if isinstance(id_token, str) and id_token else None,
-        scope=scope.split() if isinstance(scope, str) else None,
+        refresh_token=_optional_str(fields.get("refresh_token")),
+        id_token=_optional_str(fields.get("id_token")),
+        scope=_scope(fields.get("scope")),
+        received_at=now,
     )
 
 
+def parse_refresh_response(
+    status: int, headers: Mapping[str, str], body: bytes, now: float, *, refresh_token: str
+) -> TokenResponse:
+    """A refresh answer: as parse_token_response, but a missing ``refresh_token``
+    means the one sent stays valid (RFC 6749 section 6), so it is filled in."""
+    response = parse_token_response(status, headers, body, now)
+    if response.refresh_token is None:
+        response = msgspec.structs.replace(response, refresh_token=refresh_token)
+    return response
+
+
 def parse_device_authorization(
-    status: int, headers: dict[str, str], body: bytes, now: float
+    status: int, headers: Mapping[str, str], body: bytes, now: float
 ) -> DeviceAuthorization:
+    """A device authorization answer (RFC 8628 section 3.2).
+
+    Tolerates ``verification_url`` (Google's spelling), numbers as strings, and a
+    missing ``interval`` (5 s) or ``expires_in``. Raises as check_status, or
+    MalformedResponse when a required field is missing.
+    """
     check_status(status, headers, body, now)
-    fields = _body_fields(headers, body)
+    fields = _fields(headers, body)
+    device_code = _optional_str(fields.get("device_code"))
+    user_code = _optional_str(fields.get("user_code"))
+    verification_uri = _optional_str(fields.get("verification_uri")) \
+        or _optional_str(fields.get("verification_url"))
+    if device_code is None or user_code is None or verification_uri is None:
+        raise MalformedResponse("the device authorization response lacks device_code, "
+                                "user_code or verification_uri", status)
+    expires_in = _number(fields.get("expires_in"))
+    interval = _number(fields.get("interval"))
+    return DeviceAuthorization(
+        device_code=device_code,
+        user_code=user_code,
+        verification_uri=verification_uri,
+        verification_uri_complete=_optional_str(fields.get("verification_uri_complete")),
+        expires_in=expires_in or DEFAULT_DEVICE_LIFETIME,
+        interval=DEFAULT_DEVICE_INTERVAL if interval is None else interval,
+    )
+
+
+def parse_device_poll(
+    status: int, headers: Mapping[str, str], body: bytes, now: float
+) -> TokenResponse | DevicePending | DeviceSlowDown:
+    """One device-flow poll answer (RFC 8628 section 3.5).
+
+    ``authorization_pending`` gives DevicePending and ``slow_down`` gives
+    DeviceSlowDown; ``expired_token``, ``access_denied`` and any other code raise
+    OAuthError (match on ``.error``); success gives the TokenResponse.
+    """
     try:
-        return msgspec.convert(
-            {k: (_number(v) if k in ("expires_in", "interval") else v) for k, v in fields.items()
-             if v is not None},
-            DeviceAuthorization, strict=False,
-        )
-    except msgspec.ValidationError:
-        raise MalformedResponse("the device authorization response is incomplete") from None
+        return parse_token_response(status, headers, body, now)
+    except OAuthError as exc:
+        if exc.error == "authorization_pending":
+            return DevicePending()
+        if exc.error == "slow_down":
+            try:
+                interval = _number(_fields(headers, body).get("interval"))
+            except MalformedResponse:
+                interval = None
+            return DeviceSlowDown(interval)
+        raise
+
+
+def parse_revocation_response(
+    status: int, headers: Mapping[str, str], body: bytes, now: float
+) -> None:
+    """A revocation answer (RFC 7009 section 2.2): any 2xx means revoked or already invalid.
+
+    ``unsupported_token_type`` (2.2.1) and other codes raise OAuthError; 503
+    raises TransientProviderError with Retry-After.
+    """
+    check_status(status, headers, body, now)
+
+
+def parse_userinfo(
+    status: int, headers: Mapping[str, str], body: bytes, now: float,
+    *, subject: str | None = None,
+) -> dict[str, object]:
+    """A userinfo answer (OIDC Core 5.3.2): JSON claims, or a JWT (``application/jwt``).
+
+    A signed answer is decoded without checking the signature, for the same
+    reason as the ID token (see decode_jwt_claims). When ``subject`` is given the
+    answer's ``sub`` must equal it (5.3.2: otherwise it MUST NOT be used). A 401
+    with a Bearer challenge raises OAuthError (``invalid_token``).
+    """
+    check_status(status, headers, body, now)
+    if "application/jwt" in headers.get("content-type", "").lower():
+        claims = decode_jwt_claims(body.decode("ascii", "replace").strip())
+        if not claims:
+            raise MalformedResponse("the userinfo response is not a readable JWT", status)
+    else:
+        claims = _fields(headers, body)
+    if subject is not None and claims.get("sub") != subject:
+        raise MalformedResponse("the userinfo response is about another subject", status)
+    return claims
+
+
+# --------------------------------------------------------------------------
+# ID tokens and access-token expiry.
 
 
 def decode_jwt_claims(token: str) -> dict[str, object]:
-    """The payload of a JWT, unverified.
+    """The payload of a compact JWS, *not verified*; ``{}`` if it is not one.
 
-    Used for the ID token received straight from the token endpoint over TLS,
-    which OIDC Core 3.1.3.7 (6) allows in lieu of a signature check, and to
-    read an access token's ``exp`` when the response lacks ``expires_in``.
+    No signature check, on purpose: the ID token comes straight from the token
+    endpoint over TLS (the edge refuses plain http off loopback), which OIDC Core
+    3.1.3.7 step 6 accepts in lieu of checking the signature for the code flow;
+    the device flow gets it the same way. The claims are still checked by
+    validate_id_token_claims. Also used to read an access token's ``exp`` when
+    the response lacks ``expires_in``; never to decide what a resource server
+    will accept.
     """
     parts = token.split(".")
-    if len(parts) != 3:
+    if len(parts) != 3 or not parts[1]:
         return {}
     payload = parts[1] + "=" * (-len(parts[1]) % 4)
     try:
         claims = json.loads(base64.urlsafe_b64decode(payload))
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         return {}
     return claims if isinstance(claims, dict) else {}
 
 
 def validate_id_token_claims(
-    claims: dict[str, object], *, issuer: str, client_id: str, now: float, leeway: float = 300.0
+    claims: Mapping[str, object],
+    *,
+    issuer: str,
+    client_id: str,
+    now: float,
+    nonce: str | None = None,
+    leeway: float = 300.0,
 ) -> None:
-    """OIDC Core 3.1.3.7 steps 2, 3 and 9: issuer, audience, expiry."""
-    if str(claims.get("iss", "")).rstrip("/") != issuer.rstrip("/"):
+    """Check an ID token's claims (OIDC Core 3.1.3.7, 2.), raising MalformedResponse.
+
+    Step 2: ``iss`` is the issuer (trailing ``/`` as in discovery). Step 3: ``aud``
+    (a string or a list) contains ``client_id``. Steps 4-5: with several audiences
+    ``azp`` must be present, and when present it must be ``client_id``. Step 9:
+    ``exp`` is present and not more than ``leeway`` seconds past. Step 11: when a
+    ``nonce`` was sent, the claim equals it.
+    """
+    if not claims:
+        raise MalformedResponse("the ID token is not a readable JWT")
+    stated_issuer = claims.get("iss")
+    if not isinstance(stated_issuer, str) or not _same_issuer(stated_issuer, issuer):
         raise MalformedResponse("the ID token was issued by another issuer")
     audience = claims.get("aud")
     audiences = audience if isinstance(audience, list) else [audience]
     if client_id not in audiences:
         raise MalformedResponse("the ID token is not for this client")
+    azp = claims.get("azp")
+    if (azp is not None and azp != client_id) or (len(audiences) > 1 and azp is None):
+        raise MalformedResponse("the ID token was issued to another party (azp)")
     expiry = _number(claims.get("exp"))
-    if expiry is not None and expiry + leeway < now:
+    if expiry is None:
+        raise MalformedResponse("the ID token has no exp claim")
+    if now > expiry + leeway:
         raise MalformedResponse("the ID token has expired; check your system clock")
+    if nonce is not None:
+        stated_nonce = claims.get("nonce")
+        if not isinstance(stated_nonce, str) or not hmac.compare_digest(
+                stated_nonce.encode(), nonce.encode()):
+            raise MalformedResponse("the ID token's nonce does not match this login")
 
 
-def account_from_claims(claims: dict[str, object]) -> str | None:
-    """What to call the person: email, else preferred_username, name or sub."""
+def account_from_claims(claims: Mapping[str, object]) -> str | None:
+    """What to call the person: ``email``, else ``preferred_username``, ``name``, ``sub``."""
     for key in ("email", "preferred_username", "name", "sub"):
         value = claims.get(key)
         if isinstance(value, str) and value:
@@ -413,7 +890,12 @@ def account_from_claims(claims: dict[str, object]) -> str | None:
 
 
 def access_token_expiry(received_at: float, expires_in: float | None, access_token: str) -> float:
-    """``received_at + expires_in``; else the JWT ``exp``; else a conservative default."""
+    """When an access token expires, on the agent's clock.
+
+    ``received_at + expires_in`` when the provider said (RFC 6749 section 5.1);
+    else the token's own ``exp`` if it is a JWT (provider clock, and in the
+    future); else ``received_at`` plus the conservative DEFAULT_LIFETIME.
+    """
     if expires_in is not None and expires_in > 0:
         return received_at + expires_in
     expiry = _number(decode_jwt_claims(access_token).get("exp"))
@@ -423,10 +905,64 @@ def access_token_expiry(received_at: float, expires_in: float | None, access_tok
 
 
 def clock_skew(date_header: str | None, local_now: float) -> float | None:
-    """Provider time minus local time, from an HTTP ``Date`` header."""
+    """Provider time minus local time, from an HTTP ``Date`` header (RFC 9110 section 6.6.1).
+
+    None when the header is missing or unreadable. The header has one-second
+    resolution, so only skews of a few seconds or more mean anything.
+    """
     if not date_header:
         return None
-    try:
-        return parsedate_to_datetime(date_header).timestamp() - local_now
-    except (TypeError, ValueError):
-        return None
+    provider_now = _http_date(date_header)
+    return None if provider_now is None else provider_now - local_now
+
+
+# --------------------------------------------------------------------------
+# The loopback redirect (RFC 8252 section 7.3).
+
+
+def loopback_redirect_uri(port: int) -> str:
+    """The redirect URI for a listener on ``port``: the IPv4 literal, never
+    ``localhost`` (RFC 8252 sections 7.3 and 8.3)."""
+    if not 0 < port < 65536:
+        raise ValueError(f"not a TCP port: {port}")
+    return f"http://127.0.0.1:{port}/callback"
+
+
+def parse_callback(
+    query: str | Mapping[str, str],
+    expected_state: str,
+    *,
+    issuer: str | None = None,
+    issuer_required: bool = False,
+) -> str:
+    """The authorization code of a redirect that belongs to this login.
+
+    ``query`` is the raw query string or its parsed parameters. Checks, in order:
+    no parameter repeats (RFC 6749 section 3.1); ``state`` equals
+    ``expected_state`` (RFC 6749 section 10.12; checked first so that a forged
+    ``error=`` cannot end a login); ``iss`` equals ``issuer`` when present, and is
+    present when ``issuer_required`` (RFC 9207 section 2.4). Then an ``error``
+    raises OAuthError (``access_denied`` and so on, RFC 6749 section 4.1.2.1), and
+    a missing ``code`` raises CallbackError, as do the failed checks.
+    """
+    if isinstance(query, str):
+        pairs = parse_qsl(query.removeprefix("?"), keep_blank_values=True)
+        params = dict(pairs)
+        if len(params) != len(pairs):
+            raise CallbackError("the login callback repeats a parameter (RFC 6749 3.1)")
+    else:
+        params = dict(query)
+    state = params.get("state", "")
+    if not hmac.compare_digest(state.encode(), expected_state.encode()):
+        raise CallbackError("the login callback's state does not match this login")
+    stated_issuer = params.get("iss")
+    if issuer is not None and (stated_issuer is not None or issuer_required) and (
+            stated_issuer is None or not _same_issuer(stated_issuer, issuer)):
+        raise CallbackError("the login callback comes from another issuer (RFC 9207)")
+    if "error" in params:
+        raise OAuthError(params["error"] or "unknown_error",
+                         params.get("error_description"), status=None)
+    code = params.get("code")
+    if not code:
+        raise CallbackError("the login callback carries no code")
+    return code

@@ -4,38 +4,54 @@ This module is the :class:`~compozy_agent.backend.Backend` of the socket
 server. The decisions (when to refresh, who waits, what a failure means) are
 ``lifecycle.py``'s; here is only the I/O they ask for: provider calls through
 ``http.py``, secrets and metadata through ``store.py``, and the loopback
-listener of the browser login. Refreshes and the persisting of rotated
-refresh tokens run shielded from cancellation: a refresh the provider has
-already answered must not be lost to a client hanging up or a shutdown.
+listener of the browser login.
+
+Every refresh and every write of a rotated refresh token runs as a task of the
+manager, never of the client that caused it, and shielded from cancellation:
+a refresh the provider has already answered must not be lost to a client
+hanging up or to a shutdown. Clients wait for the session's ``changed`` event
+and ask the lifecycle again.
+
+The scheduler keeps one heap of (wake-up time, session): each event costs
+O(log n), and an agent whose sessions are all fresh sleeps until the earliest
+refresh (in slices of at most ``clock.MAX_SLEEP``, because monotonic clocks
+stop while the machine is suspended).
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import logging
 import secrets
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import anyio
 import anyio.abc
 
 from compozy_agent import oidc
 from compozy_agent.backend import OpError
+from compozy_agent.clock import Clock, SystemClock
 from compozy_agent.http import ProviderClient
 from compozy_agent.lifecycle import (
     DEFAULT_SLOT,
+    RECENT,
     AccessToken,
+    Action,
     DeleteRefreshToken,
     Fail,
+    IllegalTransition,
     PersistRefreshToken,
     Ready,
+    Secret,
     SessionLifecycle,
-    SlotKey,
     StartRefresh,
-    Wait,
+    State,
+    WaitForRefresh,
+    slot_key,
 )
 from compozy_agent.loopback import LoopbackRedirect
 from compozy_agent.peer import Peer
@@ -52,22 +68,26 @@ from compozy_client.errors import ConfigError, ErrorCode
 
 log = logging.getLogger("compozy_agent.sessions")
 
-#: Longest sleep of the scheduler: wall-clock deadlines are rechecked at least
-#: this often, because monotonic clocks stop while the machine is suspended.
-MAX_SLEEP: Final = 60.0
 LOGIN_TTL: Final = 600.0
-#: How long a token request may wait for someone else's refresh.
+#: How long a token request may wait for someone else's refresh (seconds of real time).
 WAIT_LIMIT: Final = 60.0
+#: How long a revocation waits for a refresh in flight, so it revokes the newest token.
+REVOKE_WAIT: Final = 10.0
+#: The scheduler's sleep when no session has anything scheduled.
+IDLE_SLEEP: Final = 3600.0
 
 
-@dataclass
+@dataclass(eq=False)
 class Session:
     meta: StoredSession
     lifecycle: SessionLifecycle | None
-    refresh_token: str | None = field(default=None, repr=False)
     api_key: str | None = field(default=None, repr=False)
-    changed: anyio.Event = field(default_factory=anyio.Event)
+    changed: anyio.Event = field(default_factory=anyio.Event, repr=False)
     last_used_at: float | None = None
+    #: The wake-up time of this session's live heap entry (older entries are stale).
+    wake_at: float | None = None
+    #: Whether the manager still holds this session (a forgotten one ignores late events).
+    active: bool = True
 
     def notify(self) -> None:
         """Wake everyone waiting for this session's refresh or persist to end."""
@@ -94,10 +114,6 @@ def _new_id() -> str:
     return secrets.token_hex(4)
 
 
-def _slot(scope: list[str] | None, audience: str | None) -> SlotKey:
-    return (frozenset(scope) if scope else None, audience or None)
-
-
 def _secret_kind(meta: StoredSession) -> SecretKind:
     return "api_key" if meta.kind == "api_key" else "refresh_token"
 
@@ -114,18 +130,27 @@ class SessionManager:
         store: SessionStore,
         provider: ProviderClient,
         *,
-        now: Callable[[], float] = time.time,
+        clock: Clock | None = None,
         config_loader: Callable[[], Config] = load_config,
     ) -> None:
         self.store = store
         self.provider = provider
-        self.now = now
+        self.clock: Clock = clock if clock is not None else SystemClock()
         self.config_loader = config_loader
         self.by_id: dict[str, Session] = {}
         self.logins: dict[str, Login] = {}
         self._group: anyio.abc.TaskGroup | None = None
         self._poke = anyio.Event()
         self._warnings: list[str] = []
+        #: (wake-up time, tie-breaker, session); entries whose time is not the
+        #: session's wake_at are stale and skipped (lazy deletion).
+        self._heap: list[tuple[float, int, Session]] = []
+        self._sequence = itertools.count()
+        #: How often the scheduler has woken (for the idle-cost benchmark).
+        self.scheduler_wakeups = 0
+
+    def now(self) -> float:
+        return self.clock.now()
 
     # ------------------------------------------------------------ running
 
@@ -140,6 +165,7 @@ class SessionManager:
             await self._schedule()
 
     async def restore(self) -> None:
+        """Load the sessions of the state file, with their secrets from the secret store."""
         try:
             stored = self.store.load()
         except StoreError as exc:
@@ -149,24 +175,25 @@ class SessionManager:
         for meta in stored:
             try:
                 secret = await self.store.get_secret(meta.token_id, _secret_kind(meta))
+                missing = "is missing from the secret store"
             except StoreError as exc:
                 log.error("session %s: %s", meta.token_id, exc)
                 secret = None
+                missing = f"could not be read from the secret store ({exc})"
             if meta.kind == "api_key":
                 if secret is None:
-                    self._warnings.append(f"the API key of profile {meta.profile!r} is missing "
-                                          "from the secret store; store it again")
+                    self._warnings.append(f"the API key of profile {meta.profile!r} {missing}; "
+                                          "store it again")
                     continue
                 self.by_id[meta.token_id] = Session(meta, None, api_key=secret)
                 continue
-            lifecycle = SessionLifecycle(has_refresh_token=secret is not None)
-            session = Session(meta, lifecycle, refresh_token=secret)
-            if secret is not None:
-                lifecycle.refresh_due_at = self.now()  # warm the token up at once
-            else:
-                lifecycle.last_error = ("the refresh token is missing from the secret store; "
-                                        "log in again")
+            # No access token: the first tick refreshes at once.
+            lifecycle = SessionLifecycle(
+                self.now(), refresh_token=secret,
+                login_reason=None if secret is not None else f"the refresh token {missing}")
+            session = Session(meta, lifecycle)
             self.by_id[meta.token_id] = session
+            self._reschedule(session)
         log.info("restored %d session(s) from %s", len(self.by_id), self.store.state_path)
 
     def poke(self) -> None:
@@ -174,28 +201,169 @@ class SessionManager:
 
     async def _schedule(self) -> None:
         while True:
+            self.scheduler_wakeups += 1
             now = self.now()
-            wakeups: list[float] = []
-            for session in list(self.by_id.values()):
-                lifecycle = session.lifecycle
-                if lifecycle is None:
-                    continue
-                if lifecycle.persist_retry_due(now):
-                    self._spawn(self._persist_rotated, session)
-                start = lifecycle.tick(now)
-                if start is not None:
-                    self._spawn(self._refresh, session, start.slot)
-                wakeup = lifecycle.next_wakeup()
-                if wakeup is not None:
-                    wakeups.append(wakeup)
-            sleep = min(min(wakeups, default=now + MAX_SLEEP) - now, MAX_SLEEP)
-            with anyio.move_on_after(max(sleep, 0.01)):
-                await self._poke.wait()
-            self._poke = anyio.Event()
+            while self._heap and self._heap[0][0] <= now:
+                wake_at, _, session = heapq.heappop(self._heap)
+                if not session.active or session.wake_at != wake_at:
+                    continue  # stale entry
+                session.wake_at = None
+                assert session.lifecycle is not None
+                actions = session.lifecycle.tick(now)
+                self._perform(session, actions)
+                if not actions:
+                    # Nothing was due after all (the clock stepped back): look again later,
+                    # never in a tight loop.
+                    self._reschedule(session, not_before=now + 1.0)
+            deadline = self._heap[0][0] if self._heap else now + IDLE_SLEEP
+            poke = self._poke
+            async with anyio.create_task_group() as sleep_group:
 
-    def _spawn(self, function: Callable[..., object], *args: object) -> None:
+                async def sleep_then_stop(scope: anyio.CancelScope = sleep_group.cancel_scope,
+                                          deadline: float = deadline) -> None:
+                    await self.clock.sleep_until(deadline)
+                    scope.cancel()
+
+                sleep_group.start_soon(sleep_then_stop)
+                await poke.wait()
+                sleep_group.cancel_scope.cancel()
+            if poke.is_set():
+                self._poke = anyio.Event()
+
+    def _reschedule(self, session: Session, *, not_before: float | None = None) -> None:
+        """Put the session's next wake-up on the heap if it changed (O(log n))."""
+        lifecycle = session.lifecycle
+        if lifecycle is None or not session.active:
+            return
+        wake_at = lifecycle.next_wakeup(self.now())
+        if wake_at is not None and not_before is not None:
+            wake_at = max(wake_at, not_before)
+        if wake_at == session.wake_at:
+            return
+        session.wake_at = wake_at
+        if wake_at is None:
+            return  # the old entry goes stale
+        earliest = self._heap[0][0] if self._heap else None
+        heapq.heappush(self._heap, (wake_at, next(self._sequence), session))
+        if earliest is None or wake_at < earliest:
+            self.poke()
+        if len(self._heap) > 4 * len(self.by_id) + 64:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop stale entries, so a long-lived agent's heap stays O(sessions)."""
+        self._heap = [entry for entry in self._heap
+                      if entry[2].active and entry[2].wake_at == entry[0]]
+        heapq.heapify(self._heap)
+
+    def _spawn(self, function: Callable[..., Coroutine[Any, Any, None]], *args: object) -> None:
         assert self._group is not None, "run() first"
-        self._group.start_soon(function, *args)  # type: ignore[arg-type]
+        self._group.start_soon(function, *args)
+
+    # ------------------------------------------------------------ performing actions
+
+    def _perform(self, session: Session, actions: list[Action]) -> None:
+        """Start what the lifecycle asked for; each outcome is reported when it ends."""
+        for action in actions:
+            match action:
+                case StartRefresh():
+                    self._spawn(self._run_refresh, session, action)
+                case PersistRefreshToken():
+                    self._spawn(self._run_persist, session, action)
+                case DeleteRefreshToken():
+                    self._spawn(self._delete_secret, session.meta.token_id, "refresh_token")
+        self._reschedule(session)
+
+    async def _run_refresh(self, session: Session, start: StartRefresh) -> None:
+        lifecycle = session.lifecycle
+        assert lifecycle is not None
+        with anyio.CancelScope(shield=True):
+            actions = await self._refresh_at_provider(session, lifecycle, start)
+            await self._conclude(session, actions)
+
+    async def _refresh_at_provider(
+        self, session: Session, lifecycle: SessionLifecycle, start: StartRefresh
+    ) -> list[Action]:
+        """One refresh (RFC 6749 section 6), reported to the lifecycle; never raises."""
+        meta = session.meta
+        refresh_id = start.refresh_id
+        try:
+            assert meta.issuer is not None and meta.client_id is not None
+            metadata = await self.provider.discover(meta.issuer)
+            response = await self.provider.refresh(
+                metadata, client_id=meta.client_id, refresh_token=start.refresh_token.reveal(),
+                scopes=start.scopes, resources=[start.audience] if start.audience else (),
+            )
+        except oidc.OAuthError as exc:
+            if exc.error == "invalid_grant":
+                log.warning("session %s: refresh token rejected (%s); login required",
+                            meta.token_id, exc.error)
+                return lifecycle.refresh_failed_invalid_grant(self.now(), refresh_id,
+                                                              reason=exc.error)
+            if start.slot != DEFAULT_SLOT and exc.error in ("invalid_scope", "invalid_target"):
+                return lifecycle.refresh_refused(self.now(), refresh_id, reason=str(exc))
+            log.warning("session %s: refresh failed: %s", meta.token_id, exc)
+            return lifecycle.refresh_failed_transient(self.now(), refresh_id,
+                                                      reason=f"provider said {exc}")
+        except oidc.TransientProviderError as exc:
+            log.warning("session %s: refresh failed: %s", meta.token_id, exc)
+            return lifecycle.refresh_failed_transient(
+                self.now(), refresh_id, retry_after=exc.retry_after, reason=str(exc))
+        except oidc.OAuthFailure as exc:  # unreachable, malformed answers
+            log.warning("session %s: refresh failed: %s", meta.token_id, exc)
+            return lifecycle.refresh_failed_transient(self.now(), refresh_id, reason=str(exc))
+        except Exception:
+            log.exception("session %s: refresh failed unexpectedly", meta.token_id)
+            return lifecycle.refresh_failed_transient(self.now(), refresh_id,
+                                                      reason="internal error")
+        log.info("session %s: refreshed%s; valid for %.0f s", meta.token_id,
+                 "" if response.refresh_token in (None, start.refresh_token.reveal())
+                 else " (refresh token rotated)", response.expires_at - response.received_at)
+        return lifecycle.refresh_succeeded(
+            self.now(), refresh_id, response.access_token, response.expires_at,
+            issued_at=response.received_at, refresh_token=response.refresh_token,
+            scope=response.scope)
+
+    async def _run_persist(self, session: Session, persist: PersistRefreshToken) -> None:
+        lifecycle = session.lifecycle
+        assert lifecycle is not None
+        token_id = session.meta.token_id
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.store.put_secret(token_id, "refresh_token",
+                                            persist.refresh_token.reveal())
+            except StoreError as exc:
+                log.error("session %s: could not save the rotated refresh token (%s); "
+                          "keeping it in memory and retrying", token_id, exc)
+                actions = lifecycle.persist_failed(self.now(), persist.persist_id,
+                                                   reason=str(exc))
+            else:
+                actions = lifecycle.persist_done(self.now(), persist.persist_id)
+            await self._conclude(session, actions)
+
+    async def _conclude(self, session: Session, actions: list[Action]) -> None:
+        """After an operation ended: delete or save the refresh token first, then wake
+        the waiters and start what comes next.
+
+        So a caller told "login required" finds the secret gone, and a caller handed
+        a token from a rotating refresh knows the new refresh token is already saved
+        (or that saving failed and is retried): a crash after the answer loses nothing.
+        """
+        for action in actions:
+            if isinstance(action, DeleteRefreshToken):
+                await self._delete_secret(session.meta.token_id, "refresh_token")
+            elif isinstance(action, PersistRefreshToken):
+                await self._run_persist(session, action)
+                return  # it concluded: woke the waiters, started what came next
+        session.notify()
+        self._perform(session, actions=[a for a in actions if isinstance(a, StartRefresh)])
+
+    async def _delete_secret(self, token_id: str, kind: SecretKind) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.store.delete_secret(token_id, kind)
+            except StoreError as exc:
+                log.error("session %s: %s", token_id, exc)
 
     # ------------------------------------------------------------ the backend
 
@@ -213,7 +381,7 @@ class SessionManager:
         now = self.now()
         for session in self.by_id.values():
             if session.lifecycle is not None:
-                for warning in session.lifecycle.snapshot(now).warnings:
+                for warning in session.lifecycle.status(now).warnings:
                     warnings.append(f"profile {session.meta.profile}: {warning}")
         return warnings
 
@@ -226,16 +394,16 @@ class SessionManager:
         meta = session.meta
         info = p.SessionInfo(
             token_id=meta.token_id, profile=meta.profile, kind=meta.kind,
-            state="fresh", issuer=meta.issuer, account=meta.account, subject=meta.subject,
-            scopes=meta.scopes, created_at=meta.created_at, last_used_at=session.last_used_at,
-            persisted=self.store.info.persistent,
+            state=State.FRESH.value, issuer=meta.issuer, account=meta.account,
+            subject=meta.subject, scopes=meta.scopes, created_at=meta.created_at,
+            last_used_at=session.last_used_at, persisted=self.store.info.persistent,
         )
         if session.lifecycle is not None:
-            snap = session.lifecycle.snapshot(now)
-            info.state = snap.state.value
-            info.expires_at = snap.expires_at
-            info.last_refresh_at = snap.last_refresh_at
-            info.last_refresh_outcome = snap.last_refresh_outcome
+            status = session.lifecycle.status(now)
+            info.state = status.state.value
+            info.expires_at = status.expires_at
+            info.last_refresh_at = status.last_refresh_at
+            info.last_refresh_outcome = status.last_refresh_outcome
         return info
 
     def _find(self, profile: str, token_id: str | None) -> Session:
@@ -257,139 +425,49 @@ class SessionManager:
         if session.api_key is not None:
             return p.TokenResult(access_token=session.api_key, token_id=session.meta.token_id,
                                  profile=session.meta.profile, kind="api_key")
-        assert session.lifecycle is not None
-        token = await self._obtain(session, _slot(request.scope, request.audience),
+        token = await self._obtain(session, slot_key(request.scope, request.audience),
                                    min_valid=request.min_valid, force_new=request.force_new,
-                                   rejected=request.rejected_token)
-        return p.TokenResult(access_token=token.value, expires_at=token.expires_at,
+                                   rejected_token=request.rejected_token)
+        return p.TokenResult(access_token=token.value.reveal(), expires_at=token.expires_at,
                              token_id=session.meta.token_id, profile=session.meta.profile,
-                             scope=token.scope, audience=request.audience)
+                             scope=list(token.scope) if token.scope is not None else None,
+                             audience=request.audience)
 
     async def _obtain(
         self,
         session: Session,
-        slot: SlotKey,
+        slot: tuple[frozenset[str] | None, str | None],
         *,
         min_valid: float = 0.0,
         force_new: bool = False,
-        rejected: str | None = None,
+        rejected_token: str | None = None,
     ) -> AccessToken:
         lifecycle = session.lifecycle
         assert lifecycle is not None
-        arrived_at = self.now()
+        asked_at = self.now()
         with anyio.fail_after(WAIT_LIMIT):
             while True:
                 decision = lifecycle.request_token(
                     self.now(), slot, min_valid=min_valid, force_new=force_new,
-                    rejected=rejected, arrived_at=arrived_at,
-                )
+                    rejected_token=rejected_token, asked_at=asked_at,
+                    # Asked for explicitly (after a 401, or `compozy auth refresh`):
+                    # only a token issued after the request began will do.
+                    recent=0.0 if force_new else RECENT)
                 match decision:
-                    case Ready(token=token):
+                    case Ready(token=token, background=background):
+                        if background is not None:
+                            self._perform(session, [background])
                         return token
                     case Fail(code=code, message=message):
                         details = {"command": _login_command(session.meta.profile)} \
                             if code == ErrorCode.LOGIN_REQUIRED else {}
                         raise OpError(code, message, details)
-                    case Wait():
+                    case StartRefresh():
+                        changed = session.changed
+                        self._perform(session, [decision])
+                        await changed.wait()
+                    case WaitForRefresh():
                         await session.changed.wait()
-                    case StartRefresh(slot=start_slot):
-                        error = await self._refresh(session, start_slot)
-                        if error is not None:
-                            raise error
-
-    async def _refresh(self, session: Session, slot: SlotKey) -> OpError | None:
-        """Run one refresh the lifecycle asked for; never raises for provider trouble.
-
-        Returns an error only for a request the provider refuses for this slot
-        alone (a narrower scope or audience it will not grant).
-        """
-        lifecycle = session.lifecycle
-        assert lifecycle is not None and session.refresh_token is not None
-        meta = session.meta
-        result: OpError | None = None
-        with anyio.CancelScope(shield=True):
-            try:
-                assert meta.issuer is not None and meta.client_id is not None
-                metadata = await self.provider.discover(meta.issuer)
-                request = oidc.refresh_request(
-                    metadata, client_id=meta.client_id, refresh_token=session.refresh_token,
-                    scopes=sorted(slot[0]) if slot[0] else None, resource=slot[1],
-                )
-                response, received_at = await self.provider.token(request)
-            except oidc.OAuthError as exc:
-                if exc.error == "invalid_grant":
-                    log.warning("session %s: refresh token rejected (%s); login required",
-                                meta.token_id, exc.error)
-                    session.refresh_token = None
-                    await self._perform(session, lifecycle.refresh_failed_invalid_grant(
-                        self.now(), slot, exc.error))
-                elif slot != DEFAULT_SLOT and exc.error in ("invalid_scope", "invalid_target"):
-                    lifecycle.refresh_abandoned(slot)
-                    result = OpError(ErrorCode.PROVIDER_ERROR,
-                                     f"the provider will not issue that token: {exc}")
-                else:
-                    log.warning("session %s: refresh failed: %s", meta.token_id, exc.error)
-                    lifecycle.refresh_failed_transient(self.now(), slot, f"provider said {exc}")
-            except oidc.TransientProviderError as exc:
-                log.warning("session %s: refresh failed: %s", meta.token_id, exc)
-                lifecycle.refresh_failed_transient(self.now(), slot, str(exc), exc.retry_after)
-            except (oidc.ProviderUnreachable, oidc.MalformedResponse) as exc:
-                log.warning("session %s: refresh failed: %s", meta.token_id, exc)
-                lifecycle.refresh_failed_transient(self.now(), slot, str(exc))
-            except Exception:
-                log.exception("session %s: refresh failed unexpectedly", meta.token_id)
-                lifecycle.refresh_failed_transient(self.now(), slot, "internal error")
-            else:
-                token = AccessToken(
-                    response.access_token, issued_at=received_at,
-                    expires_at=oidc.access_token_expiry(received_at, response.expires_in,
-                                                        response.access_token),
-                    scope=response.scope,
-                )
-                rotated = (response.refresh_token is not None
-                           and response.refresh_token != session.refresh_token)
-                if rotated:
-                    session.refresh_token = response.refresh_token
-                log.info("session %s: refreshed%s; valid for %.0f s", meta.token_id,
-                         " (refresh token rotated)" if rotated else "",
-                         token.expires_at - received_at)
-                await self._perform(session, lifecycle.refresh_succeeded(
-                    self.now(), slot, token, rotated=rotated))
-            finally:
-                session.notify()
-                self.poke()
-        return result
-
-    async def _perform(
-        self, session: Session, actions: list[PersistRefreshToken | DeleteRefreshToken]
-    ) -> None:
-        for action in actions:
-            match action:
-                case PersistRefreshToken():
-                    await self._persist_rotated(session)
-                case DeleteRefreshToken():
-                    try:
-                        await self.store.delete_secret(session.meta.token_id, "refresh_token")
-                    except StoreError as exc:
-                        log.error("session %s: %s", session.meta.token_id, exc)
-
-    async def _persist_rotated(self, session: Session) -> None:
-        lifecycle = session.lifecycle
-        assert lifecycle is not None
-        with anyio.CancelScope(shield=True):
-            try:
-                if session.refresh_token is not None:
-                    await self.store.put_secret(session.meta.token_id, "refresh_token",
-                                                session.refresh_token)
-            except StoreError as exc:
-                log.error("session %s: could not save the rotated refresh token (%s); "
-                          "keeping it in memory and retrying", session.meta.token_id, exc)
-                lifecycle.persist_failed_at(self.now())
-            else:
-                lifecycle.persist_done(self.now())
-            finally:
-                session.notify()
-                self.poke()
 
     async def refresh(self, request: p.Refresh) -> p.RefreshResult:
         session = self._find(request.profile, request.token_id)
@@ -406,42 +484,49 @@ class SessionManager:
         meta = session.meta
         if session.api_key is not None:
             return "an API key is revoked in the Compozy Cloud dashboard, not here"
-        if session.refresh_token is None or meta.issuer is None or meta.client_id is None:
+        lifecycle = session.lifecycle
+        assert lifecycle is not None
+        # A refresh in flight may rotate the refresh token: revoke the newest one.
+        with anyio.move_on_after(REVOKE_WAIT):
+            while lifecycle.in_flight is not None:
+                await session.changed.wait()
+        refresh_token = lifecycle.refresh_token
+        if refresh_token is None or meta.issuer is None or meta.client_id is None:
             return None  # nothing left that the provider would accept
         try:
             metadata = await self.provider.discover(meta.issuer)
-            await self.provider.revoke(oidc.revocation_request(
-                metadata, client_id=meta.client_id, token=session.refresh_token,
-                hint="refresh_token"))
+            await self.provider.revoke(metadata, client_id=meta.client_id,
+                                       token=refresh_token.reveal(), hint="refresh_token")
         except (oidc.ProviderUnreachable, oidc.TransientProviderError) as exc:
             return f"the provider could not be reached ({exc})"
         except oidc.OAuthFailure as exc:
             return f"the provider refused the revocation ({exc})"
         # Access tokens too, best effort: many providers revoke them with the refresh
         # token (RFC 7009 section 2.1) and refuse to revoke self-contained JWTs.
-        assert session.lifecycle is not None
-        for token in list(session.lifecycle.slots.values()):
+        for token in lifecycle.access_tokens():
             with contextlib.suppress(oidc.OAuthFailure):
-                await self.provider.revoke(oidc.revocation_request(
-                    metadata, client_id=meta.client_id, token=token.value, hint="access_token"))
+                await self.provider.revoke(metadata, client_id=meta.client_id,
+                                           token=token.value.reveal(), hint="access_token")
         return None
 
     async def _forget(self, session: Session) -> None:
         meta = session.meta
+        if not session.active:
+            return
+        session.active = False
+        session.wake_at = None
         self.by_id.pop(meta.token_id, None)
         if session.lifecycle is not None:
-            session.lifecycle.revoke()
+            with contextlib.suppress(IllegalTransition):
+                session.lifecycle.revoked(self.now())  # its DeleteRefreshToken is done below
         session.notify()
-        try:
-            await self.store.delete_secret(meta.token_id, _secret_kind(meta))
-        except StoreError as exc:
-            log.error("session %s: %s", meta.token_id, exc)
-        self._save_metadata()
+        await self._delete_secret(meta.token_id, _secret_kind(meta))
+        await self._save_metadata()
 
-    def _save_metadata(self) -> None:
+    async def _save_metadata(self) -> None:
         try:
-            self.store.save([s.meta for s in self.by_id.values()])
-        except (StoreError, OSError) as exc:
+            await self.store.save_metadata([s.meta for s in self.by_id.values()])
+        except StoreError as exc:
             log.error("could not save session metadata: %s", exc)
             raise OpError(ErrorCode.STORAGE_ERROR, f"could not save session metadata: {exc}") \
                 from None
@@ -574,24 +659,18 @@ class SessionManager:
     async def _device_flow(self, login: Login, metadata: oidc.ProviderMetadata,
                            device: oidc.DeviceAuthorization) -> None:
         interval = max(device.interval, 1.0)
-        request = oidc.device_token_request(metadata, client_id=login.client_id,
-                                            device_code=device.device_code)
         with login.cancel_scope:
             while True:
-                await anyio.sleep(interval)
+                await self.clock.sleep_until(self.now() + interval)
                 if self.now() > login.expires_at:
                     self._fail_login(login, ErrorCode.LOGIN_TIMEOUT,
                                      "the device code expired before the login was approved")
                     return
                 try:
-                    response, received_at = await self.provider.token(request)
+                    answer = await self.provider.poll_device(
+                        metadata, client_id=login.client_id, device_code=device.device_code)
                 except oidc.OAuthError as exc:
                     match exc.error:
-                        case "authorization_pending":
-                            continue
-                        case "slow_down":  # RFC 8628 section 3.5: add 5 seconds
-                            interval += 5.0
-                            continue
                         case "expired_token":
                             self._fail_login(login, ErrorCode.LOGIN_TIMEOUT,
                                              "the device code expired; run the login again")
@@ -606,11 +685,18 @@ class SessionManager:
                     log.warning("device login %s: polling failed (%s); retrying",
                                 login.login_id, exc)
                     continue
-                except oidc.MalformedResponse as exc:
+                except oidc.OAuthFailure as exc:
                     self._fail_login(login, ErrorCode.LOGIN_FAILED, str(exc))
                     return
-                await self._finish(login, metadata, response, received_at)
-                return
+                match answer:
+                    case oidc.DevicePending():
+                        continue
+                    case oidc.DeviceSlowDown():  # RFC 8628 section 3.5
+                        interval = answer.next_interval(interval)
+                        continue
+                    case oidc.TokenResponse():
+                        await self._finish(login, metadata, answer, answer.received_at)
+                        return
 
     async def _exchange(self, login: Login, metadata: oidc.ProviderMetadata,
                         request: oidc.HttpRequest) -> None:
@@ -645,13 +731,25 @@ class SessionManager:
             scopes=response.scope or login.scopes, resources=login.resources,
             created_at=received_at,
         )
-        lifecycle = SessionLifecycle(has_refresh_token=response.refresh_token is not None)
-        token = AccessToken(response.access_token, issued_at=received_at,
-                            expires_at=oidc.access_token_expiry(
-                                received_at, response.expires_in, response.access_token),
-                            scope=response.scope)
-        lifecycle.install(received_at, token)
-        session = Session(meta, lifecycle, refresh_token=response.refresh_token)
+        access_token = AccessToken(
+            Secret(response.access_token), issued_at=received_at,
+            expires_at=oidc.access_token_expiry(received_at, response.expires_in,
+                                                response.access_token),
+            scope=tuple(response.scope) if response.scope is not None else None)
+        saved = True
+        if response.refresh_token is not None:
+            try:
+                await self.store.put_secret(meta.token_id, "refresh_token",
+                                            response.refresh_token)
+            except StoreError as exc:
+                # Kept in memory; the lifecycle retries the write and status warns (rule 4).
+                log.error("session %s: could not save the refresh token (%s); retrying",
+                          meta.token_id, exc)
+                saved = False
+        lifecycle = SessionLifecycle(
+            received_at, refresh_token=response.refresh_token, access_token=access_token,
+            refresh_token_saved=saved)
+        session = Session(meta, lifecycle)
         try:
             await self._adopt(session)
         except OpError as exc:
@@ -666,21 +764,24 @@ class SessionManager:
         """Store a new session, replacing the profile's previous one."""
         meta = session.meta
         previous = [s for s in self.by_id.values() if s.meta.profile == meta.profile]
-        secret = session.refresh_token if meta.kind == "oidc" else session.api_key
-        if secret is not None:
+        if session.api_key is not None:
             try:
-                await self.store.put_secret(meta.token_id, _secret_kind(meta), secret)
+                await self.store.put_secret(meta.token_id, "api_key", session.api_key)
             except StoreError as exc:
                 raise OpError(ErrorCode.STORAGE_ERROR, str(exc)) from None
         self.by_id[meta.token_id] = session
+        try:
+            await self._save_metadata()
+        except OpError:
+            self.by_id.pop(meta.token_id, None)
+            raise
         for old in previous:
             # The old session is replaced; it stays valid at the provider unless revoked.
             reason = await self._revoke_at_provider(old)
             if reason:
                 log.warning("replaced session %s was not revoked: %s", old.meta.token_id, reason)
             await self._forget(old)
-        self._save_metadata()
-        self.poke()
+        self._reschedule(session)
 
     def _fail_login(self, login: Login, code: str, message: str) -> None:
         log.warning("login %s (profile %s) failed: %s", login.login_id, login.profile, message)

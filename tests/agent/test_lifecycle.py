@@ -1,276 +1,906 @@
 """The token lifecycle state machine, driven through hours of token life in milliseconds.
 
-Time is whatever the test says it is: every event takes ``now``.
+Synchronous, like h11's test_state.py: time is whatever the test says, every
+event takes ``now``, and an illegal move must raise *and* leave the machine
+as it was.
 """
 
 from __future__ import annotations
 
+import copy
 import random
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from compozy_agent.lifecycle import (
     DEFAULT_SLOT,
     MAX_BACKOFF,
+    MAX_NARROWER_SLOTS,
+    MAX_RETRY_AFTER,
+    RECENT,
+    REFUSAL_TTL,
     AccessToken,
+    Action,
     DeleteRefreshToken,
     Fail,
     IllegalTransition,
     PersistRefreshToken,
     Ready,
+    Secret,
     SessionLifecycle,
+    SlotKey,
     StartRefresh,
     State,
-    Wait,
+    WaitForRefresh,
+    slot_key,
 )
+from compozy_client.errors import ErrorCode
 
 T0 = 1_800_000_000.0
 HOUR = 3600.0
+READ: SlotKey = slot_key(["read"])
+API: SlotKey = slot_key(None, "https://api.example")
 
 
-def token(issued_at: float, lifetime: float = HOUR, value: str = "at") -> AccessToken:
-    return AccessToken(value, issued_at=issued_at, expires_at=issued_at + lifetime)
+def at(value: str = "at-0", issued_at: float = T0, lifetime: float = HOUR) -> AccessToken:
+    return AccessToken(Secret(value), issued_at, issued_at + lifetime)
 
 
-def logged_in(now: float = T0, lifetime: float = HOUR, seed: int = 1) -> SessionLifecycle:
-    machine = SessionLifecycle(has_refresh_token=True, rng=random.Random(seed))
-    machine.install(now, token(now, lifetime, "at-0"))
-    return machine
+def logged_in(
+    now: float = T0, lifetime: float = HOUR, seed: int = 1, *, with_refresh_token: bool = True
+) -> SessionLifecycle:
+    return SessionLifecycle(now, refresh_token="rt-0" if with_refresh_token else None,
+                            access_token=at("at-0", now, lifetime), rng=random.Random(seed))
+
+
+def frozen(machine: SessionLifecycle) -> dict[str, Any]:
+    """Everything the machine holds, to check that an illegal move changed nothing."""
+    state = {name: value for name, value in vars(machine).items() if name != "_rng"}
+    return copy.deepcopy(state) | {"_rng": machine._rng.getstate()}
+
+
+def start(decision: object) -> StartRefresh:
+    assert isinstance(decision, StartRefresh), decision
+    return decision
+
+
+def only(actions: list[Action]) -> Action:
+    assert len(actions) == 1, actions
+    return actions[0]
+
+
+def ready_value(decision: object) -> str:
+    assert isinstance(decision, Ready), decision
+    return decision.token.value.reveal()
+
+
+# ---------------------------------------------------------------------------
+# Handing out, and the proactive window
 
 
 def test_fresh_token_is_handed_out_without_refresh() -> None:
     machine = logged_in()
     assert machine.state(T0 + 60) is State.FRESH
-    assert machine.request_token(T0 + 60) == Ready(token(T0, value="at-0"))
+    assert machine.request_token(T0 + 60) == Ready(at("at-0"))
+    assert machine.tick(T0 + 60) == []
+    assert machine.in_flight is None
 
 
 @pytest.mark.parametrize("seed", range(20))
-def test_proactive_refresh_falls_in_the_window(seed: int) -> None:
+def test_proactive_refresh_falls_inside_the_window(seed: int) -> None:
     machine = logged_in(seed=seed)
-    due = machine.next_wakeup()
+    due = machine.next_wakeup(T0)
     assert due is not None
     assert T0 + 0.75 * HOUR <= due <= T0 + 0.85 * HOUR
-    assert machine.tick(due - 1) is None
+    assert machine.tick(due - 1) == []
+    assert machine.state(due - 1) is State.FRESH
     assert machine.state(due) is State.EXPIRING
-    assert machine.tick(due) == StartRefresh(DEFAULT_SLOT)
+    assert machine.tick(due) == [StartRefresh(1, DEFAULT_SLOT, Secret("rt-0"))]
     assert machine.state(due) is State.REFRESHING
+    assert machine.next_wakeup(due) is None  # the outcome event says what comes next
 
 
-def test_short_lifetimes_still_refresh_before_expiry() -> None:
-    machine = logged_in(lifetime=10)
-    due = machine.next_wakeup()
-    assert due is not None and T0 < due <= T0 + 10 - 5  # at least lifetime/2 before expiry
+def test_jitter_comes_from_the_injected_random() -> None:
+    wakeups = [logged_in(seed=seed).next_wakeup(T0) for seed in range(50)]
+    assert wakeups == [logged_in(seed=seed).next_wakeup(T0) for seed in range(50)]
+    assert len(set(wakeups)) == 50  # spread, so sessions do not refresh in lockstep
+
+
+@pytest.mark.parametrize(
+    ("lifetime", "due_after_issue"),
+    [
+        (120, 90),  # 75-85 % would leave < 30 s: the margin wins
+        (40, 20),  # the margin is capped at lifetime / 2
+        (10, RECENT),  # lifetime / 2 = 5 s, which is also the floor
+        (2, RECENT),  # absurdly short: once per RECENT seconds, never a loop
+        (0, RECENT),
+    ],
+)
+def test_short_lifetimes(lifetime: float, due_after_issue: float) -> None:
+    for seed in range(10):
+        assert logged_in(lifetime=lifetime, seed=seed).next_wakeup(T0) == T0 + due_after_issue
+
+
+def test_a_day_of_token_life() -> None:
+    """Refreshes every ~48 min, nobody ever gets an expired token, nobody waits."""
+    machine = logged_in(seed=7)
+    now, refreshes, handed_out = T0, 0, 0
+    while now < T0 + 24 * HOUR:
+        wakeup = machine.next_wakeup(now)
+        assert wakeup is not None
+        while now + 60 < wakeup:  # callers in between, a minute apart
+            now += 60
+            decision = machine.request_token(now, min_valid=30)
+            assert isinstance(decision, Ready) and decision.background is None
+            assert decision.token.remaining(now) >= 30
+            handed_out += 1
+        now = wakeup
+        refresh = start(only(machine.tick(now)))
+        refreshes += 1
+        assert machine.request_token(now + 0.2) == Ready(machine.access_tokens()[0])
+        assert machine.refresh_succeeded(now + 0.3, refresh.refresh_id, f"at-{refreshes}",
+                                         now + 0.3 + HOUR) == []
+        now += 0.3
+    assert 28 <= refreshes <= 32
+    assert handed_out > 1300
+
+
+# ---------------------------------------------------------------------------
+# Single flight
 
 
 def test_single_flight_one_refresh_for_a_hundred_callers() -> None:
     machine = logged_in()
-    at_expiry = T0 + HOUR + 1
-    decisions = [machine.request_token(at_expiry) for _ in range(100)]
-    assert decisions[0] == StartRefresh(DEFAULT_SLOT)
-    assert decisions[1:] == [Wait()] * 99
-    machine.refresh_succeeded(at_expiry, DEFAULT_SLOT, token(at_expiry, value="at-1"),
-                              rotated=False)
-    assert {machine.request_token(at_expiry + 0.1) for _ in range(100)} == {
-        Ready(token(at_expiry, value="at-1"))}
+    expired = T0 + HOUR + 1
+    assert machine.state(expired) is State.EXPIRED
+    decisions = [machine.request_token(expired) for _ in range(100)]
+    assert decisions[0] == StartRefresh(1, DEFAULT_SLOT, Secret("rt-0"))
+    assert decisions[1:] == [WaitForRefresh(1)] * 99
+    assert machine.refresh_succeeded(expired + 1, 1, "at-1", expired + 1 + HOUR) == []
+    # Everyone asks again with when they first asked, and gets the one new token.
+    answers = {ready_value(machine.request_token(expired + 1.1, asked_at=expired))
+               for _ in range(99)}
+    assert answers == {"at-1"}
 
 
-def test_min_valid_refreshes_first_but_never_storms() -> None:
-    machine = logged_in(lifetime=600)
-    now = T0 + 300
-    assert machine.request_token(now, min_valid=400) == StartRefresh(DEFAULT_SLOT)
-    # The provider still grants only 600 s: one refresh, then its token is handed out.
-    machine.refresh_succeeded(now, DEFAULT_SLOT, token(now, 600, "at-1"), rotated=False)
-    assert machine.request_token(now + 1, min_valid=7200) == Ready(token(now, 600, "at-1"))
-    assert machine.request_token(now + 2, min_valid=7200) == Ready(token(now, 600, "at-1"))
-    # Later, the same demand is a real need again.
-    assert machine.request_token(now + 60, min_valid=7200) == StartRefresh(DEFAULT_SLOT)
-
-
-def test_force_new_and_rejected_token_refresh_once() -> None:
+def test_every_slot_refreshes_one_at_a_time_with_the_latest_refresh_token() -> None:
     machine = logged_in()
-    asked_at = T0 + 100
-    assert machine.request_token(asked_at, rejected="at-0") == StartRefresh(DEFAULT_SLOT)
-    assert machine.request_token(asked_at, rejected="at-0") == Wait()
-    machine.refresh_succeeded(asked_at + 1, DEFAULT_SLOT, token(asked_at + 1, value="at-1"),
-                              rotated=False)
-    # Everyone who rejected at-0 gets at-1; nobody refreshes again.
-    assert machine.request_token(asked_at + 2, rejected="at-0") == Ready(
-        token(asked_at + 1, value="at-1"))
-    # force_new from before the refresh is satisfied by it; a later one is not.
-    assert machine.request_token(asked_at + 2, force_new=True, arrived_at=asked_at) == Ready(
-        token(asked_at + 1, value="at-1"))
-    assert machine.request_token(asked_at + 3, force_new=True) == StartRefresh(DEFAULT_SLOT)
+    due = machine.next_wakeup(T0)
+    assert due is not None
+    default = start(only(machine.tick(due)))
+    # A narrower token needs a refresh too, but the refresh token is busy.
+    assert machine.request_token(due, READ) == WaitForRefresh(default.refresh_id)
+    # The default token is still valid: no waiting for it.
+    assert ready_value(machine.request_token(due)) == "at-0"
+    persist = only(machine.refresh_succeeded(due + 1, default.refresh_id, "at-1", due + HOUR,
+                                             refresh_token="rt-1"))
+    assert persist == PersistRefreshToken(2, Secret("rt-1"))
+    # Rotated: the narrower refresh waits for the write too...
+    assert machine.request_token(due + 1, READ, asked_at=due) == WaitForRefresh(2)
+    assert machine.persist_done(due + 2, 2) == []
+    # ...and then spends the new refresh token, asking for its scope.
+    narrower = start(machine.request_token(due + 2, READ, asked_at=due))
+    assert narrower == StartRefresh(3, READ, Secret("rt-1"))
+    assert narrower.scopes == ["read"] and narrower.audience is None
+    assert machine.request_token(due + 2, API) == WaitForRefresh(3)
+    assert machine.refresh_succeeded(due + 3, 3, "at-read", due + 3 + 600,
+                                     scope=["read"]) == []
+    assert ready_value(machine.request_token(due + 4, READ)) == "at-read"
+    assert ready_value(machine.request_token(due + 4)) == "at-1"
+    api = start(machine.request_token(due + 4, API, asked_at=due + 2))
+    assert api.audience == "https://api.example" and api.scopes is None
 
 
-def test_transient_failures_back_off_and_keep_serving_a_valid_token() -> None:
-    machine = logged_in(lifetime=HOUR)
-    now = T0 + 0.9 * HOUR
-    delays = []
-    for _ in range(9):
-        start = machine.tick(now) or machine.request_token(now, min_valid=HOUR)
-        assert start == StartRefresh(DEFAULT_SLOT)
-        machine.refresh_failed_transient(now, DEFAULT_SLOT, "HTTP 503")
-        assert machine.retry_at is not None
-        delays.append(machine.retry_at - now)
-        # While backing off, the still-valid token is handed out, even to demanding callers.
-        assert machine.request_token(now + 0.01, min_valid=HOUR) == Ready(token(T0, value="at-0"))
-        now = machine.retry_at
-        if now >= T0 + HOUR:
-            break
-    assert all(0.5 * 2**i <= d <= min(MAX_BACKOFF, 2**i) for i, d in enumerate(delays[:6]))
+def test_narrower_token_inside_its_window_is_refreshed_in_the_background() -> None:
+    machine = logged_in()
+    read = start(machine.request_token(T0, READ))
+    machine.refresh_succeeded(T0, read.refresh_id, "at-read", T0 + 600)
+    assert ready_value(machine.request_token(T0 + 100, READ)) == "at-read"
+    decision = machine.request_token(T0 + 590, READ)
+    assert decision == Ready(AccessToken(Secret("at-read"), T0, T0 + 600),
+                             background=StartRefresh(2, READ, Secret("rt-0")))
+    # While that runs, the token is still handed out, with no second refresh.
+    assert machine.request_token(T0 + 591, READ) == Ready(
+        AccessToken(Secret("at-read"), T0, T0 + 600))
+
+
+def test_narrower_slots_are_capped_least_recently_used_first() -> None:
+    machine = logged_in()
+    for number in range(MAX_NARROWER_SLOTS + 5):
+        refresh = start(machine.request_token(T0, slot_key(None, f"https://api/{number}")))
+        machine.refresh_succeeded(T0, refresh.refresh_id, f"at-api-{number}", T0 + HOUR)
+        machine.request_token(T0, slot_key(None, "https://api/0"))  # keep this one warm
+    values = {token.value.reveal() for token in machine.access_tokens()}
+    assert len(values) == MAX_NARROWER_SLOTS + 1  # and the default
+    assert {"at-0", "at-api-0", f"at-api-{MAX_NARROWER_SLOTS + 4}"} <= values
+    assert "at-api-1" not in values
+
+
+def test_slot_keys() -> None:
+    assert slot_key() == slot_key([], "") == DEFAULT_SLOT
+    assert slot_key(["b", "a"], "aud") == slot_key(("a", "b"), "aud")
+
+
+# ---------------------------------------------------------------------------
+# min_valid, force_new, rejected tokens: never a storm
+
+
+def test_min_valid_refreshes_first_when_less_is_left() -> None:
+    machine = logged_in()
+    refresh = start(machine.request_token(T0 + 2000, min_valid=1800))  # 1600 s left
+    machine.refresh_succeeded(T0 + 2001, refresh.refresh_id, "at-1", T0 + 2001 + HOUR)
+    decision = machine.request_token(T0 + 2001, min_valid=1800, asked_at=T0 + 2000)
+    assert ready_value(decision) == "at-1"
+
+
+def test_min_valid_longer_than_the_lifetime_makes_one_refresh() -> None:
+    machine = logged_in(lifetime=600)
+    now = T0 + 100
+    asks = [machine.request_token(now, min_valid=HOUR) for _ in range(10)]
+    refresh = start(asks[0])
+    assert asks[1:] == [WaitForRefresh(refresh.refresh_id)] * 9
+    machine.refresh_succeeded(now + 1, refresh.refresh_id, "at-1", now + 601)
+    # The provider granted 600 s, less than asked: that is the answer, for all ten.
+    for _ in range(10):
+        assert ready_value(machine.request_token(now + 1, min_valid=HOUR, asked_at=now)) == "at-1"
+    # A new request moments later gets it too (issued under RECENT seconds ago).
+    assert ready_value(machine.request_token(now + 1 + RECENT - 0.1, min_valid=HOUR)) == "at-1"
+    # Later, a new request makes (exactly) one new refresh.
+    assert isinstance(machine.request_token(now + 60, min_valid=HOUR), StartRefresh)
+
+
+def test_a_token_expired_on_arrival_is_not_refreshed_again_for_the_same_request() -> None:
+    machine = logged_in()
+    refresh = start(machine.request_token(T0 + 2 * HOUR))
+    # expires_in was 0 (or the clock is badly off): nothing valid came back.
+    machine.refresh_succeeded(T0 + 2 * HOUR, refresh.refresh_id, "at-1", T0 + 2 * HOUR)
+    decision = machine.request_token(T0 + 2 * HOUR + 0.1, asked_at=T0 + 2 * HOUR)
+    assert isinstance(decision, Fail) and decision.code == ErrorCode.REFRESH_FAILED
+    assert machine.in_flight is None
+
+
+def test_force_new() -> None:
+    machine = logged_in()
+    now = T0 + 600
+    refresh = start(machine.request_token(now, force_new=True))
+    # The cached token was not called bad: others keep getting it meanwhile...
+    assert ready_value(machine.request_token(now + 0.1)) == "at-0"
+    # ...while a second force_new shares the refresh in flight.
+    assert machine.request_token(now + 0.2, force_new=True) == WaitForRefresh(1)
+    machine.refresh_succeeded(now + 1, refresh.refresh_id, "at-1", now + 1 + HOUR)
+    for asked_at in (now, now + 0.2):
+        assert ready_value(machine.request_token(now + 1, force_new=True, asked_at=asked_at)) \
+            == "at-1"
+    # A force_new right after that refresh completed gets its token...
+    assert ready_value(machine.request_token(now + 1 + RECENT / 2, force_new=True)) == "at-1"
+    # ...one later makes a new one.
+    assert start(machine.request_token(now + 1 + RECENT, force_new=True)).refresh_id == 2
+
+
+def test_rejected_token_is_dropped_and_refreshed_once() -> None:
+    machine = logged_in()
+    now = T0 + 600
+    refresh = start(machine.request_token(now, rejected_token="at-0"))
+    # It was refused by an API: nobody gets it any more.
+    assert machine.request_token(now + 0.1) == WaitForRefresh(refresh.refresh_id)
+    assert machine.request_token(now + 0.1, rejected_token="at-0") == WaitForRefresh(1)
+    machine.refresh_succeeded(now + 1, refresh.refresh_id, "at-1", now + 1 + HOUR)
+    # Late 401s about the old token (even with force_new) get the new one, no refresh.
+    for _ in range(50):
+        decision = machine.request_token(now + 30, rejected_token="at-0", force_new=True)
+        assert ready_value(decision) == "at-1"
+    # The new token refused too: one more refresh.
+    assert start(machine.request_token(now + 40, rejected_token="at-1")).refresh_id == 2
+
+
+def test_a_waiter_whose_new_token_is_rejected_meanwhile_waits_for_the_next_one() -> None:
+    machine = logged_in()
+    now = T0 + HOUR + 10  # expired
+    first = start(machine.request_token(now))
+    assert machine.request_token(now) == WaitForRefresh(first.refresh_id)
+    machine.refresh_succeeded(now + 1, first.refresh_id, "at-1", now + HOUR)
+    # Before the waiter asks again, someone's API refuses the new token.
+    second = start(machine.request_token(now + 1.5, rejected_token="at-1"))
+    assert machine.request_token(now + 1.5, asked_at=now) == WaitForRefresh(second.refresh_id)
+    machine.refresh_succeeded(now + 2, second.refresh_id, "at-2", now + HOUR)
+    assert ready_value(machine.request_token(now + 2, asked_at=now)) == "at-2"
+
+
+# ---------------------------------------------------------------------------
+# Failures
+
+
+def test_transient_failures_back_off_exponentially_up_to_the_cap() -> None:
+    machine = SessionLifecycle(T0, refresh_token="rt-0", rng=random.Random(3))  # restored
+    now, delays = T0, []
+    for _ in range(12):
+        assert machine.next_wakeup(now) == now
+        refresh = start(only(machine.tick(now)))
+        assert machine.refresh_failed_transient(now, refresh.refresh_id, reason="timeout") == []
+        wakeup = machine.next_wakeup(now)
+        assert wakeup is not None
+        delays.append(wakeup - now)
+        assert machine.tick(wakeup - 0.01) == []
+        decision = machine.request_token(wakeup - 0.01)
+        assert isinstance(decision, Fail) and decision.code == ErrorCode.REFRESH_FAILED
+        assert "timeout" in decision.message
+        now = wakeup
+    ceilings = [min(MAX_BACKOFF, 2.0 ** n) for n in range(12)]
+    assert all(ceiling / 2 <= delay <= ceiling for delay, ceiling in zip(delays, ceilings,
+                                                                         strict=True))
     assert max(delays) <= MAX_BACKOFF
+    # Success resets the backoff.
+    refresh = start(only(machine.tick(now)))
+    machine.refresh_succeeded(now, refresh.refresh_id, "at-1", now + HOUR)
+    refresh = start(machine.request_token(now + 10, force_new=True))
+    machine.refresh_failed_transient(now + 10, refresh.refresh_id)
+    assert machine.status(now + 10).retry_at is not None
+    assert machine.status(now + 10).retry_at <= now + 10 + 1  # type: ignore[operator]
 
 
-def test_refresh_failed_only_when_no_valid_token_remains() -> None:
-    machine = logged_in(lifetime=60)
-    now = T0 + 61
-    assert machine.request_token(now) == StartRefresh(DEFAULT_SLOT)
-    machine.refresh_failed_transient(now, DEFAULT_SLOT, "cannot connect")
-    decision = machine.request_token(now + 0.1)
-    assert isinstance(decision, Fail) and decision.code == "refresh_failed"
-    assert "cannot connect" in decision.message
-
-
-def test_retry_after_is_honoured() -> None:
-    machine = logged_in()
-    now = T0 + HOUR + 5
-    machine.request_token(now)
-    machine.refresh_failed_transient(now, DEFAULT_SLOT, "HTTP 429", retry_after=120)
-    assert machine.retry_at == now + 120
-    assert machine.tick(now + 119) is None
-    assert machine.tick(now + 120) == StartRefresh(DEFAULT_SLOT)
-
-
-def test_invalid_grant_means_login_required_and_the_refresh_token_goes() -> None:
-    machine = logged_in()
-    now = T0 + HOUR + 1
-    machine.request_token(now)
-    actions = machine.refresh_failed_invalid_grant(now, DEFAULT_SLOT, "invalid_grant")
-    assert actions == [DeleteRefreshToken()]
-    assert machine.state(now) is State.LOGIN_REQUIRED
-    decision = machine.request_token(now + 1)
-    assert isinstance(decision, Fail) and decision.code == "login_required"
-    assert machine.tick(now + 10 * HOUR) is None and machine.next_wakeup() is None
-
-
-def test_rotated_refresh_token_is_persisted_before_the_next_refresh() -> None:
-    machine = logged_in()
-    now = T0 + HOUR + 1
-    machine.request_token(now)
-    actions = machine.refresh_succeeded(now, DEFAULT_SLOT, token(now, value="at-1"), rotated=True)
-    assert actions == [PersistRefreshToken()]
-    # A refresh now would spend the unsaved token: it waits for the persist.
-    assert machine.request_token(now + 1, force_new=True) == Wait()
-    assert machine.tick(now + 10 * HOUR) is None
-    machine.persist_done(now + 1)
-    assert machine.request_token(now + 2, force_new=True) == StartRefresh(DEFAULT_SLOT)
-
-
-def test_failed_persist_keeps_the_token_in_memory_and_retries() -> None:
-    machine = logged_in()
-    now = T0 + HOUR + 1
-    machine.request_token(now)
-    machine.refresh_succeeded(now, DEFAULT_SLOT, token(now, value="at-1"), rotated=True)
-    machine.persist_failed_at(now, retry_in=30)
-    assert machine.snapshot(now).warnings  # status says so
-    assert machine.request_token(now + 1) == Ready(token(now, value="at-1"))
-    assert machine.persist_retry_due(now + 29) is False
-    assert machine.next_wakeup() == now + 30
-    assert machine.persist_retry_due(now + 30) is True
-    machine.persist_done(now + 31)
-    assert machine.snapshot(now + 31).warnings == []
-
-
-def test_suspend_past_expiry_is_noticed_on_the_next_request() -> None:
-    machine = logged_in()
-    woke_up = T0 + 5 * HOUR  # the machine slept through the whole refresh window
-    assert machine.state(woke_up) is State.EXPIRED
-    assert machine.request_token(woke_up) == StartRefresh(DEFAULT_SLOT)
-
-
-def test_narrower_tokens_are_cached_per_slot_and_serialized_with_the_default() -> None:
-    machine = logged_in()
-    narrow = (frozenset({"compozy:read"}), "https://api.compozy.dev")
-    now = T0 + 10
-    assert machine.request_token(now, narrow) == StartRefresh(narrow)
-    # The default slot's proactive refresh must not run concurrently: one refresh token.
-    assert machine.tick(T0 + HOUR) is None
-    assert machine.request_token(T0 + HOUR, min_valid=HOUR) == Wait()
-    machine.refresh_succeeded(now, narrow, token(now, value="narrow-1"), rotated=False)
-    assert machine.request_token(now + 1, narrow) == Ready(token(now, value="narrow-1"))
-    assert machine.request_token(now + 1) == Ready(token(T0, value="at-0"))
-
-
-def test_illegal_moves_raise_and_change_nothing() -> None:
-    machine = logged_in()
-    before = (machine.state(T0), dict(machine.slots), machine.in_flight, machine.refresh_due_at)
-    with pytest.raises(IllegalTransition):
-        machine.refresh_succeeded(T0, DEFAULT_SLOT, token(T0, value="x"), rotated=True)
-    with pytest.raises(IllegalTransition):
-        machine.refresh_failed_transient(T0, DEFAULT_SLOT, "x")
-    with pytest.raises(IllegalTransition):
-        machine.persist_done(T0)
-    assert (machine.state(T0), dict(machine.slots), machine.in_flight,
-            machine.refresh_due_at) == before
-
-
-def test_revoked_is_terminal() -> None:
-    machine = logged_in()
-    machine.revoke()
-    assert machine.state(T0) is State.REVOKED
-    assert isinstance(machine.request_token(T0), Fail)
-    assert machine.next_wakeup() is None and machine.tick(T0 + 10 * HOUR) is None
-
-
-def test_tokens_never_appear_in_reprs() -> None:
-    assert "secret-value" not in repr(token(T0, value="secret-value"))
-    machine = logged_in()
-    machine.install(T0, token(T0, value="secret-value"))
-    assert "secret-value" not in repr(machine.request_token(T0))
-
-
-events = st.lists(
-    st.tuples(
-        st.sampled_from(["request", "force", "tick", "ok", "ok_rotated", "transient",
-                         "persist_ok", "persist_fail", "persist_retry"]),
-        st.floats(min_value=0, max_value=900),
-    ),
-    max_size=60,
+@pytest.mark.parametrize(
+    ("retry_after", "expected_delay"),
+    [(120.0, 120.0), (10 * MAX_RETRY_AFTER, MAX_RETRY_AFTER)],
 )
+def test_retry_after_is_honoured(retry_after: float, expected_delay: float) -> None:
+    machine = SessionLifecycle(T0, refresh_token="rt-0", rng=random.Random(1))
+    refresh = start(only(machine.tick(T0)))
+    machine.refresh_failed_transient(T0, refresh.refresh_id, retry_after=retry_after,
+                                     reason="HTTP 429")
+    assert machine.next_wakeup(T0) == T0 + expected_delay
+    assert machine.tick(T0 + expected_delay - 1) == []
+    assert isinstance(only(machine.tick(T0 + expected_delay)), StartRefresh)
 
 
-@settings(max_examples=300, deadline=None)
-@given(events)
-def test_random_event_sequences_keep_the_invariants(sequence: list[tuple[str, float]]) -> None:
-    """Never two refreshes in flight; never a refresh while a rotated token is unsaved."""
-    machine = logged_in(lifetime=600)
-    now = T0
-    in_flight: list[object] = []
-    for name, step in sequence:
-        now += step
-        decision: object = None
-        if name in ("request", "force"):
-            decision = machine.request_token(now, force_new=name == "force")
-        elif name == "tick":
-            decision = machine.tick(now)
-        elif name in ("ok", "ok_rotated", "transient") and in_flight:
-            slot = in_flight.pop()
-            if name == "transient":
-                machine.refresh_failed_transient(now, DEFAULT_SLOT, "x")
+def test_a_short_retry_after_does_not_shorten_the_backoff() -> None:
+    machine = SessionLifecycle(T0, refresh_token="rt-0", rng=random.Random(1))
+    for _ in range(6):
+        refresh = start(only(machine.tick(machine.next_wakeup(T0) or T0)))
+        machine.refresh_failed_transient(T0, refresh.refresh_id, retry_after=0.1)
+    wakeup = machine.next_wakeup(T0)
+    assert wakeup is not None and wakeup - T0 >= 16
+
+
+def test_the_valid_token_is_served_through_failures_and_fail_comes_once_it_is_gone() -> None:
+    machine = logged_in(seed=5)
+    due = machine.next_wakeup(T0)
+    assert due is not None
+    now = due
+    needy = start(machine.request_token(now, min_valid=HOUR))  # wants more than is left
+    assert ready_value(machine.request_token(now)) == "at-0"  # others are not held up
+    assert machine.request_token(now, min_valid=HOUR) == WaitForRefresh(needy.refresh_id)
+    machine.refresh_failed_transient(now + 1, needy.refresh_id, reason="HTTP 503")
+    # The callers who waited: the one the token cannot serve is told; the others served.
+    told = machine.request_token(now + 1, min_valid=HOUR, asked_at=now)
+    assert isinstance(told, Fail) and told.code == ErrorCode.REFRESH_FAILED
+    assert "HTTP 503" in told.message
+    assert ready_value(machine.request_token(now + 1, min_valid=60, asked_at=now)) == "at-0"
+    # The agent keeps retrying on its own while the token lasts; callers keep getting it.
+    expires_at = T0 + HOUR
+    while True:
+        wakeup = machine.next_wakeup(now)
+        assert wakeup is not None
+        if wakeup >= expires_at:
+            break
+        now = wakeup
+        refresh = start(only(machine.tick(now)))
+        assert machine.request_token(now) == Ready(at("at-0"))
+        machine.refresh_failed_transient(now, refresh.refresh_id, reason="HTTP 503")
+    assert machine.state(expires_at) is State.EXPIRED
+    gone = machine.request_token(expires_at)
+    assert isinstance(gone, Fail) and gone.code == ErrorCode.REFRESH_FAILED
+    assert machine.status(expires_at).warnings
+    # The provider comes back.
+    now = machine.next_wakeup(expires_at) or expires_at
+    refresh = start(only(machine.tick(now)))
+    machine.refresh_succeeded(now, refresh.refresh_id, "at-1", now + HOUR)
+    assert machine.state(now) is State.FRESH
+    assert machine.status(now).warnings == ()
+    assert ready_value(machine.request_token(now)) == "at-1"
+
+
+def test_invalid_grant_requires_a_login_and_deletes_the_refresh_token() -> None:
+    machine = logged_in()
+    refresh = start(machine.request_token(T0 + 10, force_new=True))
+    assert machine.request_token(T0 + 10, READ) == WaitForRefresh(refresh.refresh_id)
+    assert machine.refresh_failed_invalid_grant(T0 + 11, refresh.refresh_id) == [
+        DeleteRefreshToken()]
+    assert machine.state(T0 + 11) is State.LOGIN_REQUIRED
+    assert machine.refresh_token is None
+    assert machine.access_tokens() == []  # the grant is dead; so are its tokens
+    for slot in (DEFAULT_SLOT, READ):
+        decision = machine.request_token(T0 + 11, slot)
+        assert isinstance(decision, Fail) and decision.code == ErrorCode.LOGIN_REQUIRED
+    assert machine.tick(T0 + 11) == []
+    assert machine.next_wakeup(T0 + 11) is None
+    status = machine.status(T0 + 11)
+    assert status.last_refresh_outcome == "rejected: invalid_grant"
+    assert not status.has_refresh_token
+    assert any("login required" in warning for warning in status.warnings)
+
+
+def test_a_session_without_a_refresh_token_lasts_as_long_as_its_access_token() -> None:
+    machine = logged_in(with_refresh_token=False)
+    assert machine.state(T0 + 0.9 * HOUR) is State.FRESH
+    assert ready_value(machine.request_token(T0 + 0.9 * HOUR)) == "at-0"
+    assert machine.next_wakeup(T0) is None and machine.tick(T0 + 0.9 * HOUR) == []
+    needs_more = machine.request_token(T0 + 100, min_valid=2 * HOUR)
+    assert isinstance(needs_more, Fail) and needs_more.code == ErrorCode.LOGIN_REQUIRED
+    assert machine.state(T0 + HOUR) is State.LOGIN_REQUIRED
+    assert machine.revoked(T0 + HOUR) == []  # nothing to delete
+
+
+def test_a_refused_narrower_token_fails_that_slot_only_for_a_while() -> None:
+    machine = logged_in()
+    refresh = start(machine.request_token(T0, API))
+    assert machine.request_token(T0, API) == WaitForRefresh(refresh.refresh_id)
+    assert machine.refresh_refused(T0 + 1, refresh.refresh_id, reason="invalid_target") == []
+    for asked_at in (T0, T0 + 30):  # the waiter, and a newcomer
+        decision = machine.request_token(T0 + 30, API, asked_at=asked_at)
+        assert isinstance(decision, Fail) and decision.code == ErrorCode.PROVIDER_ERROR
+        assert "invalid_target" in decision.message
+    assert ready_value(machine.request_token(T0 + 30)) == "at-0"
+    assert isinstance(machine.request_token(T0 + 1 + REFUSAL_TTL, API), StartRefresh)
+
+
+# ---------------------------------------------------------------------------
+# Rotation: persist before reuse
+
+
+def test_a_rotated_refresh_token_is_saved_before_it_is_spent_again() -> None:
+    machine = logged_in()
+    refresh = start(machine.request_token(T0 + 10, force_new=True))
+    actions = machine.refresh_succeeded(T0 + 11, refresh.refresh_id, "at-1", T0 + 11 + 60,
+                                        refresh_token="rt-1")
+    assert actions == [PersistRefreshToken(2, Secret("rt-1"))]
+    assert machine.status(T0 + 11).unsaved_refresh_token
+    assert machine.status(T0 + 11).persist_warning is None  # in flight, not failed
+    # The new token is handed out at once; a refresh must wait for the write.
+    assert ready_value(machine.request_token(T0 + 11)) == "at-1"
+    assert machine.request_token(T0 + 200) == WaitForRefresh(2)  # at-1 has expired
+    assert machine.tick(T0 + 200) == []
+    assert machine.next_wakeup(T0 + 200) is None
+    # The write lands: the overdue refresh starts at once, with the new token.
+    assert machine.persist_done(T0 + 200, 2) == [StartRefresh(3, DEFAULT_SLOT, Secret("rt-1"))]
+    assert not machine.status(T0 + 200).unsaved_refresh_token
+
+
+def test_the_same_refresh_token_back_is_not_a_rotation() -> None:
+    machine = logged_in()
+    refresh = start(machine.request_token(T0 + 10, force_new=True))
+    assert machine.refresh_succeeded(T0 + 11, refresh.refresh_id, "at-1", T0 + 11 + HOUR,
+                                     refresh_token="rt-0") == []
+    assert machine.status(T0 + 11).last_refresh_outcome == "refreshed"
+
+
+def test_a_failed_save_keeps_the_token_retries_and_warns() -> None:
+    machine = logged_in()
+    refresh = start(machine.request_token(T0 + 10, force_new=True))
+    persist = only(machine.refresh_succeeded(T0 + 11, refresh.refresh_id, "at-1",
+                                             T0 + 11 + HOUR, refresh_token="rt-1"))
+    assert isinstance(persist, PersistRefreshToken)
+    assert machine.persist_failed(T0 + 12, persist.persist_id, reason="keyring locked") == []
+    status = machine.status(T0 + 12)
+    assert status.unsaved_refresh_token and status.persist_warning is not None
+    assert "keyring locked" in status.persist_warning
+    assert status.persist_warning in status.warnings
+    assert machine.refresh_token == Secret("rt-1")  # kept in memory
+    retry_at = machine.next_wakeup(T0 + 12)
+    assert retry_at is not None and T0 + 12.5 <= retry_at <= T0 + 13
+    second = only(machine.tick(retry_at))
+    assert second == PersistRefreshToken(3, Secret("rt-1"))
+    machine.persist_failed(retry_at, 3)
+    later = machine.next_wakeup(retry_at)
+    assert later is not None and retry_at + 1 <= later <= retry_at + 2  # backing off
+    # Meanwhile refreshes go on with the in-memory token; the next rotation is written at once.
+    refresh = start(machine.request_token(retry_at + 1, rejected_token="at-1"))
+    assert refresh.refresh_token == Secret("rt-1")
+    assert machine.refresh_succeeded(retry_at + 1.1, refresh.refresh_id, "at-2",
+                                     retry_at + HOUR, refresh_token="rt-2") == [
+        PersistRefreshToken(5, Secret("rt-2"))]
+    assert machine.persist_done(retry_at + 1.2, 5) == []
+    status = machine.status(retry_at + 1.2)
+    assert not status.unsaved_refresh_token and status.persist_warning is None
+    assert status.warnings == ()
+
+
+def test_a_refresh_token_not_yet_saved_at_login_is_saved_first() -> None:
+    machine = SessionLifecycle(T0, refresh_token="rt-0", access_token=at(),
+                               refresh_token_saved=False, rng=random.Random(1))
+    assert machine.next_wakeup(T0) == T0
+    assert machine.tick(T0) == [PersistRefreshToken(1, Secret("rt-0"))]
+
+
+# ---------------------------------------------------------------------------
+# Sleep and resume, restore
+
+
+def test_after_a_suspend_past_expiry_the_next_request_refreshes() -> None:
+    machine = logged_in()
+    assert ready_value(machine.request_token(T0 + 60)) == "at-0"
+    # The laptop sleeps for five hours; the driver's timers never fired.
+    resumed = T0 + 5 * HOUR
+    assert machine.state(resumed) is State.EXPIRED
+    assert machine.request_token(resumed) == StartRefresh(1, DEFAULT_SLOT, Secret("rt-0"))
+    assert machine.state(resumed) is State.REFRESHING
+    assert machine.status(resumed).token_valid is False
+
+
+def test_after_a_suspend_the_first_tick_refreshes() -> None:
+    machine = logged_in()
+    assert machine.next_wakeup(T0 + 5 * HOUR) == T0 + 5 * HOUR  # overdue: now
+    assert machine.tick(T0 + 5 * HOUR) == [StartRefresh(1, DEFAULT_SLOT, Secret("rt-0"))]
+
+
+def test_a_restored_session_warms_up_at_once() -> None:
+    machine = SessionLifecycle(T0, refresh_token="rt-0", rng=random.Random(1))
+    assert machine.state(T0) is State.EXPIRED
+    assert machine.next_wakeup(T0) == T0
+    assert machine.tick(T0) == [StartRefresh(1, DEFAULT_SLOT, Secret("rt-0"))]
+
+
+# ---------------------------------------------------------------------------
+# Revocation
+
+
+def test_revoke_forgets_everything_and_absorbs_the_late_answer() -> None:
+    machine = logged_in()
+    refresh = start(machine.request_token(T0 + 10, force_new=True))
+    assert machine.revoked(T0 + 11) == [DeleteRefreshToken()]
+    assert machine.state(T0 + 11) is State.REVOKED
+    decision = machine.request_token(T0 + 11)
+    assert isinstance(decision, Fail) and decision.code == ErrorCode.NOT_LOGGED_IN
+    assert machine.tick(T0 + 11) == [] and machine.next_wakeup(T0 + 11) is None
+    # The refresh that was in flight answers: absorbed, its new token not kept.
+    assert machine.refresh_succeeded(T0 + 12, refresh.refresh_id, "at-1", T0 + HOUR,
+                                     refresh_token="rt-1") == []
+    assert machine.refresh_token is None and machine.access_tokens() == []
+    with pytest.raises(IllegalTransition):  # only once
+        machine.refresh_succeeded(T0 + 12, refresh.refresh_id, "at-1", T0 + HOUR)
+
+
+def test_a_save_landing_after_revoke_is_deleted_again() -> None:
+    machine = logged_in()
+    refresh = start(machine.request_token(T0 + 10, force_new=True))
+    persist = only(machine.refresh_succeeded(T0 + 11, refresh.refresh_id, "at-1", T0 + HOUR,
+                                             refresh_token="rt-1"))
+    assert isinstance(persist, PersistRefreshToken)
+    assert machine.revoked(T0 + 12) == [DeleteRefreshToken()]
+    assert machine.persist_done(T0 + 13, persist.persist_id) == [DeleteRefreshToken()]
+
+
+# ---------------------------------------------------------------------------
+# Illegal moves raise and change nothing (h11's test_state.py)
+
+
+def _idle() -> SessionLifecycle:
+    return logged_in()
+
+
+def _refreshing() -> SessionLifecycle:
+    machine = logged_in()
+    start(machine.request_token(T0 + 10, force_new=True))  # refresh 1
+    return machine
+
+
+def _persisting() -> SessionLifecycle:
+    machine = _refreshing()
+    machine.refresh_succeeded(T0 + 11, 1, "at-1", T0 + HOUR, refresh_token="rt-1")  # persist 2
+    return machine
+
+
+def _login_required() -> SessionLifecycle:
+    machine = _refreshing()
+    machine.refresh_failed_invalid_grant(T0 + 11, 1)
+    return machine
+
+
+def _revoked() -> SessionLifecycle:
+    machine = logged_in()
+    machine.revoked(T0 + 1)
+    return machine
+
+
+def _refreshing_narrower() -> SessionLifecycle:
+    machine = logged_in()
+    start(machine.request_token(T0 + 10, READ))  # refresh 1
+    return machine
+
+
+Move = Callable[[SessionLifecycle], object]
+NOW = T0 + 20
+ILLEGAL: list[tuple[str, Callable[[], SessionLifecycle], Move]] = [
+    ("result with nothing in flight", _idle, lambda m: m.refresh_succeeded(NOW, 1, "x", NOW + 1)),
+    ("transient with nothing in flight", _idle, lambda m: m.refresh_failed_transient(NOW, 1)),
+    ("persist done with nothing in flight", _idle, lambda m: m.persist_done(NOW, 1)),
+    ("result for another refresh", _refreshing,
+     lambda m: m.refresh_succeeded(NOW, 7, "x", NOW + 1)),
+    ("invalid_grant for another refresh", _refreshing,
+     lambda m: m.refresh_failed_invalid_grant(NOW, 2)),
+    ("persist outcome for a refresh", _refreshing, lambda m: m.persist_done(NOW, 1)),
+    ("persist failure for a refresh", _refreshing, lambda m: m.persist_failed(NOW, 1)),
+    ("refused default token", _refreshing, lambda m: m.refresh_refused(NOW, 1, reason="x")),
+    ("refused for another refresh", _refreshing_narrower,
+     lambda m: m.refresh_refused(NOW, 2, reason="x")),
+    ("refresh outcome while persisting", _persisting,
+     lambda m: m.refresh_succeeded(NOW, 2, "x", NOW + 1)),
+    ("abandoning a persist", _persisting, lambda m: m.refresh_abandoned(NOW, 2)),
+    ("the wrong persist", _persisting, lambda m: m.persist_done(NOW, 3)),
+    ("the old refresh again", _persisting, lambda m: m.refresh_failed_transient(NOW, 1)),
+    ("result after invalid_grant", _login_required,
+     lambda m: m.refresh_succeeded(NOW, 1, "x", NOW + 1)),
+    ("persist after invalid_grant", _login_required, lambda m: m.persist_done(NOW, 1)),
+    ("revoking twice", _revoked, lambda m: m.revoked(NOW)),
+    ("a result after revoke, nothing was in flight", _revoked,
+     lambda m: m.refresh_succeeded(NOW, 1, "x", NOW + 1)),
+]
+
+
+@pytest.mark.parametrize(("setup", "move"), [(s, m) for _, s, m in ILLEGAL],
+                         ids=[name for name, _, _ in ILLEGAL])
+def test_illegal_moves_raise_and_change_nothing(
+    setup: Callable[[], SessionLifecycle], move: Move
+) -> None:
+    machine = setup()
+    before = frozen(machine)
+    state_before = machine.state(NOW)
+    with pytest.raises(IllegalTransition):
+        move(machine)
+    assert frozen(machine) == before
+    assert machine.state(NOW) is state_before
+
+
+def test_legal_moves_do_change_the_machine() -> None:
+    """The check above would pass for a machine that ignores everything; this one would not."""
+    machine = _refreshing()
+    before = frozen(machine)
+    machine.refresh_succeeded(NOW, 1, "x", NOW + HOUR)
+    assert frozen(machine) != before
+
+
+# ---------------------------------------------------------------------------
+# Status, and never a token in sight
+
+
+def test_status_snapshot() -> None:
+    machine = logged_in(seed=2)
+    status = machine.status(T0 + 10)
+    assert status.state is State.FRESH and status.state.value == "fresh"
+    assert status.expires_at == T0 + HOUR and status.token_valid and status.has_refresh_token
+    assert status.last_refresh_at is None and status.last_refresh_outcome is None
+    assert status.next_wakeup == machine.next_wakeup(T0 + 10)
+    assert status.retry_at is None and status.warnings == ()
+    refresh = start(machine.request_token(T0 + 20, force_new=True))
+    assert machine.status(T0 + 20).state is State.REFRESHING
+    assert machine.status(T0 + 20).token_valid  # a valid token remains
+    machine.refresh_succeeded(T0 + 21, refresh.refresh_id, "at-1", T0 + 21 + HOUR,
+                              refresh_token="rt-1")
+    status = machine.status(T0 + 21)
+    assert status.last_refresh_at == T0 + 21
+    assert status.last_refresh_outcome == "refreshed; refresh token rotated"
+    assert status.expires_at == T0 + 21 + HOUR
+
+
+def test_no_token_value_in_any_repr_or_message() -> None:
+    secrets = ["AT-SECRET-0", "RT-SECRET-0", "AT-SECRET-1", "RT-SECRET-1"]
+    machine = SessionLifecycle(T0, refresh_token=secrets[1], access_token=at(secrets[0]),
+                               rng=random.Random(1))
+    seen: list[object] = [machine, machine.access_tokens(), machine.refresh_token]
+    refresh = start(machine.request_token(T0 + 10, rejected_token=secrets[0]))
+    seen += [refresh, machine.request_token(T0 + 10)]
+    seen += machine.refresh_succeeded(T0 + 11, refresh.refresh_id, secrets[2], T0 + HOUR,
+                                      refresh_token=secrets[3])
+    seen += [machine.request_token(T0 + 11), machine.status(T0 + 11), machine]
+    try:
+        machine.refresh_succeeded(T0 + 12, refresh.refresh_id, secrets[2], T0 + HOUR)
+    except IllegalTransition as exc:
+        seen.append(exc)
+    text = " ".join(f"{item!r} {item!s} {item}" for item in seen)
+    assert "redacted" in text
+    assert not [secret for secret in secrets if secret in text]
+
+
+# ---------------------------------------------------------------------------
+# Random event sequences (hypothesis): one operation in flight, no token lost
+
+SLOTS = st.sampled_from([DEFAULT_SLOT, READ, API])
+
+
+class LifecycleModel(RuleBasedStateMachine):
+    """Drives one machine with random events, against a model of the provider and the store."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = T0
+        self.machine = SessionLifecycle(T0, refresh_token="rt-0", access_token=at(),
+                                        rng=random.Random(0))
+        self.provider_accepts: str | None = "rt-0"  # the one refresh token the provider accepts
+        self.stored: str | None = "rt-0"  # what the secret store holds
+        self.flight: StartRefresh | PersistRefreshToken | None = None
+        self.orphan: StartRefresh | PersistRefreshToken | None = None
+        self.handed_out: dict[SlotKey, str] = {}
+        self.issued = 0
+        self.revoked = False
+
+    def perform(self, actions: Iterable[Action | None]) -> None:
+        for action in actions:
+            match action:
+                case StartRefresh(refresh_token=refresh_token):
+                    assert self.flight is None, "two operations in flight"
+                    assert refresh_token.reveal() == self.provider_accepts, "spent a stale token"
+                    self.flight = action
+                case PersistRefreshToken():
+                    assert self.flight is None, "two operations in flight"
+                    self.flight = action
+                case DeleteRefreshToken():
+                    self.stored = None
+                case None:
+                    pass
+
+    @rule(seconds=st.one_of(st.floats(0, 10), st.floats(0, 2 * HOUR)))
+    def time_passes(self, seconds: float) -> None:
+        self.now += seconds
+
+    @rule(slot=SLOTS, min_valid=st.sampled_from([0.0, 60.0, 2 * HOUR]), force_new=st.booleans(),
+          reject=st.booleans())
+    def request(self, slot: SlotKey, min_valid: float, force_new: bool, reject: bool) -> None:
+        rejected = self.handed_out.get(slot) if reject else None
+        decision = self.machine.request_token(self.now, slot, min_valid=min_valid,
+                                              force_new=force_new, rejected_token=rejected)
+        match decision:
+            case Ready(token=token, background=background):
+                assert token.remaining(self.now) > 0, "handed out an expired token"
+                self.handed_out[slot] = token.value.reveal()
+                self.perform([background])
+            case StartRefresh():
+                self.perform([decision])
+            case WaitForRefresh(op_id=op_id):
+                assert self.flight is not None and op_id in (
+                    getattr(self.flight, "refresh_id", None),
+                    getattr(self.flight, "persist_id", None))
+            case Fail():
+                pass
+
+    @rule()
+    def tick(self) -> None:
+        self.perform(self.machine.tick(self.now))
+
+    @precondition(lambda self: isinstance(self.flight, StartRefresh))
+    @rule(outcome=st.sampled_from(["ok", "rotated", "transient", "invalid_grant", "refused",
+                                   "abandoned"]),
+          lifetime=st.sampled_from([0.0, 30.0, 600.0, HOUR]),
+          retry_after=st.none() | st.floats(0, 1000))
+    def refresh_outcome(self, outcome: str, lifetime: float, retry_after: float | None) -> None:
+        refresh = self.flight
+        assert isinstance(refresh, StartRefresh)
+        refresh_id, machine, now = refresh.refresh_id, self.machine, self.now
+        if outcome == "refused" and refresh.slot == DEFAULT_SLOT:
+            before = frozen(machine)
+            with pytest.raises(IllegalTransition):
+                machine.refresh_refused(now, refresh_id, reason="invalid_scope")
+            assert frozen(machine) == before
+            return
+        self.flight = None
+        self.issued += 1
+        if outcome in ("ok", "rotated"):
+            new_refresh_token = None
+            if outcome == "rotated":
+                new_refresh_token = self.provider_accepts = f"rt-{self.issued}"
+            actions = machine.refresh_succeeded(now, refresh_id, f"at-{self.issued}",
+                                                now + lifetime, refresh_token=new_refresh_token)
+        elif outcome == "transient":
+            actions = machine.refresh_failed_transient(now, refresh_id, retry_after=retry_after)
+        elif outcome == "invalid_grant":
+            self.provider_accepts = None
+            actions = machine.refresh_failed_invalid_grant(now, refresh_id)
+        elif outcome == "refused":
+            actions = machine.refresh_refused(now, refresh_id, reason="invalid_target")
+        else:
+            actions = machine.refresh_abandoned(now, refresh_id)
+        self.perform(actions)
+
+    @precondition(lambda self: isinstance(self.flight, PersistRefreshToken))
+    @rule(saved=st.booleans())
+    def persist_outcome(self, saved: bool) -> None:
+        persist = self.flight
+        assert isinstance(persist, PersistRefreshToken)
+        self.flight = None
+        if saved:
+            self.stored = persist.refresh_token.reveal()
+            self.perform(self.machine.persist_done(self.now, persist.persist_id))
+        else:
+            self.perform(self.machine.persist_failed(self.now, persist.persist_id,
+                                                     reason="locked"))
+
+    @rule(op_id=st.integers(0, 40), kind=st.sampled_from(["ok", "transient", "persist_done"]))
+    def bogus_outcome(self, op_id: int, kind: str) -> None:
+        for expected in (self.flight, self.orphan):
+            if expected is not None and op_id == getattr(
+                    expected, "refresh_id", getattr(expected, "persist_id", None)):
+                return  # that one would be legal
+        moves: dict[str, Move] = {
+            "ok": lambda m: m.refresh_succeeded(self.now, op_id, "x", self.now + HOUR),
+            "transient": lambda m: m.refresh_failed_transient(self.now, op_id),
+            "persist_done": lambda m: m.persist_done(self.now, op_id),
+        }
+        before = frozen(self.machine)
+        with pytest.raises(IllegalTransition):
+            moves[kind](self.machine)
+        assert frozen(self.machine) == before
+
+    @precondition(lambda self: not self.revoked)
+    @rule(coin=st.integers(0, 9))
+    def revoke(self, coin: int) -> None:
+        if coin:
+            return  # rarely: it ends the session
+        self.revoked = True
+        self.orphan, self.flight = self.flight, None
+        self.perform(self.machine.revoked(self.now))
+        assert self.stored is None
+
+    @precondition(lambda self: self.orphan is not None)
+    @rule()
+    def late_answer(self) -> None:
+        orphan, self.orphan = self.orphan, None
+        if isinstance(orphan, StartRefresh):
+            assert self.machine.refresh_succeeded(self.now, orphan.refresh_id, "late",
+                                                  self.now + HOUR, refresh_token="rt-late") == []
+        else:
+            assert isinstance(orphan, PersistRefreshToken)
+            self.stored = orphan.refresh_token.reveal()
+            self.perform(self.machine.persist_done(self.now, orphan.persist_id))
+        assert self.machine.refresh_token is None and self.stored is None
+
+    @invariant()
+    def one_operation_in_flight(self) -> None:
+        expected = None if self.flight is None else getattr(
+            self.flight, "refresh_id", getattr(self.flight, "persist_id", None))
+        assert self.machine.in_flight == expected
+
+    @invariant()
+    def the_rotated_refresh_token_is_never_lost(self) -> None:
+        held = self.machine.refresh_token
+        if self.revoked or self.provider_accepts is None:
+            assert held is None
+            return
+        # The machine holds exactly the one token the provider still accepts...
+        assert held is not None and held.reveal() == self.provider_accepts
+        if self.stored == self.provider_accepts:
+            return
+        # ...and if the store lacks it, it is being written or a retry is scheduled.
+        status = self.machine.status(self.now)
+        assert status.unsaved_refresh_token
+        being_written = isinstance(self.flight, PersistRefreshToken) \
+            and self.flight.refresh_token == held
+        assert being_written or status.persist_warning is not None
+
+    def teardown(self) -> None:
+        """With a healthy provider and store, the newest refresh token always gets saved."""
+        for _ in range(20):
+            if self.revoked or self.provider_accepts is None or (
+                    self.flight is None and self.stored == self.provider_accepts):
+                return
+            flight = self.flight
+            self.flight = None
+            if isinstance(flight, StartRefresh):
+                self.perform(self.machine.refresh_succeeded(
+                    self.now, flight.refresh_id, "at-final", self.now + HOUR))
+            elif isinstance(flight, PersistRefreshToken):
+                self.stored = flight.refresh_token.reveal()
+                self.perform(self.machine.persist_done(self.now, flight.persist_id))
             else:
-                machine.refresh_succeeded(now, DEFAULT_SLOT, token(now, 600),
-                                          rotated=name == "ok_rotated")
-            del slot
-        elif name == "persist_ok" and machine.persist_in_flight:
-            machine.persist_done(now)
-        elif name == "persist_fail" and machine.persist_in_flight:
-            machine.persist_failed_at(now)
-        elif name == "persist_retry":
-            machine.persist_retry_due(now)
-        if isinstance(decision, StartRefresh):
-            assert not in_flight, "two refreshes in flight"
-            assert not machine.persist_in_flight, "refresh while a rotated token is unsaved"
-            in_flight.append(decision)
-        assert machine.state(now) is not State.LOGIN_REQUIRED
+                wakeup = self.machine.next_wakeup(self.now)
+                assert wakeup is not None, "an unsaved refresh token and nothing scheduled"
+                self.now = max(self.now, wakeup)
+                self.perform(self.machine.tick(self.now))
+        raise AssertionError("the newest refresh token was never saved")
+
+
+LifecycleModel.TestCase.settings = settings(max_examples=300, stateful_step_count=50,
+                                            database=None, deadline=None)
+TestLifecycleModel = LifecycleModel.TestCase

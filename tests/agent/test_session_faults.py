@@ -7,29 +7,23 @@ from __future__ import annotations
 
 import email.utils
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
+import anyio
 import pytest
 
 from compozy_agent.backend import OpError
 from compozy_agent.http import ProviderClient
-from compozy_agent.lifecycle import AccessToken, SessionLifecycle, State
+from compozy_agent.lifecycle import AccessToken, Secret, SessionLifecycle, State
 from compozy_agent.peer import Peer
 from compozy_agent.sessions import Session, SessionManager
 from compozy_agent.store import MemorySecrets, SessionStore, StoredSession
 from compozy_client import protocol as p
+from support.clock import T0, FakeClock
 from support.fake_provider import Behaviour, FakeProvider
 
 pytestmark = pytest.mark.anyio
 PEER = Peer(uid=0, gid=0, pid=None)
-T0 = 1_800_000_000.0
-
-
-class SteppedClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class FailingSecrets(MemorySecrets):
@@ -43,37 +37,55 @@ class FailingSecrets(MemorySecrets):
         super().put(key, value)
 
 
+@asynccontextmanager
+async def running_manager(
+    fake: FakeProvider, tmp_path: object, secrets: MemorySecrets | None = None
+) -> AsyncIterator[tuple[SessionManager, FakeClock]]:
+    """A manager on a fake clock with one session (refresh token ``rt-0``), scheduler running."""
+    clock = FakeClock()
+    store = SessionStore(str(tmp_path), secrets if secrets is not None else MemorySecrets())
+    provider = ProviderClient(now=clock.now, timeout=0.5)
+    manager = SessionManager(store, provider, clock=clock)
+    try:
+        async with anyio.create_task_group() as group:
+            await group.start(manager.run)
+            await adopt(manager, fake, clock, lifetime=3600)
+            yield manager, clock
+            group.cancel_scope.cancel()
+    finally:
+        await provider.aclose()
+
+
 @pytest.fixture
 async def driver(
     fake_provider: FakeProvider, tmp_path: object
-) -> AsyncIterator[tuple[SessionManager, SteppedClock]]:
-    clock = SteppedClock()
-    store = SessionStore(str(tmp_path), MemorySecrets())
-    provider = ProviderClient(now=clock, timeout=0.5)
-    manager = SessionManager(store, provider, now=clock)
-    await adopt(manager, fake_provider, clock, lifetime=3600)
-    yield manager, clock
-    await provider.aclose()
+) -> AsyncIterator[tuple[SessionManager, FakeClock]]:
+    async with running_manager(fake_provider, tmp_path) as pair:
+        yield pair
 
 
 async def adopt(
-    manager: SessionManager, fake: FakeProvider, clock: SteppedClock, lifetime: float
+    manager: SessionManager, fake: FakeProvider, clock: FakeClock, lifetime: float
 ) -> Session:
-    meta = StoredSession(
-        token_id="s1",
-        profile="default",
-        kind="oidc",
-        issuer=fake.issuer,
-        client_id="cli",
-        created_at=clock.now,
-    )
-    lifecycle = SessionLifecycle(has_refresh_token=True)
-    lifecycle.install(
-        clock.now, AccessToken("login-at", issued_at=clock.now, expires_at=clock.now + lifetime)
-    )
-    session = Session(meta, lifecycle, refresh_token="rt-0")
+    now = clock.now()
+    meta = StoredSession(token_id="s1", profile="default", kind="oidc", issuer=fake.issuer,
+                         client_id="cli", created_at=now)
+    await manager.store.put_secret("s1", "refresh_token", "rt-0")
+    lifecycle = SessionLifecycle(
+        now, refresh_token="rt-0",
+        access_token=AccessToken(Secret("login-at"), issued_at=now, expires_at=now + lifetime))
+    session = Session(meta, lifecycle)
     await manager._adopt(session)
     return session
+
+
+async def settle(manager: SessionManager) -> None:
+    """Wait until no session has a refresh or persist in flight."""
+    with anyio.fail_after(10):
+        for session in list(manager.by_id.values()):
+            assert session.lifecycle is not None
+            while session.lifecycle.in_flight is not None:
+                await session.changed.wait()
 
 
 def token_request(**fields: object) -> p.Token:
@@ -81,13 +93,15 @@ def token_request(**fields: object) -> p.Token:
 
 
 async def test_transient_failure_keeps_serving_the_valid_token(
-    driver: tuple[SessionManager, SteppedClock], fake_provider: FakeProvider
+    driver: tuple[SessionManager, FakeClock], fake_provider: FakeProvider
 ) -> None:
     manager, clock = driver
     fake_provider.then(Behaviour("status", status=503))
-    clock.now += 3000  # inside the refresh window, still valid
-    result = await manager.token(token_request(min_valid=1200), PEER)
-    assert result.access_token == "login-at"
+    clock.jump(3100)  # inside the refresh window (75-85 % of 3600 s), still valid
+    result = await manager.token(token_request(), PEER)
+    assert result.access_token == "login-at"  # answered at once; the refresh runs behind
+    await settle(manager)
+    assert len(fake_provider.refresh_requests()) == 1
     info = (await manager.sessions(None))[0]
     assert info.last_refresh_outcome is not None and "503" in info.last_refresh_outcome
     assert any("refreshing failed" in w for w in manager.warnings())
@@ -105,36 +119,36 @@ async def test_transient_failure_keeps_serving_the_valid_token(
     ids=["500", "502", "reset", "timeout", "malformed"],
 )
 async def test_failure_without_a_valid_token_is_a_clear_refresh_failed(
-    driver: tuple[SessionManager, SteppedClock], fake_provider: FakeProvider, fault: Behaviour
+    driver: tuple[SessionManager, FakeClock], fake_provider: FakeProvider, fault: Behaviour
 ) -> None:
     manager, clock = driver
     fake_provider.then(fault)
-    clock.now += 4000  # expired
+    clock.jump(4000)  # expired
     with pytest.raises(OpError) as caught:
         await manager.token(token_request(), PEER)
     assert caught.value.code == "refresh_failed"
     assert "rt-0" not in caught.value.message
     # Nothing was lost: once the provider answers again (after the backoff), it works.
-    clock.now += 120
+    clock.jump(120)
     result = await manager.token(token_request(), PEER)
     assert result.access_token.startswith("fake-at-")
     assert fake_provider.refresh_requests()[-1]["refresh_token"] == "rt-0"
 
 
 async def test_429_retry_after_is_honoured(
-    driver: tuple[SessionManager, SteppedClock], fake_provider: FakeProvider
+    driver: tuple[SessionManager, FakeClock], fake_provider: FakeProvider
 ) -> None:
     manager, clock = driver
     fake_provider.then(Behaviour("status", status=429, retry_after="90"))
-    clock.now += 4000
+    clock.jump(4000)
     with pytest.raises(OpError):
         await manager.token(token_request(), PEER)
-    clock.now += 60
+    clock.jump(60)
     with pytest.raises(OpError) as caught:  # still inside Retry-After: no new request
         await manager.token(token_request(), PEER)
     assert caught.value.code == "refresh_failed"
     assert len(fake_provider.refresh_requests()) == 1
-    clock.now += 31
+    clock.jump(31)
     assert (await manager.token(token_request(), PEER)).access_token == "fake-at-1"
 
 
@@ -149,25 +163,25 @@ async def test_429_retry_after_is_honoured(
     ids=["string", "missing", "form-encoded", "float"],
 )
 async def test_odd_but_valid_token_responses(
-    driver: tuple[SessionManager, SteppedClock],
+    driver: tuple[SessionManager, FakeClock],
     fake_provider: FakeProvider,
     behaviour: Behaviour,
     lifetime: float,
 ) -> None:
     manager, clock = driver
     fake_provider.then(behaviour)
-    clock.now += 4000
+    clock.jump(4000)
     result = await manager.token(token_request(), PEER)
     assert result.access_token == "fake-at-1"
-    assert result.expires_at == pytest.approx(clock.now + lifetime)
+    assert result.expires_at == pytest.approx(clock.now() + lifetime)
 
 
 async def test_invalid_grant_requires_login_and_deletes_the_refresh_token(
-    driver: tuple[SessionManager, SteppedClock], fake_provider: FakeProvider
+    driver: tuple[SessionManager, FakeClock], fake_provider: FakeProvider
 ) -> None:
     manager, clock = driver
     fake_provider.then(Behaviour("error", error="invalid_grant"))
-    clock.now += 4000
+    clock.jump(4000)
     with pytest.raises(OpError) as caught:
         await manager.token(token_request(), PEER)
     assert caught.value.code == "login_required"
@@ -180,13 +194,14 @@ async def test_invalid_grant_requires_login_and_deletes_the_refresh_token(
 
 
 async def test_rotated_refresh_token_is_persisted_and_used(
-    driver: tuple[SessionManager, SteppedClock], fake_provider: FakeProvider
+    driver: tuple[SessionManager, FakeClock], fake_provider: FakeProvider
 ) -> None:
     manager, clock = driver
-    clock.now += 4000
+    clock.jump(4000)
     await manager.token(token_request(), PEER)
+    await settle(manager)  # the token is answered first; the write follows at once
     assert await manager.store.get_secret("s1", "refresh_token") == "fake-rt-1"
-    clock.now += 4000
+    clock.jump(4000)
     await manager.token(token_request(), PEER)
     assert [r["refresh_token"] for r in fake_provider.refresh_requests()] == ["rt-0", "fake-rt-1"]
 
@@ -194,40 +209,39 @@ async def test_rotated_refresh_token_is_persisted_and_used(
 async def test_keyring_failing_during_rotation_loses_nothing(
     fake_provider: FakeProvider, tmp_path: object
 ) -> None:
-    clock = SteppedClock()
     secrets = FailingSecrets()
     secrets.failing = False
-    provider = ProviderClient(now=clock, timeout=0.5)
-    manager = SessionManager(SessionStore(str(tmp_path), secrets), provider, now=clock)
-    await adopt(manager, fake_provider, clock, lifetime=3600)
-    secrets.failing = True
-    try:
-        clock.now += 4000
+    async with running_manager(fake_provider, tmp_path, secrets) as (manager, clock):
+        secrets.failing = True
+        clock.jump(4000)
         assert (await manager.token(token_request(), PEER)).access_token == "fake-at-1"
+        await settle(manager)
         assert any("could not be saved" in w for w in manager.warnings())
+        assert await manager.store.get_secret("s1", "refresh_token") == "rt-0"
         # The rotated token lives on in memory: the next refresh spends it, not the old one.
-        clock.now += 4000
+        clock.jump(4000)
         assert (await manager.token(token_request(), PEER)).access_token == "fake-at-2"
+        await settle(manager)
         assert fake_provider.refresh_requests()[-1]["refresh_token"] == "fake-rt-1"
-        # Once the keyring works again, the retried write saves the newest token.
+        # Once the keyring works again, the scheduler's retried write saves the newest token.
         secrets.failing = False
+        clock.advance(61)  # past the longest persist backoff after two failures
         session = manager.by_id["s1"]
-        clock.now += 31
-        assert session.lifecycle is not None and session.lifecycle.persist_retry_due(clock.now)
-        await manager._persist_rotated(session)
+        assert session.lifecycle is not None
+        with anyio.fail_after(10):
+            while session.lifecycle.status(clock.now()).unsaved_refresh_token:
+                await session.changed.wait()
         assert await manager.store.get_secret("s1", "refresh_token") == "fake-rt-2"
         assert not any("could not be saved" in w for w in manager.warnings())
-    finally:
-        await provider.aclose()
 
 
 async def test_provider_clock_skew_is_measured(
-    driver: tuple[SessionManager, SteppedClock], fake_provider: FakeProvider
+    driver: tuple[SessionManager, FakeClock], fake_provider: FakeProvider
 ) -> None:
     manager, clock = driver
     ahead = email.utils.formatdate(T0 + 4000 + 300, usegmt=True)
     fake_provider.then(Behaviour(date=ahead))
-    clock.now += 4000
+    clock.jump(4000)
     await manager.token(token_request(), PEER)
     skew = manager.clock_skew()
     assert skew is not None and 299 <= skew <= 301

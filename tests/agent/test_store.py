@@ -1,154 +1,512 @@
-"""The storage edge: keyring probing with a deadline, memory fallback, atomic 0600 state."""
+"""The storage edge: keyring probed under a deadline, memory said plainly, atomic 0600 state.
+
+The keyring tests run against a real Secret Service (gnome-keyring on a
+private D-Bus bus, ``support.keyring_fixture``); the hanging and missing
+keyrings are selected the way a person would, with PYTHON_KEYRING_BACKEND.
+Real time is spent only in the short deadlines under test.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
-import threading
-from collections.abc import Iterator
+import sys
+import textwrap
+import time
+import traceback
 from pathlib import Path
 
-import keyring
+import anyio
+import anyio.lowlevel
 import keyring.backend
-import keyring.backends.fail
+import keyring.errors
+import msgspec
 import pytest
 
 from compozy_agent.store import (
+    FileSecrets,
+    KeyringSecrets,
+    MemorySecrets,
     SecretStoreError,
     SecretStoreUnavailable,
+    SessionStore,
     StateFileCorrupt,
     StoredSession,
+    StoreError,
     open_store,
 )
+from support.keyring_fixture import HangingKeyring, KeyringEnv, SecretService
 
 pytestmark = pytest.mark.anyio
 
-
-class HangingKeyring(keyring.backend.KeyringBackend):
-    """A Secret Service that never answers, as a locked one over SSH may."""
-
-    priority = 1  # type: ignore[assignment]
-    release = threading.Event()
-
-    def get_password(self, service: str, username: str) -> str | None:
-        self.release.wait(30)
-        return None
-
-    def set_password(self, service: str, username: str, password: str) -> None:
-        self.release.wait(30)
-
-    def delete_password(self, service: str, username: str) -> None:
-        self.release.wait(30)
+SECRET = "rt-Zq8vN3kS0-very-secret"
+SESSION = StoredSession(
+    token_id="tok-1", profile="dev", kind="oidc", issuer="https://id.example.test",
+    client_id="cli", subject="sub-4711", account="alice@example.test", scopes=["openid"],
+    created_at=1_800_000_000.0,
+)
+#: Short deadlines under test; generous bounds for the time they may take.
+DEADLINE = 0.3
+SLACK = 2.0
 
 
-class DictKeyring(keyring.backend.KeyringBackend):
-    priority = 1  # type: ignore[assignment]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.values: dict[tuple[str, str], str] = {}
-
-    def get_password(self, service: str, username: str) -> str | None:
-        return self.values.get((service, username))
-
-    def set_password(self, service: str, username: str, password: str) -> None:
-        self.values[(service, username)] = password
-
-    def delete_password(self, service: str, username: str) -> None:
-        self.values.pop((service, username), None)
+@pytest.fixture(autouse=True)
+def _never_the_persons_keyring(no_keyring: KeyringEnv) -> None:
+    """Tests that want a keyring ask for one; the rest see none, never the person's own."""
 
 
-@pytest.fixture
-def use_keyring() -> Iterator[object]:
-    previous = keyring.get_keyring()
-
-    def install(backend: keyring.backend.KeyringBackend) -> None:
-        keyring.set_keyring(backend)
-
-    yield install
-    HangingKeyring.release.set()
-    keyring.set_keyring(previous)
-    HangingKeyring.release.clear()
+def shown(exc: BaseException) -> str:
+    """Everything an exception can show: str, repr, and the traceback with its chain."""
+    return str(exc) + repr(exc) + "".join(traceback.format_exception(exc))
 
 
-async def test_no_keyring_means_memory_said_plainly(tmp_path: Path, use_keyring) -> None:  # type: ignore[no-untyped-def]
-    use_keyring(keyring.backends.fail.Keyring())
+def state_path(directory: Path) -> Path:
+    return directory / "sessions.json"
+
+
+# --------------------------------------------------------------------------
+# The real Secret Service.
+
+
+@pytest.mark.real_keyring
+async def test_probe_passes_and_secrets_round_trip_in_the_real_keyring(
+    tmp_path: Path, real_keyring: SecretService
+) -> None:
+    store = await open_store("auto", str(tmp_path))
+    assert store.info.backend == "keyring" and store.info.persistent is True
+    assert "SecretService" in store.info.detail
+    await store.put_secret("tok-1", "refresh_token", SECRET)
+    assert await store.get_secret("tok-1", "refresh_token") == SECRET
+    await store.put_secret("tok-1", "refresh_token", SECRET + "-rotated")  # replaces
+    assert await store.get_secret("tok-1", "refresh_token") == SECRET + "-rotated"
+    await store.delete_secret("tok-1", "refresh_token")
+    assert await store.get_secret("tok-1", "refresh_token") is None
+    await store.delete_secret("tok-1", "refresh_token")  # already gone: fine
+    assert [i for i in real_keyring.items() if i[0].get("service") == "compozy-agent"] == []
+
+
+@pytest.mark.real_keyring
+async def test_metadata_never_in_the_keyring_and_secrets_never_in_the_state_file(
+    tmp_path: Path, real_keyring: SecretService
+) -> None:
+    store = await open_store("keyring", str(tmp_path))
+    await store.put_secret(SESSION.token_id, "refresh_token", SECRET)
+    await store.save_metadata([SESSION])
+
+    items = [i for i in real_keyring.items() if i[0].get("service") == "compozy-agent"]
+    assert [(attributes["username"], secret) for attributes, _, secret in items] == [
+        ("tok-1:refresh_token", SECRET.encode())]
+    visible = json.dumps([[attributes, label] for attributes, label, _ in items])
+    for value in ("dev", "id.example.test", "sub-4711", "alice", "openid", "cli"):
+        assert value not in visible.replace("compozy-agent", "")
+
+    text = state_path(tmp_path).read_text()
+    assert SECRET not in text
+    assert "alice@example.test" in text and "tok-1" in text
+    assert store.load() == [SESSION]
+
+
+@pytest.mark.real_keyring
+async def test_missing_secret_restores_as_login_required(
+    tmp_path: Path, real_keyring: SecretService
+) -> None:
+    from compozy_agent.http import ProviderClient
+    from compozy_agent.sessions import SessionManager
+
+    store = await open_store("keyring", str(tmp_path))
+    await store.save_metadata([SESSION])  # the keyring entry is gone (or never made it)
+    assert await store.get_secret(SESSION.token_id, "refresh_token") is None
+    provider = ProviderClient(now=time.time)
+    try:
+        manager = SessionManager(store, provider)
+        await manager.restore()
+        [info] = await manager.sessions(None)
+    finally:
+        await provider.aclose()
+    assert (info.token_id, info.state, info.account) == ("tok-1", "login_required",
+                                                         "alice@example.test")
+
+
+@pytest.mark.real_keyring
+async def test_a_locked_keyring_falls_back_to_memory_plainly(
+    tmp_path: Path, locked_keyring: SecretService
+) -> None:
+    store = await open_store("auto", str(tmp_path), probe_timeout=SLACK)
+    assert store.info.backend == "memory" and store.info.persistent is False
+    assert store.info.detail.startswith("no working keyring: the keyring is locked")
+    with pytest.raises(SecretStoreUnavailable, match="storage: keyring is set") as caught:
+        await open_store("keyring", str(tmp_path), probe_timeout=SLACK)
+    assert "locked" in str(caught.value)
+
+
+@pytest.mark.real_keyring
+async def test_a_keyring_locked_after_start_gives_a_clear_error(
+    tmp_path: Path, real_keyring: SecretService
+) -> None:
+    store = await open_store("keyring", str(tmp_path))
+    await store.put_secret("tok-1", "refresh_token", SECRET)
+    real_keyring.lock()
+    try:
+        with pytest.raises(SecretStoreError, match="could not read tok-1:refresh_token: "
+                           "the keyring is locked") as read:
+            await store.get_secret("tok-1", "refresh_token")
+        with pytest.raises(SecretStoreError, match="could not save") as write:
+            await store.put_secret("tok-1", "refresh_token", SECRET + "-rotated")
+    finally:
+        real_keyring.unlock()
+    assert SECRET not in shown(read.value) + shown(write.value)
+    assert await store.get_secret("tok-1", "refresh_token") == SECRET  # works again
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the Secret Service is Linux's")
+@pytest.mark.parametrize("bus_socket_exists", [False, True], ids=["no-bus", "bus-not-exported"])
+async def test_no_session_bus_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bus_socket_exists: bool
+) -> None:
+    # As over SSH: no bus address, no keyring configured; keyring detects what it can.
+    for name in ("DBUS_SESSION_BUS_ADDRESS", "PYTHON_KEYRING_BACKEND"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))  # no keyringrc.cfg
+    if bus_socket_exists:
+        (tmp_path / "bus").touch()
+    store = await open_store("auto", str(tmp_path / "state"))
+    assert store.info.backend == "memory" and store.info.persistent is False
+    if bus_socket_exists:
+        assert store.info.detail == (
+            "no working keyring: Secret Service not available: DBUS_SESSION_BUS_ADDRESS is not "
+            f"set, though a session bus is at {tmp_path}/bus (export "
+            f"DBUS_SESSION_BUS_ADDRESS=unix:path={tmp_path}/bus)")
+    else:
+        assert store.info.detail == ("no working keyring: Secret Service not available: "
+                                     "there is no D-Bus session bus (as over SSH)")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the Secret Service is Linux's")
+async def test_an_unreachable_session_bus_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTHON_KEYRING_BACKEND", "keyring.backends.SecretService.Keyring")
+    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", f"unix:path={tmp_path}/no-bus")
+    store = await open_store("auto", str(tmp_path / "state"))
+    assert store.info.backend == "memory"
+    assert store.info.detail == ("no working keyring: Secret Service not available: cannot "
+                                 "connect to the D-Bus session bus (No such file or directory)")
+
+
+# --------------------------------------------------------------------------
+# No keyring, a hanging keyring, failing keyrings.
+
+
+async def test_no_keyring_means_memory_said_plainly(tmp_path: Path) -> None:
     store = await open_store("auto", str(tmp_path))
     assert store.info.backend == "memory" and store.info.persistent is False
-    assert "no working keyring" in store.info.detail
-    with pytest.raises(SecretStoreUnavailable, match="storage: keyring was asked for"):
+    assert store.info.detail == ("no working keyring: PYTHON_KEYRING_BACKEND="
+                                 "keyring.backends.fail.Keyring offers no keyring")
+    await store.put_secret("tok-1", "refresh_token", SECRET)  # kept for the agent's life
+    assert await store.get_secret("tok-1", "refresh_token") == SECRET
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no plaintext anywhere
+    with pytest.raises(SecretStoreUnavailable, match="storage: keyring is set in the config"):
         await open_store("keyring", str(tmp_path))
 
 
-async def test_a_hanging_keyring_is_probed_with_a_deadline(tmp_path: Path, use_keyring) -> None:  # type: ignore[no-untyped-def]
-    use_keyring(HangingKeyring())
-    store = await open_store("auto", str(tmp_path), probe_timeout=0.3)
-    assert store.info.backend == "memory"
-    assert "did not answer within" in store.info.detail
-
-
-async def test_keyring_round_trip_keeps_secrets_out_of_the_state_file(
-    tmp_path: Path,
-    use_keyring,  # type: ignore[no-untyped-def]
-) -> None:
-    backend = DictKeyring()
-    use_keyring(backend)
-    store = await open_store("auto", str(tmp_path))
-    assert store.info.backend == "keyring"
-    await store.put_secret("abc", "refresh_token", "rt-secret")
-    assert await store.get_secret("abc", "refresh_token") == "rt-secret"
-    store.save([StoredSession(token_id="abc", profile="dev", kind="oidc", account="a@b")])
-    text = (tmp_path / "sessions.json").read_text()
-    assert "rt-secret" not in text and "a@b" in text
-    assert list(backend.values) == [("compozy-agent", "abc:refresh_token")]
-    assert stat.S_IMODE((tmp_path / "sessions.json").stat().st_mode) == 0o600
-    await store.delete_secret("abc", "refresh_token")
-    assert await store.get_secret("abc", "refresh_token") is None
-    assert [p.name for p in tmp_path.iterdir()] == ["sessions.json"]  # no temp files left
-
-
-async def test_a_keyring_call_that_hangs_times_out_cleanly(tmp_path: Path, use_keyring) -> None:  # type: ignore[no-untyped-def]
-    import compozy_agent.store as store_module
-
-    backend = DictKeyring()
-    use_keyring(backend)
-    store = await open_store("auto", str(tmp_path))
-    store.secrets._backend = HangingKeyring()  # type: ignore[attr-defined]
-    original = store_module.CALL_TIMEOUT
-    store_module.CALL_TIMEOUT = 0.3
-    try:
-        with pytest.raises(SecretStoreError, match="did not answer") as caught:
-            await store.put_secret("abc", "refresh_token", "rt-secret")
-        assert "rt-secret" not in str(caught.value)
-    finally:
-        store_module.CALL_TIMEOUT = original
-
-
-async def test_file_storage_only_on_opt_in_and_0600(tmp_path: Path) -> None:
-    store = await open_store("file", str(tmp_path / "state"))
-    assert store.info.backend == "file" and "opted in" in store.info.detail
-    await store.put_secret("abc", "api_key", "k-1")
-    secrets = tmp_path / "state" / "secrets.json"
-    assert stat.S_IMODE(secrets.stat().st_mode) == 0o600
-    assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
-    assert await store.get_secret("abc", "api_key") == "k-1"
-
-
-async def test_corrupt_state_file_is_reported_and_never_overwritten(tmp_path: Path) -> None:
-    state = tmp_path / "sessions.json"
-    state.write_text("{half a file")
+async def test_memory_storage_is_said_plainly(tmp_path: Path) -> None:
     store = await open_store("memory", str(tmp_path))
-    with pytest.raises(StateFileCorrupt, match="move it aside") as caught:
-        store.load()
-    assert str(state) in str(caught.value)
-    with pytest.raises(StateFileCorrupt, match="not overwriting"):
+    assert store.info.backend == "memory" and store.info.persistent is False
+    assert store.info.detail == "storage: memory in the config"
+
+
+async def test_a_hanging_keyring_is_probed_with_a_deadline(
+    tmp_path: Path, hanging_keyring: KeyringEnv
+) -> None:
+    started = time.monotonic()
+    store = await open_store("auto", str(tmp_path), probe_timeout=DEADLINE)
+    assert DEADLINE <= time.monotonic() - started < DEADLINE + SLACK
+    assert HangingKeyring.calls == 1
+    assert store.info.backend == "memory" and store.info.persistent is False
+    assert store.info.detail == ("no working keyring: the keyring did not answer within "
+                                 "0.3 s (locked or hung?)")
+
+    started = time.monotonic()
+    with pytest.raises(SecretStoreUnavailable, match=r"did not answer within 0\.3 s"):
+        await open_store("keyring", str(tmp_path), probe_timeout=DEADLINE)
+    assert time.monotonic() - started < DEADLINE + SLACK
+
+
+async def test_a_keyring_call_that_hangs_times_out_cleanly(
+    tmp_path: Path, hanging_keyring: KeyringEnv
+) -> None:
+    store = SessionStore(str(tmp_path), KeyringSecrets(HangingKeyring()), call_timeout=DEADLINE)
+    started = time.monotonic()
+    with pytest.raises(SecretStoreError, match=r"could not save tok-1:refresh_token: "
+                       r"no answer within 0\.3 s") as caught:
+        await store.put_secret("tok-1", "refresh_token", SECRET)
+    assert DEADLINE <= time.monotonic() - started < DEADLINE + SLACK
+    assert SECRET not in shown(caught.value)
+    # Later calls queue behind the stuck one (so writes keep their order) and time out too.
+    with pytest.raises(SecretStoreError, match="could not read"):
+        await store.get_secret("tok-1", "refresh_token")
+
+
+async def test_a_hung_keyring_does_not_keep_the_agent_from_exiting(
+    tmp_path: Path, hanging_keyring: KeyringEnv
+) -> None:
+    # anyio's worker threads are not daemons: a call stuck in one would block
+    # interpreter exit. The store's calls run in a daemon thread instead.
+    code = textwrap.dedent(f"""
+        import anyio
+        from compozy_agent.store import open_store
+        store = anyio.run(lambda: open_store("auto", {str(tmp_path)!r}, probe_timeout=0.2))
+        print(store.info.detail, flush=True)
+    """)
+    started = time.monotonic()
+    with anyio.fail_after(30):
+        result = await anyio.run_process([sys.executable, "-c", code], check=False,
+                                         env={**os.environ, **hanging_keyring.env})
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"did not answer within 0.2 s" in result.stdout
+    assert time.monotonic() - started < 15  # an interpreter start, not HANG_LIMIT (60 s)
+
+
+class RaisingKeyring(keyring.backend.KeyringBackend):
+    """A keyring failing with an exception whose message quotes the secret."""
+
+    priority = -1  # type: ignore[assignment]  # never chosen unless named
+
+    def __init__(self, error: type[BaseException] | BaseException) -> None:
+        super().__init__()
+        self.error = error
+
+    def _raise(self, secret: str) -> None:
+        if isinstance(self.error, BaseException):
+            raise self.error
+        try:
+            raise RuntimeError(f"inner failure on {secret}")
+        except RuntimeError as inner:
+            raise self.error(f"could not handle {secret}") from inner
+
+    def get_password(self, service: str, username: str) -> str | None:
+        self._raise(SECRET)
+        return None
+
+    def set_password(self, service: str, username: str, password: str) -> None:
+        self._raise(password)
+
+    def delete_password(self, service: str, username: str) -> None:
+        self._raise(SECRET)
+
+
+@pytest.mark.parametrize(
+    ("error_name", "reason"),
+    [
+        ("keyring.errors.PasswordSetError", "the keyring refused to store the entry"),
+        ("keyring.errors.KeyringLocked", "the keyring is locked and could not be unlocked"),
+        ("secretstorage.exceptions.LockedException", "the keyring is locked"),
+        ("secretstorage.exceptions.SecretServiceNotAvailableException",
+         "Secret Service not available on the session bus"),
+        ("builtins.ValueError", "unexpected ValueError"),
+        ("builtins.UnicodeDecodeError", "the stored value is not valid text"),
+    ],
+    ids=["PasswordSetError", "KeyringLocked", "LockedException", "SecretServiceNotAvailable",
+         "other", "not-utf8"],
+)
+async def test_keyring_errors_are_mapped_without_their_messages(
+    tmp_path: Path, error_name: str, reason: str
+) -> None:
+    module, _, name = error_name.rpartition(".")
+    error: type[BaseException] | BaseException = getattr(pytest.importorskip(module), name)
+    if error is UnicodeDecodeError:  # as a secret that is not UTF-8 would fail
+        error = UnicodeDecodeError("utf-8", SECRET.encode(), 0, 1, "invalid start byte")
+    store = SessionStore(str(tmp_path), KeyringSecrets(RaisingKeyring(error)))
+    with pytest.raises(SecretStoreError) as caught:
+        await store.put_secret("tok-1", "refresh_token", SECRET)
+    assert str(caught.value) == f"keyring store: could not save tok-1:refresh_token: {reason}"
+    assert caught.value.__cause__ is None and caught.value.__context__ is None
+    assert SECRET not in shown(caught.value)
+
+
+async def test_a_dbus_error_is_named(tmp_path: Path) -> None:
+    jeepney = pytest.importorskip("jeepney")
+    header = jeepney.low_level.Header(
+        jeepney.low_level.Endianness.little, jeepney.MessageType.error, 0, 1, 0, 1,
+        {jeepney.HeaderFields.error_name: "org.freedesktop.DBus.Error.ServiceUnknown"})
+    error = jeepney.DBusErrorResponse(jeepney.low_level.Message(header, (SECRET,)))
+    store = SessionStore(str(tmp_path), KeyringSecrets(RaisingKeyring(error)))
+    with pytest.raises(SecretStoreError) as caught:
+        await store.get_secret("tok-1", "refresh_token")
+    assert str(caught.value).endswith("the Secret Service answered with a D-Bus error "
+                                      "(org.freedesktop.DBus.Error.ServiceUnknown)")
+    assert SECRET not in shown(caught.value)
+
+
+async def test_reprs_show_no_secret(tmp_path: Path) -> None:
+    store = await open_store("memory", str(tmp_path))
+    await store.put_secret("tok-1", "refresh_token", SECRET)
+    for value in (store, store.secrets, store.info):
+        assert SECRET not in repr(value)
+
+
+# --------------------------------------------------------------------------
+# The state file.
+
+
+async def test_state_file_is_0600_in_a_0700_dir_and_written_atomically(tmp_path: Path) -> None:
+    directory = tmp_path / "state"
+    store = await open_store("memory", str(directory))
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert store.load() == []
+    old = os.umask(0o022)  # a usual umask: the file is still 0600
+    try:
+        await store.save_metadata([SESSION])
+        store.save([SESSION, StoredSession(token_id="tok-2", profile="x", kind="api_key")])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(state_path(directory).stat().st_mode) == 0o600
+    assert [p.name for p in directory.iterdir()] == ["sessions.json"]  # no temp files left
+    document = json.loads(state_path(directory).read_text())
+    assert document["version"] == 1 and [s["token_id"] for s in document["sessions"]] == [
+        "tok-1", "tok-2"]
+    assert [s.token_id for s in store.load()] == ["tok-1", "tok-2"]
+
+    state_path(directory).unlink()
+    directory.rmdir()  # removed while the agent runs: made again, 0700
+    store.save([SESSION])
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700 and store.load() == [SESSION]
+
+
+async def test_a_failed_write_leaves_the_good_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await open_store("memory", str(tmp_path))
+    store.save([SESSION])
+    good = state_path(tmp_path).read_bytes()
+
+    def disk_full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(StoreError, match=r"cannot write .*sessions\.json: No space left"):
         store.save([])
-    assert state.read_text() == "{half a file"
+    monkeypatch.undo()
+    assert state_path(tmp_path).read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["sessions.json"]
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"{half a file", "is corrupt; move it aside"),
+        (b'{"version": 2, "sessions": []}', "has version 2, which this agent"),
+        (b'{"version": 1, "sessions": [{"profile": "no token id"}]}', "is corrupt"),
+    ],
+    ids=["truncated", "newer", "invalid"],
+)
+async def test_corrupt_state_file_is_reported_and_never_overwritten(
+    tmp_path: Path, content: bytes, says: str
+) -> None:
+    state_path(tmp_path).write_bytes(content)
+    store = await open_store("memory", str(tmp_path))
+    with pytest.raises(StateFileCorrupt, match=says) as caught:
+        store.load()
+    assert str(state_path(tmp_path)) in str(caught.value)
+    with pytest.raises(StateFileCorrupt, match="not overwriting the unreadable state file"):
+        store.save([SESSION])
+    with pytest.raises(StateFileCorrupt, match="not overwriting"):
+        await store.save_metadata([SESSION])
+    assert state_path(tmp_path).read_bytes() == content
+    state_path(tmp_path).rename(tmp_path / "sessions.json.bad")  # moved aside: saving works
+    store.save([SESSION])
+    assert store.load() == [SESSION]
+
+
+async def test_unknown_fields_are_tolerated(tmp_path: Path) -> None:
+    document = {"version": 1, "written_by": "a newer agent",
+                "sessions": [{**msgspec.to_builtins(SESSION), "colour": "blue"}]}
+    state_path(tmp_path).write_text(json.dumps(document))
+    store = await open_store("memory", str(tmp_path))
+    assert store.load() == [SESSION]
+
+
+async def test_forget_removes_secrets_and_metadata(tmp_path: Path) -> None:
+    store = await open_store("memory", str(tmp_path))
+    other = StoredSession(token_id="tok-2", profile="x", kind="api_key")
+    await store.put_secret("tok-1", "refresh_token", SECRET)
+    await store.put_secret("tok-2", "api_key", "key-2")
+    await store.save_metadata([SESSION, other])
+    await store.forget("tok-1")
+    assert store.load() == [other]
+    assert await store.get_secret("tok-1", "refresh_token") is None
+    assert await store.get_secret("tok-2", "api_key") == "key-2"
 
 
 async def test_state_dir_writable_by_others_is_refused(tmp_path: Path) -> None:
     target = tmp_path / "state"
     target.mkdir()
     os.chmod(target, 0o777)
-    with pytest.raises(Exception, match="writable by others"):
+    with pytest.raises(StoreError, match="writable by others; run: chmod 700"):
         await open_store("memory", str(target))
+
+
+# --------------------------------------------------------------------------
+# The opt-in plaintext file.
+
+
+async def test_file_storage_only_on_opt_in_and_0600(tmp_path: Path) -> None:
+    auto = await open_store("auto", str(tmp_path / "auto"))  # no keyring: memory, no file
+    await auto.put_secret("tok-1", "api_key", SECRET)
+    assert not (tmp_path / "auto" / "secrets.json").exists()
+
+    store = await open_store("file", str(tmp_path / "state"))
+    assert store.info.backend == "file" and store.info.persistent is True
+    assert "storage: file in the config" in store.info.detail
+    await store.put_secret("tok-1", "api_key", SECRET)
+    secrets_file = tmp_path / "state" / "secrets.json"
+    assert stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
+    assert await store.get_secret("tok-1", "api_key") == SECRET
+    await store.delete_secret("tok-1", "api_key")
+    assert await store.get_secret("tok-1", "api_key") is None
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["secrets.json"]
+
+
+async def test_a_bad_secrets_file_is_refused_not_overwritten(tmp_path: Path) -> None:
+    path = tmp_path / "secrets.json"
+    store = SessionStore(str(tmp_path), FileSecrets(str(path)))
+    path.write_text("[not an object")
+    os.chmod(path, 0o600)
+    with pytest.raises(SecretStoreError, match=r"secrets\.json is corrupt; move it aside"):
+        await store.put_secret("tok-1", "api_key", SECRET)
+    assert path.read_text() == "[not an object"
+
+    path.write_text(json.dumps({"tok-1:api_key": SECRET}))
+    os.chmod(path, 0o644)
+    with pytest.raises(SecretStoreError, match="may be read by others; run: chmod 600") as caught:
+        await store.get_secret("tok-1", "api_key")
+    assert SECRET not in shown(caught.value)
+
+
+# --------------------------------------------------------------------------
+# Order of calls.
+
+
+class RecordingSecrets(MemorySecrets):
+    def __init__(self) -> None:
+        super().__init__()
+        self.order: list[str] = []
+
+    def put(self, key: str, value: str) -> None:
+        self.order.append(value)
+        super().put(key, value)
+
+
+async def test_calls_run_in_the_order_they_were_made(tmp_path: Path) -> None:
+    secrets = RecordingSecrets()
+    store = SessionStore(str(tmp_path), secrets)
+    values = [f"rt-{n}" for n in range(20)]
+    async with anyio.create_task_group() as group:
+        for value in values:
+            group.start_soon(store.put_secret, "tok-1", "refresh_token", value)
+            await anyio.lowlevel.checkpoint()
+    assert secrets.order == values
+    assert await store.get_secret("tok-1", "refresh_token") == "rt-19"

@@ -2,23 +2,33 @@
 
 ``OidcTestProvider`` installs the pinned package (``npm ci``) on first use,
 starts ``tests/provider/server.js`` on 127.0.0.1 and reads its event lines, so
-tests can count token-endpoint calls. ``approve_device``/``deny_device`` and
-``complete_browser_login``/``deny_browser_login`` act as the person at the
-browser, over plain HTTP, following the provider's own forms.
+tests can count calls to the token, revocation and device endpoints. The
+``oidc_provider`` fixture is one provider per test session; the
+``oidc_provider_factory`` fixture starts providers with other lifetimes.
+
+``approve_device``/``deny_device`` and ``complete_browser_login``/
+``deny_browser_login`` act as the person at the browser, over plain HTTP,
+following the provider's own forms. The provider's pages (server.js) end with
+``<meta name="outcome" content="approved|denied|error">``, which is how these
+helpers know that what they meant to do happened.
+
+Tests using the provider carry the ``real_provider`` marker; tests that ask for
+the fixtures get it added at collection, so ``-m "not real_provider"`` works.
 """
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import fcntl
+import hashlib
 import json
 import subprocess
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urljoin, urlsplit
 
 import httpx
@@ -28,46 +38,102 @@ from support.real_parts import require_tools
 
 PROVIDER_DIR = Path(__file__).resolve().parent.parent / "provider"
 CLIENT_ID = "compozy-cli"
+#: The API resource (RFC 8707) whose access tokens are JWTs with this ``aud``.
 API_RESOURCE = "https://api.compozy.dev"
+SCOPES = (
+    "openid",
+    "profile",
+    "email",
+    "offline_access",
+    "compozy:read",
+    "compozy:write",
+    "compozy:deploy",
+)
+#: Every account's password on the provider's login page.
+PASSWORD = "test"
 START_TIMEOUT = 60.0
+INSTALL_TIMEOUT = 600.0
+DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+PROVIDER_FIXTURES = frozenset({"oidc_provider", "oidc_provider_factory"})
 
 
-def _require(tool: str, package: str) -> str:
-    return require_tools((tool,), package, "for the test OpenID provider")[0]
+def _lock_digest() -> str:
+    digest = hashlib.sha256()
+    for name in ("package.json", "package-lock.json"):
+        digest.update((PROVIDER_DIR / name).read_bytes())
+    return digest.hexdigest()
 
 
-def ensure_installed() -> None:
-    """`npm ci` in tests/provider when node_modules is missing or older than the lock file."""
-    _require("node", "nodejs")
-    npm = _require("npm", "npm")
-    lock = PROVIDER_DIR / "package-lock.json"
-    marker = PROVIDER_DIR / "node_modules" / ".package-lock.json"
+def ensure_installed() -> tuple[str, str]:
+    """`npm ci` in tests/provider unless node_modules holds an install of this very lock file.
+
+    A stamp in node_modules records the digest of package.json and package-lock.json
+    after an install succeeded: a changed lock file, a missing or half-finished
+    node_modules all reinstall, and nothing else does (file times lie after a checkout).
+    Returns the paths of node and npm. Missing tools fail under CI=true, else skip.
+    """
+    node, npm = require_tools(("node", "npm"), "nodejs npm", "for the test OpenID provider")
+    stamp = PROVIDER_DIR / "node_modules" / ".compozy-installed"
+    package = PROVIDER_DIR / "node_modules" / "oidc-provider" / "package.json"
     with open(PROVIDER_DIR / ".install.lock", "w") as guard:
-        fcntl.flock(guard, fcntl.LOCK_EX)  # parallel test sessions install once
-        if marker.exists() and marker.stat().st_mtime >= lock.stat().st_mtime:
-            return
-        result = subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=PROVIDER_DIR,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        fcntl.flock(guard, fcntl.LOCK_EX)  # parallel test sessions install once, in turn
+        wanted = _lock_digest()
+        if package.exists() and stamp.exists() and stamp.read_text().strip() == wanted:
+            return node, npm
+        try:
+            result = subprocess.run(
+                [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+                cwd=PROVIDER_DIR,
+                capture_output=True,
+                text=True,
+                timeout=INSTALL_TIMEOUT,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"npm ci in {PROVIDER_DIR} took more than {INSTALL_TIMEOUT:.0f} s")
         if result.returncode != 0:
             pytest.fail(f"npm ci in {PROVIDER_DIR} failed:\n{result.stderr[-2000:]}")
+        stamp.write_text(wanted + "\n")
+    return node, npm
 
 
-@dataclass
 class OidcTestProvider:
-    """A running provider; ``events`` holds its stdout lines as dicts."""
+    """A running test provider. Start it with :meth:`start`; stop it with :meth:`stop`.
 
-    proc: subprocess.Popen[bytes]
-    issuer: str
+    Its stdout lines (one JSON object each, never a token value) are read in a
+    background thread; :meth:`events`, :meth:`count` and :meth:`count_token_calls`
+    first ask the provider how many lines it has written and wait until all of
+    them are read, so a count taken after a call returned includes that call.
+    """
+
     client_id: str = CLIENT_ID
     api: str = API_RESOURCE
-    events: list[dict[str, Any]] = field(default_factory=list)
-    port: int = 0
-    _arrived: threading.Condition = field(default_factory=threading.Condition)
+    scopes: tuple[str, ...] = SCOPES
+    password: str = PASSWORD
+
+    def __init__(self, proc: subprocess.Popen[bytes], ready_timeout: float) -> None:
+        self.proc = proc
+        self._events: list[dict[str, Any]] = []
+        self._seen_seq = 0
+        self._arrived = threading.Condition()
+        self._ended = False
+        self._stderr: collections.deque[str] = collections.deque(maxlen=40)
+        self._reader = threading.Thread(target=self._read_events, daemon=True)
+        self._reader.start()
+        self._errors = threading.Thread(target=self._read_stderr, daemon=True)
+        self._errors.start()
+        with self._arrived:
+            self._arrived.wait_for(lambda: self._ready() is not None or self._ended, ready_timeout)
+        ready = self._ready()
+        if ready is None:
+            self.stop()
+            pytest.fail(
+                f"the test OpenID provider did not start within {ready_timeout:.0f} s; "
+                f"its stderr ended with:\n{self.stderr()}"
+            )
+        self.issuer: str = ready["issuer"]
+        self.api = ready.get("api", API_RESOURCE)
+        self.port: int = urlsplit(self.issuer).port or 0
 
     @classmethod
     def start(
@@ -76,11 +142,18 @@ class OidcTestProvider:
         refresh_token_ttl: int = 1209600,
         device_code_ttl: int = 600,
         port: int = 0,
+        device_interval: int = 1,
+        start_timeout: float = START_TIMEOUT,
     ) -> OidcTestProvider:
-        ensure_installed()
+        """Install if needed and start a provider; ``port=0`` takes any free port.
+
+        ``device_interval`` is the polling interval (seconds) the device
+        authorization response names (RFC 8628 section 3.2).
+        """
+        node, _ = ensure_installed()
         proc = subprocess.Popen(
             [
-                "node",
+                node,
                 "server.js",
                 "--port",
                 str(port),
@@ -90,48 +163,133 @@ class OidcTestProvider:
                 str(refresh_token_ttl),
                 "--device-code-ttl",
                 str(device_code_ttl),
+                "--device-interval",
+                str(device_interval),
+                "--exit-with-stdin",  # the pipe closes when this process dies: no orphans
             ],
             cwd=PROVIDER_DIR,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
-        assert proc.stdout is not None
-        ready = json.loads(proc.stdout.readline() or b"{}")
-        if ready.get("event") != "ready":
-            proc.kill()
-            proc.wait()
-            pytest.fail(
-                "the test OpenID provider did not start (run `node server.js` in "
-                f"{PROVIDER_DIR} to see why)"
-            )
-        provider = cls(
-            proc=proc, issuer=ready["issuer"], port=int(ready["issuer"].rsplit(":", 1)[1])
-        )
-        threading.Thread(target=provider._read_events, daemon=True).start()
-        return provider
+        return cls(proc, start_timeout)
+
+    def __enter__(self) -> OidcTestProvider:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<OidcTestProvider {getattr(self, 'issuer', '(starting)')} pid={self.proc.pid}>"
+
+    # -- the event log ---------------------------------------------------------
+
+    def _ready(self) -> dict[str, Any] | None:
+        return next((e for e in self._events if e.get("event") == "ready"), None)
 
     def _read_events(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with contextlib.suppress(ValueError), self._arrived:
-                self.events.append(json.loads(line))
+        try:
+            for raw in self.proc.stdout:
+                try:
+                    event = json.loads(raw)
+                except ValueError:
+                    continue
+                if not isinstance(event, dict):
+                    continue
+                with self._arrived:
+                    self._events.append(event)
+                    if isinstance(event.get("seq"), int):
+                        self._seen_seq = max(self._seen_seq, event["seq"])
+                    self._arrived.notify_all()
+        finally:
+            with self._arrived:
+                self._ended = True
                 self._arrived.notify_all()
 
-    def wait_for(self, event: str, count: int, timeout: float = 30.0, **match: Any) -> bool:
-        """Block until the provider has logged ``count`` such events (woken per event)."""
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            self._stderr.append(raw.decode(errors="replace").rstrip())
+
+    def stderr(self) -> str:
+        """The last lines the provider wrote to stderr (its warnings and crashes)."""
+        return "\n".join(self._stderr)
+
+    def _catch_up(self, timeout: float = 10.0) -> None:
+        """Wait until every line the provider has written so far has been read."""
+        if self.proc.poll() is None:
+            try:
+                response = httpx.get(f"{self.issuer}/__test__/seq", timeout=timeout)
+                written = int(response.json()["seq"])
+            except (httpx.HTTPError, ValueError, KeyError):
+                written = None  # stopping or stopped: the reader ends at EOF
+            if written is not None:
+                with self._arrived:
+                    self._arrived.wait_for(
+                        lambda: self._seen_seq >= written or self._ended, timeout
+                    )
+                return
+        self._reader.join(timeout)
+
+    def events(self, event: str | None = None, **match: Any) -> list[dict[str, Any]]:
+        """The provider's event lines so far, optionally only those of a kind and fields."""
+        self._catch_up()
         with self._arrived:
-            return self._arrived.wait_for(lambda: self.count(event, **match) >= count, timeout)
+            return [e for e in self._events if _matches(e, event, match)]
 
     def count(self, event: str = "token", **match: Any) -> int:
-        """How many events of this kind (and matching fields) the provider logged so far."""
-        return sum(
-            1
-            for e in list(self.events)
-            if e.get("event") == event and all(e.get(k) == v for k, v in match.items())
-        )
+        """How many events of this kind (and with these field values) happened so far."""
+        return len(self.events(event, **match))
+
+    def count_token_calls(self, grant_type: str | None = None, **match: Any) -> int:
+        """Calls to the token endpoint so far, of one grant type if given (any status,
+        unless ``status=200`` or similar is passed)."""
+        if grant_type is not None:
+            match["grant_type"] = grant_type
+        return self.count("token", **match)
+
+    def wait_for(self, event: str, count: int, timeout: float = 30.0, **match: Any) -> bool:
+        """Block until the provider has logged ``count`` such events; False on timeout."""
+        with self._arrived:
+            return self._arrived.wait_for(
+                lambda: sum(1 for e in self._events if _matches(e, event, match)) >= count,
+                timeout,
+            )
+
+    # -- convenience -----------------------------------------------------------
+
+    def url(self, path: str) -> str:
+        return f"{self.issuer}{path}"
+
+    @property
+    def token_endpoint(self) -> str:
+        return self.url("/token")
+
+    @property
+    def device_authorization_endpoint(self) -> str:
+        return self.url("/device/auth")
+
+    @property
+    def revocation_endpoint(self) -> str:
+        return self.url("/token/revocation")
+
+    @property
+    def introspection_endpoint(self) -> str:
+        return self.url("/token/introspection")
+
+    @property
+    def authorization_endpoint(self) -> str:
+        return self.url("/auth")
 
     def stop(self) -> None:
+        """Stop the provider (SIGTERM, then SIGKILL after 10 s) and reap it."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -139,24 +297,51 @@ class OidcTestProvider:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        self._reader.join(5)
+        self._errors.join(5)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def _matches(event: dict[str, Any], kind: str | None, match: dict[str, Any]) -> bool:
+    if kind is not None and event.get("event") != kind:
+        return False
+    return all(event.get(key) == value for key, value in match.items())
+
+
+# --------------------------------------------------------------------------
+# Fixtures.
+
+
+class ProviderFactory(Protocol):
+    def __call__(
+        self,
+        *,
+        access_token_ttl: int = ...,
+        refresh_token_ttl: int = ...,
+        device_code_ttl: int = ...,
+        port: int = ...,
+        device_interval: int = ...,
+    ) -> OidcTestProvider: ...
 
 
 @pytest.fixture(scope="session")
 def oidc_provider() -> Iterator[OidcTestProvider]:
     """One provider for the test session (access tokens live an hour)."""
-    provider = OidcTestProvider.start()
-    yield provider
-    provider.stop()
+    with OidcTestProvider.start() as provider:
+        yield provider
 
 
 @pytest.fixture
-def oidc_provider_factory() -> Iterator[Any]:
-    """Start providers with custom lifetimes: ``oidc_provider_factory(access_token_ttl=5)``."""
+def oidc_provider_factory() -> Iterator[ProviderFactory]:
+    """Start providers of one's own: ``oidc_provider_factory(access_token_ttl=5)``.
+
+    Every provider started is stopped when the test ends.
+    """
     started: list[OidcTestProvider] = []
 
-    def start(**kwargs: int) -> OidcTestProvider:
+    def start(**kwargs: Any) -> OidcTestProvider:
         provider = OidcTestProvider.start(**kwargs)
         started.append(provider)
         return provider
@@ -166,119 +351,265 @@ def oidc_provider_factory() -> Iterator[Any]:
         provider.stop()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses the real provider is a ``real_provider`` test, marked or not."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & PROVIDER_FIXTURES and item.get_closest_marker("real_provider") is None:
+            item.add_marker(pytest.mark.real_provider)
+
+
 # --------------------------------------------------------------------------
 # The person at the browser.
 
 
-@dataclass
 class Form:
-    action: str
-    method: str
-    fields: dict[str, str]
+    """A form on a page: where it goes, its fields and its submit buttons."""
+
+    def __init__(self, form_id: str, action: str, method: str) -> None:
+        self.id = form_id
+        self.action = action
+        self.method = method
+        self.fields: dict[str, str] = {}
+        self.visible: set[str] = set()  # fields a person types into
+        self.buttons: list[tuple[str, str]] = []  # (name, value) of submit buttons
+
+    def button(self, name: str) -> tuple[str, str] | None:
+        return next((b for b in self.buttons if b[0] == name), None)
 
 
-class _FormParser(HTMLParser):
+class _PageParser(HTMLParser):
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(convert_charrefs=True)
         self.forms: list[Form] = []
-        self.buttons: list[dict[str, str]] = []
+        self.links: list[str] = []
+        self.outcome: str | None = None
+        self.text: list[str] = []
+        self._open: Form | None = None
+        self._loose_buttons: list[tuple[str, str, str]] = []  # (form id, name, value)
+        self._skip = 0
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = {k: v or "" for k, v in attrs}
-        if tag == "form":
-            self.forms.append(Form(a.get("action", ""), a.get("method", "get").lower(), {}))
-        elif tag == "input" and self.forms and a.get("name"):
-            self.forms[-1].fields[a["name"]] = a.get("value", "")
-        elif tag == "button":
-            # Buttons may sit outside their form (form="..." attribute).
-            self.buttons.append(a)
+        if tag in ("script", "style"):
+            self._skip += 1
+        elif tag == "meta" and a.get("name") == "outcome":
+            self.outcome = a.get("content")
+        elif tag == "form":
+            self._open = Form(a.get("id", ""), a.get("action", ""), a.get("method", "get").lower())
+            self.forms.append(self._open)
+        elif tag == "a" and a.get("href"):
+            self.links.append(a["href"])
+        elif tag == "input" and a.get("name"):
+            form = self._form_for(a)
+            if form is None:
+                return
+            kind = a.get("type", "text").lower()
+            if kind == "submit":
+                form.buttons.append((a["name"], a.get("value", "")))
+            elif kind not in ("checkbox", "radio") or "checked" in a:
+                form.fields[a["name"]] = a.get("value", "")
+                if kind not in ("hidden", "checkbox", "radio"):
+                    form.visible.add(a["name"])
+        elif tag == "button" and a.get("type", "submit").lower() == "submit":
+            # A button may sit outside its form and name it with form="...".
+            if "form" in a:
+                self._loose_buttons.append((a["form"], a.get("name", ""), a.get("value", "")))
+            elif self._open is not None:
+                self._open.buttons.append((a.get("name", ""), a.get("value", "")))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("script", "style"):
+            self._skip = max(0, self._skip - 1)
+        elif tag == "form":
+            self._open = None
+
+    def handle_data(self, data: str) -> None:
+        if not self._skip and data.strip():
+            self.text.append(data.strip())
+
+    def _form_for(self, attrs: dict[str, str]) -> Form | None:
+        if "form" in attrs:
+            return next((f for f in self.forms if f.id == attrs["form"]), None)
+        return self._open
+
+    def close(self) -> None:
+        super().close()
+        for form_id, name, value in self._loose_buttons:
+            for form in self.forms:
+                if form.id == form_id:
+                    form.buttons.append((name, value))
+
+
+class Page:
+    def __init__(self, url: str, status: int, html: str) -> None:
+        parser = _PageParser()
+        parser.feed(html)
+        parser.close()
+        self.url = url
+        self.status = status
+        self.forms = parser.forms
+        self.links = parser.links
+        self.outcome = parser.outcome
+        self.text = " ".join(parser.text)
 
 
 class PersonAtBrowser:
-    """Follows the provider's pages the way a person clicking through them would."""
+    """Follows the provider's pages the way a person clicking through them would.
 
-    def __init__(self, login: str = "alice", approve: bool = True) -> None:
+    It signs in as ``login`` with the provider's password, types ``user_code``
+    where a code is asked for, and then either allows (``approve=True``) or
+    presses Deny/Cancel at the first chance.
+    """
+
+    MAX_STEPS = 30
+
+    def __init__(
+        self, login: str = "alice", approve: bool = True, user_code: str | None = None
+    ) -> None:
         self.login = login
         self.approve = approve
+        self.user_code = user_code
         self.client = httpx.Client(follow_redirects=False, timeout=30.0)
-        self.pages: list[str] = []
+        self.pages: list[Page] = []
+
+    def __enter__(self) -> PersonAtBrowser:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.client.close()
 
     def close(self) -> None:
         self.client.close()
 
-    def walk(self, url: str, stop_prefix: str | None = None) -> str:
-        """Start at ``url``; return the URL that leaves the provider (or the last page's URL)."""
+    def walk(self, url: str, leave: Callable[[str], bool] | None = None) -> str:
+        """Start at ``url``. Return the first redirect target for which ``leave`` is
+        true (not visited), else the URL of the first page with nothing left to do."""
         response = self.client.get(url)
-        aborted = False
-        for _ in range(30):
+        for _ in range(self.MAX_STEPS):
             if response.is_redirect:
                 location = urljoin(str(response.url), response.headers["location"])
-                if stop_prefix and location.startswith(stop_prefix):
+                if leave is not None and leave(location):
                     return location
                 response = self.client.get(location)
                 continue
-            self.pages.append(response.text)
-            if aborted:  # the person clicked abort and reads what the provider says
-                return str(response.url)
-            parser = _FormParser()
-            parser.feed(response.text)
-            form = parser.forms[0] if parser.forms else None
-            if form is None:
-                return str(response.url)
-            if not self.approve and "/interaction/" in str(response.url):
-                aborted = True
-                response = self.client.get(str(response.url).rstrip("/") + "/abort")
-                continue
-            data = dict(form.fields)
-            if "login" in data or "password" in data:
-                data["login"], data["password"] = self.login, "test"
-            if not self.approve and any(b.get("name") == "abort" for b in parser.buttons):
-                aborted = True
-                data.pop("confirm", None)
-                data["abort"] = "yes"
-            action = urljoin(str(response.url), form.action or str(response.url))
-            if form.method == "post":
-                response = self.client.post(action, data=data)
-            else:
-                response = self.client.get(action, params=data)
-        raise AssertionError("the provider's pages did not end within 30 steps")
+            page = Page(str(response.url), response.status_code, response.text)
+            self.pages.append(page)
+            step = self._next_step(page)
+            if step is None:
+                return page.url
+            response = step()
+        raise AssertionError(f"the provider's pages did not end within {self.MAX_STEPS} steps")
+
+    @property
+    def last_page(self) -> Page:
+        if not self.pages:
+            raise AssertionError("no page was shown")
+        return self.pages[-1]
+
+    def _next_step(self, page: Page) -> Callable[[], httpx.Response] | None:
+        if page.outcome is not None or not page.forms:
+            if not self.approve and page.outcome is None:
+                abort = next((link for link in page.links if link.endswith("/abort")), None)
+                if abort is not None:
+                    return lambda: self.client.get(urljoin(page.url, abort))
+            return None
+        form = page.forms[0]
+        data = dict(form.fields)
+        button: tuple[str, str] | None = None
+        if "password" in form.visible:
+            data["login"], data["password"] = self.login, PASSWORD
+        elif "user_code" in form.visible:
+            if not self.user_code and not data.get("user_code"):
+                raise AssertionError("the provider asks for a user code and none was given")
+            data["user_code"] = data.get("user_code") or self.user_code or ""
+        elif not self.approve and form.button("abort") is not None:
+            button = form.button("abort")
+        else:
+            button = next((b for b in form.buttons if b[0] != "abort"), None)
+        if button is not None and button[0]:
+            data[button[0]] = button[1]
+        action = urljoin(page.url, form.action or page.url)
+        if form.method == "post":
+            return lambda: self.client.post(action, data=data)
+        return lambda: self.client.get(action, params=data)
 
 
-def approve_device(verification_uri_complete: str, login: str = "alice") -> str:
-    """Enter the code, log in and consent, as the person would; returns the final page's text."""
-    person = PersonAtBrowser(login)
-    try:
-        person.walk(verification_uri_complete)
-        return person.pages[-1]
-    finally:
-        person.close()
+DeviceVerification = str | tuple[str, str]
 
 
-def deny_device(verification_uri_complete: str) -> str:
-    person = PersonAtBrowser(approve=False)
-    try:
-        person.walk(verification_uri_complete)
-        return person.pages[-1]
-    finally:
-        person.close()
+def _device_start(verification: DeviceVerification) -> tuple[str, str | None]:
+    if isinstance(verification, tuple):
+        verification_uri, user_code = verification
+        return verification_uri, user_code
+    return verification, None
 
 
-def _redirect_uri(authorization_url: str) -> str:
-    return parse_qs(urlsplit(authorization_url).query)["redirect_uri"][0]
+def approve_device(verification: DeviceVerification, login: str = "alice") -> str:
+    """As the person: open ``verification_uri_complete`` (or ``(verification_uri,
+    user_code)``), confirm the code, sign in as ``login`` and allow.
+
+    Returns the final page's text; raises AssertionError when the provider did not
+    say the device is connected.
+    """
+    url, user_code = _device_start(verification)
+    with PersonAtBrowser(login, user_code=user_code) as person:
+        person.walk(url)
+        page = person.last_page
+        if page.outcome != "approved":
+            raise AssertionError(f"device approval did not succeed: {page.text[:300]}")
+        return page.text
+
+
+def deny_device(verification: DeviceVerification, login: str = "alice") -> str:
+    """As the person: open the verification page and press Cancel on the code's
+    confirmation. Returns the final page's text."""
+    url, user_code = _device_start(verification)
+    with PersonAtBrowser(login, approve=False, user_code=user_code) as person:
+        person.walk(url)
+        page = person.last_page
+        if page.outcome != "denied":
+            raise AssertionError(f"device denial did not end as denied: {page.text[:300]}")
+        return page.text
+
+
+def _leaves(authorization_url: str) -> Callable[[str], bool]:
+    """True for a redirect out of the provider (to the client's redirect_uri)."""
+    provider = urlsplit(authorization_url)
+    redirect_uri = parse_qs(provider.query).get("redirect_uri", [None])[0]
+
+    def leaves(location: str) -> bool:
+        if redirect_uri is not None and location.startswith(redirect_uri.split("?")[0]):
+            return True
+        target = urlsplit(location)
+        return (target.scheme, target.netloc) != (provider.scheme, provider.netloc)
+
+    return leaves
+
+
+def _walk_to_callback(authorization_url: str, login: str, approve: bool) -> str:
+    with PersonAtBrowser(login, approve=approve) as person:
+        final = person.walk(authorization_url, leave=_leaves(authorization_url))
+        if person.pages and final == person.pages[-1].url:
+            page = person.pages[-1]
+            raise AssertionError(
+                f"the provider did not redirect back ({page.status}): {page.text[:300]}"
+            )
+        return final
 
 
 def complete_browser_login(authorization_url: str, login: str = "alice") -> str:
-    """Log in and consent; returns the loopback callback URL (code and state) unvisited."""
-    person = PersonAtBrowser(login)
-    try:
-        return person.walk(authorization_url, stop_prefix=_redirect_uri(authorization_url))
-    finally:
-        person.close()
+    """As the person: follow the authorization URL, sign in and allow.
+
+    Returns the redirect to the client's loopback callback (code, state, iss),
+    without fetching it.
+    """
+    return _walk_to_callback(authorization_url, login, approve=True)
 
 
-def deny_browser_login(authorization_url: str) -> str:
-    person = PersonAtBrowser(approve=False)
-    try:
-        return person.walk(authorization_url, stop_prefix=_redirect_uri(authorization_url))
-    finally:
-        person.close()
+def deny_browser_login(authorization_url: str, login: str = "alice") -> str:
+    """As the person: sign in, then press Deny on the consent page.
+
+    Returns the callback redirect carrying ``error=access_denied``, unfetched.
+    """
+    return _walk_to_callback(authorization_url, login, approve=False)
