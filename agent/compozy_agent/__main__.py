@@ -197,6 +197,7 @@ def _also_default_path(bound: list[BoundSocket]) -> list[BoundSocket]:
 
 
 async def _serve(options: argparse.Namespace, bound: list[BoundSocket], path: str) -> None:
+    from compozy_agent.audit import AUDIT_FILE, AuditLog
     from compozy_agent.http import ProviderClient
     from compozy_agent.sessions import SessionManager
     from compozy_agent.store import (
@@ -225,8 +226,10 @@ async def _serve(options: argparse.Namespace, bound: list[BoundSocket], path: st
     provider = ProviderClient(now=time.time)
     backend = SessionManager(store, provider)
     forwarded = frozenset(options.forward_profile) if options.forward_profile else None
+    audit = AuditLog(os.path.join(store.state_dir, AUDIT_FILE))
     server = AgentServer(backend, socket_path=path, idle_timeout=options.idle_timeout,
-                         max_connections=options.max_connections, forward_profiles=forwarded)
+                         max_connections=options.max_connections, forward_profiles=forwarded,
+                         audit=audit)
     try:
         async with anyio.create_task_group() as group:
             group.start_soon(_stop_on_signal, group.cancel_scope)

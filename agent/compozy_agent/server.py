@@ -35,7 +35,10 @@ import anyio
 import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from compozy_agent.agent_lock import AgentLock
+from compozy_agent.audit import AuditLog, ProcessInfo, entry_for, process_info
 from compozy_agent.backend import Backend, OpError
+from compozy_agent.clock import Clock, SystemClock
 from compozy_agent.peer import Peer, PeerCredentialsUnavailable, peer_of
 from compozy_client import __version__
 from compozy_client import protocol as p
@@ -48,6 +51,8 @@ DEFAULT_IDLE_TIMEOUT: Final = 300.0
 DEFAULT_MAX_CONNECTIONS: Final = 256
 #: Ops served on the restricted forwarding socket.
 FORWARD_OPS: Final = frozenset({"hello", "status", "token"})
+#: Ops served while the agent is locked (as ssh-agent serves only "unlock").
+LOCKED_OPS: Final = frozenset({"hello", "status", "unlock"})
 
 
 class AgentAlreadyRunning(Exception):
@@ -169,6 +174,16 @@ def check_inherited_socket(sock: socket.socket) -> str:
 
 
 @dataclass
+class Client:
+    """One connection: the peer the kernel reported, the socket kind, the process behind it."""
+
+    peer: Peer
+    kind: str = "full"
+    #: Read from /proc at the first token request (the client is connected and waiting).
+    process: ProcessInfo | None = None
+
+
+@dataclass
 class ServerStats:
     connections_open: int = 0
     connections_total: int = 0
@@ -188,8 +203,14 @@ class AgentServer:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         forward_profiles: frozenset[str] | None = None,
+        clock: Clock | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.backend = backend
+        self.clock: Clock = clock if clock is not None else SystemClock()
+        self.lock = AgentLock(self.clock)
+        #: Token requests, who made them and what they got (in memory only unless given).
+        self.audit = audit if audit is not None else AuditLog(None)
         #: Profiles the forwarding socket may serve; None: all of them.
         self.forward_profiles = forward_profiles
         self.socket_path = socket_path
@@ -235,13 +256,13 @@ class AgentServer:
         self.stats.connections_open += 1
         self.stats.connections_total += 1
         try:
-            await self._serve_lines(stream, peer, kind)
+            await self._serve_lines(stream, Client(peer, kind))
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
         finally:
             self.stats.connections_open -= 1
 
-    async def _serve_lines(self, stream: anyio.abc.SocketStream, peer: Peer, kind: str) -> None:
+    async def _serve_lines(self, stream: anyio.abc.SocketStream, client: Client) -> None:
         reader = BufferedByteReceiveStream(stream)
         while True:
             line: bytes | None = None
@@ -263,11 +284,12 @@ class AgentServer:
             if not line.strip():
                 continue
             self.stats.requests += 1
-            response = await self.respond(line, peer, kind)
+            response = await self.respond(line, client)
             await stream.send(p.encode(response))
 
-    async def respond(self, line: bytes, peer: Peer, kind: str = "full") -> p.Response:
+    async def respond(self, line: bytes, client: Client) -> p.Response:
         """The response to one request line; never raises for a client's mistake."""
+        kind = client.kind
         try:
             request = p.decode_request(line)
         except p.ProtocolError as exc:
@@ -278,7 +300,10 @@ class AgentServer:
             if refusal is not None:
                 return self._error(request.id, ErrorCode.FORBIDDEN, refusal)
         try:
-            result = await self.dispatch(request, peer, kind)
+            if self.lock.locked and op not in LOCKED_OPS:
+                raise OpError(ErrorCode.LOCKED,
+                              "the agent is locked; unlock it with `compozy auth unlock`")
+            result = await self.dispatch(request, client)
         except OpError as exc:
             return self._error(request.id, exc.code, exc.message, exc.details)
         except Exception:
@@ -302,8 +327,9 @@ class AgentServer:
             return "this profile is not forwarded"
         return None
 
-    async def dispatch(self, request: p.Request, peer: Peer, kind: str) -> Any:
+    async def dispatch(self, request: p.Request, client: Client) -> Any:
         backend = self.backend
+        kind = client.kind
         match request:
             case p.Hello():
                 ops = sorted(FORWARD_OPS) if kind != "full" else list(p.OPS)
@@ -321,11 +347,12 @@ class AgentServer:
                     sessions=sessions,
                     clock_skew_seconds=backend.clock_skew(),
                     warnings=backend.warnings() if kind == "full" else [],
+                    locked=self.lock.locked,
                 )
             case p.List():
                 return p.ListResult(sessions=await backend.sessions(None))
             case p.Token():
-                return await backend.token(request, peer)
+                return await self._token(request, client)
             case p.Refresh():
                 return await backend.refresh(request)
             case p.Revoke():
@@ -342,8 +369,38 @@ class AgentServer:
                 return await backend.login_cancel(request)
             case p.StoreApiKey():
                 return await backend.store_api_key(request)
+            case p.Lock():
+                await self.lock.lock(request.passphrase)
+                log.info("locked by pid %s", client.peer.pid)
+                return p.Empty()
+            case p.Unlock():
+                try:
+                    await self.lock.unlock(request.passphrase)
+                except OpError:
+                    log.warning("wrong passphrase to unlock, from pid %s", client.peer.pid)
+                    raise
+                log.info("unlocked by pid %s", client.peer.pid)
+                return p.Empty()
+            case p.AuditLog():
+                return p.AuditLogResult(
+                    entries=self.audit.recent(min(request.limit, 1000), request.profile),
+                    path=self.audit.path)
             case _:
                 assert_never(request)
+
+    async def _token(self, request: p.Token, client: Client) -> p.TokenResult:
+        """Hand out a token, and write the audit line either way."""
+        if client.process is None:
+            client.process = process_info(client.peer.pid)
+        try:
+            result = await self.backend.token(request, client.peer)
+        except OpError as exc:
+            self.audit.record(entry_for(request, client.peer, client.process, client.kind,
+                                        self.clock.now(), error_code=exc.code))
+            raise
+        self.audit.record(entry_for(request, client.peer, client.process, client.kind,
+                                    self.clock.now(), result=result))
+        return result
 
     def _error(
         self,

@@ -89,7 +89,9 @@ _EXAMPLES = {
   compozy auth status
   compozy auth list --json
   compozy auth token --scope compozy:read
-  compozy auth revoke 3f9a1c2e""",
+  compozy auth revoke 3f9a1c2e
+  compozy auth log                   # who got tokens lately
+  compozy auth lock                  # hand out nothing until `compozy auth unlock`""",
     "status": """examples:
   compozy auth status
   compozy auth status --profile staging --json""",
@@ -106,6 +108,17 @@ _EXAMPLES = {
     "revoke-all": """examples:
   compozy auth revoke-all
   compozy auth revoke-all --yes          # no question asked (needed without a terminal)""",
+    "lock": """examples:
+  compozy auth lock                      # asks for a passphrase twice, on the terminal
+  compozy auth unlock
+  pass show compozy-lock | compozy auth lock --passphrase-stdin""",
+    "unlock": """examples:
+  compozy auth unlock
+  pass show compozy-lock | compozy auth unlock --passphrase-stdin""",
+    "log": """examples:
+  compozy auth log                       # the 20 most recent token requests
+  compozy auth log --limit 100 --profile prod
+  compozy auth log --json | jq '.entries[] | select(.outcome != "issued")'""",
     "token": """examples:
   curl -H "Authorization: Bearer $(compozy auth token)" https://api.compozy.dev/v1/me
   compozy auth token --profile prod --min-valid 300
@@ -203,6 +216,23 @@ def build_parser() -> argparse.ArgumentParser:
     revoke_all.add_argument("--force", action="store_true", help="forget them even if not revoked")
     revoke_all.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     revoke_all.set_defaults(handler=cmd_revoke_all)
+
+    lock = new(auth_sub, "lock", "Lock the agent: no token is handed out until unlocked")
+    lock.add_argument("--passphrase-stdin", action="store_true",
+                      help="read the passphrase from the first line of stdin")
+    lock.set_defaults(handler=cmd_lock)
+
+    unlock = new(auth_sub, "unlock", "Unlock the agent with the passphrase it was locked with")
+    unlock.add_argument("--passphrase-stdin", action="store_true",
+                        help="read the passphrase from the first line of stdin")
+    unlock.set_defaults(handler=cmd_unlock)
+
+    audit = new(auth_sub, "log", "Show recent token requests: who asked, what they got")
+    profile_option(audit)
+    audit.add_argument("--limit", type=int, default=20, metavar="N",
+                       help="show the N most recent (default 20, at most 1000)")
+    audit.add_argument("--json", action="store_true", help="print JSON")
+    audit.set_defaults(handler=cmd_log)
 
     token = new(auth_sub, "token", "Print a valid access token to stdout")
     profile_option(token)
@@ -404,7 +434,7 @@ def _status_document(
     agent: dict[str, Any] | None = None
     if status is not None:
         agent = {"running": True, "pid": status.pid, "socket": status.socket,
-                 "version": status.agent_version}
+                 "version": status.agent_version, "locked": status.locked}
     else:
         agent = {"running": False, "problem": agent_problem}
     return {
@@ -430,6 +460,8 @@ def _print_status(
     out = sys.stdout
     if status is not None:
         out.write(f"Agent: running (pid {status.pid}, version {status.agent_version})\n")
+        if status.locked:
+            out.write("  Locked: no token is handed out until `compozy auth unlock`\n")
         out.write(f"  Socket: {status.socket}\n")
         storage = status.storage
         detail = f" ({storage.detail})" if storage.detail else ""
@@ -585,6 +617,81 @@ def cmd_logout(options: argparse.Namespace) -> int:
         lambda force: Logout(id=0, profile=profile, all=options.all, force=force),
         options.force, what,
     )
+
+
+def _read_passphrase(from_stdin: bool, confirm: bool) -> str:
+    """The passphrase from the terminal (never from argv), or from stdin when asked to."""
+    from compozy_client.errors import UsageError
+
+    if from_stdin:
+        passphrase = sys.stdin.readline().rstrip("\r\n")
+    else:
+        import getpass
+
+        try:
+            os.close(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY))
+        except OSError:
+            raise UsageError("no terminal to ask for the passphrase on; "
+                             "pipe it in with --passphrase-stdin") from None
+        passphrase = getpass.getpass("Passphrase: ")
+        if confirm and getpass.getpass("Again: ") != passphrase:
+            raise UsageError("the passphrases differ; nothing changed")
+    if not passphrase:
+        raise UsageError("the passphrase must not be empty")
+    return passphrase
+
+
+def cmd_lock(options: argparse.Namespace) -> int:
+    from compozy_client.protocol import Empty, Lock
+
+    passphrase = _read_passphrase(options.passphrase_stdin, confirm=True)
+    with _connect() as conn:
+        conn.call(Lock(id=0, passphrase=passphrase), Empty)
+    _info("Agent locked: no token is handed out until `compozy auth unlock`")
+    return EXIT_OK
+
+
+def cmd_unlock(options: argparse.Namespace) -> int:
+    from compozy_client.protocol import Empty, Unlock
+
+    passphrase = _read_passphrase(options.passphrase_stdin, confirm=False)
+    with _connect(autostart=False) as conn:
+        conn.call(Unlock(id=0, passphrase=passphrase), Empty)
+    _info("Agent unlocked")
+    return EXIT_OK
+
+
+def cmd_log(options: argparse.Namespace) -> int:
+    from compozy_client.protocol import AuditLog, AuditLogResult
+
+    with _connect() as conn:
+        result = conn.call(AuditLog(id=0, limit=max(0, min(options.limit, 1000)),
+                                    profile=options.profile), AuditLogResult)
+    if options.json:
+        _print_json(result)
+        return EXIT_OK
+    if not result.entries:
+        _info("No token requests yet.")
+        return EXIT_OK
+    import time
+
+    rows = [["TIME", "PROFILE", "OUTCOME", "TOKEN ID", "SCOPE/AUDIENCE", "PID", "EXECUTABLE",
+             "COMMAND"]]
+    for e in result.entries:
+        narrower = " ".join([*(e.scope or []), *([e.audience] if e.audience else [])])
+        command = " ".join(e.cmdline or [])
+        rows.append([
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time)), e.profile, e.outcome,
+            e.token_id or "-", narrower or "-", str(e.pid) if e.pid is not None else "-",
+            e.exe or "-", (command[:77] + "...") if len(command) > 80 else (command or "-"),
+        ])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        sys.stdout.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+                         .rstrip() + "\n")
+    if result.path:
+        _info(f"(the full log is {result.path})")
+    return EXIT_OK
 
 
 def cmd_login(options: argparse.Namespace) -> int:

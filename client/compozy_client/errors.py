@@ -9,7 +9,7 @@
     └── AgentError                  the agent answered with an error (has .code)
         ├── ProtocolViolation       bad_request, unknown_op, unsupported_version, line_too_long
         ├── NotImplementedByAgent   not_implemented
-        ├── Forbidden               forbidden, locked
+        ├── Forbidden               forbidden, locked, wrong_passphrase
         ├── AgentBusy               busy
         ├── NotLoggedIn             not_logged_in, login_required
         ├── UnknownTokenId          unknown_token_id, unknown_login
@@ -39,6 +39,7 @@ class ErrorCode:
     FORBIDDEN: Final = "forbidden"
     BUSY: Final = "busy"
     LOCKED: Final = "locked"
+    WRONG_PASSPHRASE: Final = "wrong_passphrase"
     NOT_LOGGED_IN: Final = "not_logged_in"
     LOGIN_REQUIRED: Final = "login_required"
     UNKNOWN_TOKEN_ID: Final = "unknown_token_id"
@@ -128,6 +129,7 @@ ERROR_CLASSES: Final[dict[str, type[AgentError]]] = {
     ErrorCode.NOT_IMPLEMENTED: NotImplementedByAgent,
     ErrorCode.FORBIDDEN: Forbidden,
     ErrorCode.LOCKED: Forbidden,
+    ErrorCode.WRONG_PASSPHRASE: Forbidden,
     ErrorCode.BUSY: AgentBusy,
     ErrorCode.NOT_LOGGED_IN: NotLoggedIn,
     ErrorCode.LOGIN_REQUIRED: NotLoggedIn,

@@ -155,6 +155,32 @@ class StoreApiKey(_Request, tag="store_api_key"):
         return f"StoreApiKey(id={self.id!r}, profile={self.profile!r}, api_key=<redacted>)"
 
 
+class Lock(_Request, tag="lock"):
+    """Lock the agent with ``passphrase`` (like ``ssh-add -x``): no token is handed out
+    until ``unlock`` with the same passphrase."""
+
+    passphrase: str
+
+    def __repr__(self) -> str:
+        return f"Lock(id={self.id!r}, passphrase=<redacted>)"
+
+
+class Unlock(_Request, tag="unlock"):
+    """Unlock the agent (like ``ssh-add -X``); wrong passphrases are answered ever slower."""
+
+    passphrase: str
+
+    def __repr__(self) -> str:
+        return f"Unlock(id={self.id!r}, passphrase=<redacted>)"
+
+
+class AuditLog(_Request, tag="audit_log"):
+    """The most recent tokens handed out (and refused), newest last."""
+
+    limit: int = 50
+    profile: str | None = None
+
+
 Request = (
     Hello
     | Status
@@ -168,6 +194,9 @@ Request = (
     | LoginWait
     | LoginCancel
     | StoreApiKey
+    | Lock
+    | Unlock
+    | AuditLog
 )
 
 #: Every op name the protocol defines, in the order of the union.
@@ -175,7 +204,7 @@ OPS: Final[tuple[str, ...]] = tuple(
     cls.__struct_config__.tag  # type: ignore[misc]
     for cls in (
         Hello, Status, List, Token, Refresh, Revoke, RevokeAll, Logout,
-        LoginStart, LoginWait, LoginCancel, StoreApiKey,
+        LoginStart, LoginWait, LoginCancel, StoreApiKey, Lock, Unlock, AuditLog,
     )
 )
 
@@ -237,6 +266,8 @@ class StatusResult(msgspec.Struct, kw_only=True):
     #: Provider Date header minus local time, from the last exchange, if known.
     clock_skew_seconds: float | None = None
     warnings: list[str] = []
+    #: Locked with ``compozy auth lock``: no token is handed out until unlocked.
+    locked: bool = False
 
 
 class ListResult(msgspec.Struct, kw_only=True):
@@ -293,6 +324,34 @@ class LoginWaitResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     #: pending (call again) | done
     state: Literal["pending", "done"]
     session: SessionInfo | None = None
+
+
+class AuditEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One token request, as the agent saw it. Never the token.
+
+    ``pid``, ``uid``, ``exe`` and ``cmdline`` are what the kernel reports about
+    the connected process (peer credentials; ``/proc`` on Linux), never what the
+    client says about itself. ``outcome`` is ``issued`` or the error code.
+    """
+
+    time: float
+    profile: str
+    outcome: str
+    token_id: str | None = None
+    kind: str | None = None
+    scope: list[str] | None = None
+    audience: str | None = None
+    socket_kind: str = "full"
+    uid: int | None = None
+    pid: int | None = None
+    exe: str | None = None
+    cmdline: list[str] | None = None
+
+
+class AuditLogResult(msgspec.Struct, kw_only=True):
+    entries: list[AuditEntry]
+    #: Where the agent keeps the full log (JSON Lines), if it keeps one.
+    path: str | None = None
 
 
 class Empty(msgspec.Struct):
@@ -422,4 +481,7 @@ RESULT_TYPES: Final[dict[str, type[msgspec.Struct]]] = {
     "login_wait": LoginWaitResult,
     "login_cancel": Empty,
     "store_api_key": SessionInfo,
+    "lock": Empty,
+    "unlock": Empty,
+    "audit_log": AuditLogResult,
 }

@@ -23,6 +23,9 @@ def test_every_op_decodes_to_its_struct() -> None:
         "login_wait": {"login_id": "l1"},
         "login_cancel": {"login_id": "l1"},
         "store_api_key": {"api_key": "k"},
+        "lock": {"passphrase": "pw"},
+        "unlock": {"passphrase": "pw"},
+        "audit_log": {"limit": 5, "profile": "dev"},
     }
     assert set(samples) == set(p.OPS)
     for op, fields in samples.items():
@@ -78,6 +81,8 @@ def test_reprs_redact_secrets() -> None:
     assert "sekrit" not in repr(p.StoreApiKey(id=1, api_key="sekrit"))
     assert "sekrit" not in repr(p.TokenResult(access_token="sekrit"))
     assert "sekrit" not in repr(p.Token(id=1, rejected_token="sekrit"))
+    assert "sekrit" not in repr(p.Lock(id=1, passphrase="sekrit"))
+    assert "sekrit" not in repr(p.Unlock(id=1, passphrase="sekrit"))
 
 
 def test_response_round_trip_through_raw_result() -> None:

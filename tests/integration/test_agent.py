@@ -322,7 +322,8 @@ def test_broken_config_is_a_clear_handled_error(agent_env: AgentEnv) -> None:
 @pytest.mark.parametrize(
     "command",
     [[], ["login"], ["logout"], ["auth"], ["auth", "status"], ["auth", "list"],
-     ["auth", "refresh"], ["auth", "revoke"], ["auth", "revoke-all"], ["auth", "token"]],
+     ["auth", "refresh"], ["auth", "revoke"], ["auth", "revoke-all"], ["auth", "token"],
+     ["auth", "lock"], ["auth", "unlock"], ["auth", "log"]],
 )
 def test_every_command_has_help_with_examples(agent_env: AgentEnv, command: list[str]) -> None:
     result = run_cli(agent_env, *command, "--help")
