@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from support.agent import AgentEnv, AgentProcess, agent_pids, can_connect, run_cli, start_agent
+from support.other_user import answer_to_another_user
 
 
 class LineClient:
@@ -207,33 +206,19 @@ def test_refuses_a_socket_directory_others_can_write(agent_env: AgentEnv) -> Non
 
 
 def test_peer_of_another_uid_is_refused(agent: AgentProcess) -> None:
-    if os.getuid() != 0:
-        pytest.skip("needs root to run a client as another user (uid 65534, nobody)")
-    # Loosen the permissions on purpose: the peer check must hold even then.
-    for directory in (Path(agent.socket).parent, Path(agent.socket).parent.parent,
-                      agent.agent_env.root):
-        directory.chmod(0o755)
-    os.chmod(agent.socket, 0o666)
-    probe = (
-        "import socket, sys\n"
-        "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); s.settimeout(10)\n"
-        f"s.connect({agent.socket!r})\n"
-        "try:\n"  # refused: closed before or after our request, never answered
-        "    s.sendall(b'{\"id\": 1, \"op\": \"hello\"}\\n')\n"
-        "    data = s.recv(65536)\n"
-        "except (BrokenPipeError, ConnectionResetError):\n"
-        "    data = b''\n"
-        "sys.stdout.write(repr(data))\n"
-    )
-    python = shutil.which("python3", path="/usr/bin:/bin")
-    if python is None:
-        pytest.skip("needs a system python3 (Debian python3) that uid 65534 may run")
-    out = subprocess.run([python, "-c", probe], user=65534, group=65534,
-                         capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin"})
-    assert out.returncode == 0, out.stderr
-    assert out.stdout == "b''"  # closed with nothing sent
+    answer = answer_to_another_user(agent.socket, agent.agent_env.root)
+    assert answer == "b''"  # closed with nothing sent
     assert "refused a connection from uid 65534" in agent.log()
     assert ask_once(agent.socket, {"id": 1, "op": "hello"})["ok"] is True
+
+
+def test_peer_of_another_uid_is_refused_by_an_autostarted_agent(agent_env: AgentEnv) -> None:
+    started = run_cli(agent_env, "auth", "status")  # starts one on demand
+    assert "Agent: running" in started.stdout, started.stderr
+    assert answer_to_another_user(agent_env.socket, agent_env.root) == "b''"
+    assert ask_once(agent_env.socket, {"id": 1, "op": "hello"})["ok"] is True
+    log = next(agent_env.root.rglob("agent.log")).read_text()
+    assert "refused a connection from uid 65534" in log
 
 
 # --------------------------------------------------------------------------

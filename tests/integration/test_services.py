@@ -26,6 +26,7 @@ import pytest
 
 from compozy_agent import service_install
 from support.agent import AgentEnv, agent_pids, prepare_dirs, run_cli, start_agent
+from support.other_user import answer_to_another_user
 from support.real_parts import require_tools
 
 REPO = Path(__file__).resolve().parents[2]
@@ -165,6 +166,18 @@ def test_socket_activation_serves_the_cli(activate: Activate, agent_env: AgentEn
     # systemd owns the socket: the agent leaves it for the next activation, and took no lock.
     assert stat.S_ISSOCK(os.stat(agent_env.socket).st_mode)
     assert not os.path.exists(agent_env.socket + ".lock")
+
+
+@pytest.mark.systemd
+def test_socket_activation_refuses_peers_of_another_uid(
+    activate: Activate, agent_env: AgentEnv
+) -> None:
+    activated = activate(["agent"])
+    os.chmod(agent_env.socket, 0o600)  # what SocketMode=0600 does
+    assert ask(agent_env.socket, {"id": 1, "op": "hello"})["ok"] is True  # activated, ours
+    assert answer_to_another_user(agent_env.socket, agent_env.root) == "b''"
+    assert ask(agent_env.socket, {"id": 2, "op": "hello"})["ok"] is True
+    assert "refused a connection from uid 65534" in activated.log()
 
 
 @pytest.mark.systemd
