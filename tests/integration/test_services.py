@@ -492,6 +492,9 @@ FORBIDDEN_ON_FORWARD = [
     ("login_wait", {"login_id": "x"}),
     ("login_cancel", {"login_id": "x"}),
     ("store_api_key", {"api_key": "k"}),
+    ("lock", {"passphrase": "p"}),  # a remote host must not lock you out
+    ("unlock", {"passphrase": "p"}),
+    ("audit_log", {}),
 ]
 
 

@@ -305,6 +305,19 @@ provider.use(async (ctx, next) => {
     line.token_type_hint = ctx.oidc.params.token_type_hint;
   }
   if (ctx.status >= 400 && typeof ctx.body?.error === 'string') line.error = ctx.body.error;
+  // Every secret that crossed this call, for the tests' canary check (tests/support/canary.py):
+  // what the client sent (codes, verifiers, refresh tokens, tokens to revoke) and what it got.
+  const secrets = [];
+  for (const name of ['code', 'code_verifier', 'refresh_token', 'device_code', 'token']) {
+    const value = ctx.oidc?.params?.[name];
+    if (typeof value === 'string' && value) secrets.push(value);
+  }
+  if (ctx.status === 200 && ctx.body && typeof ctx.body === 'object') {
+    for (const name of ['access_token', 'refresh_token', 'id_token', 'device_code']) {
+      if (typeof ctx.body[name] === 'string') secrets.push(ctx.body[name]);
+    }
+  }
+  if (secrets.length) line.secrets = secrets;
   emit(line);
 });
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from support import canary
+
 START_TIMEOUT = 15.0
 
 
@@ -41,6 +43,9 @@ class AgentEnv:
 
     root: Path
     extra: dict[str, str] = field(default_factory=dict)
+    #: Agents started in the foreground, and what CLIs printed (for the canary check).
+    agents: list[AgentProcess] = field(default_factory=list, repr=False)
+    outputs: list[tuple[str, str]] = field(default_factory=list, repr=False)
 
     @property
     def socket(self) -> str:
@@ -148,6 +153,7 @@ def start_agent(agent_env: AgentEnv, *args: str, wait: bool = True, **env: str) 
         env=agent_env.env(**env),
     )
     agent = AgentProcess(proc, agent_env)
+    agent_env.agents.append(agent)
     if wait:
         agent.wait_ready()
     return agent
@@ -157,7 +163,7 @@ def run_cli(
     agent_env: AgentEnv, *args: str, input: str | None = None, timeout: float = 60.0, **env: str
 ) -> subprocess.CompletedProcess[str]:
     """Run the real `compozy` CLI (as its console script would) in the agent's environment."""
-    return subprocess.run(
+    result = subprocess.run(
         [sys.executable, "-c", "from compozy_client.cli import main; main()", *args],
         input=input,
         capture_output=True,
@@ -165,6 +171,11 @@ def run_cli(
         timeout=timeout,
         env=agent_env.env(**env),
     )
+    command = " ".join(args)
+    agent_env.outputs.append((f"stderr of `compozy {command}`", result.stderr))
+    if args[:2] != ("auth", "token"):  # its stdout is a token by design
+        agent_env.outputs.append((f"stdout of `compozy {command}`", result.stdout))
+    return result
 
 
 def agent_pids(agent_env: AgentEnv) -> list[int]:
@@ -200,7 +211,10 @@ def agent_env() -> Iterator[AgentEnv]:
     env = AgentEnv(root)
     yield env
     kill_autostarted(env)
+    logs = [(f"log of agent pid {agent.pid}", agent.log()) for agent in env.agents]
+    leaks = canary.find_leaks(root, [*logs, *env.outputs])
     shutil.rmtree(root, ignore_errors=True)
+    assert not leaks, "tokens issued by the test provider leaked to: " + "; ".join(leaks)
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ from urllib.parse import parse_qs, urljoin, urlsplit
 import httpx
 import pytest
 
+from support import canary
 from support.real_parts import require_tools
 
 PROVIDER_DIR = Path(__file__).resolve().parent.parent / "provider"
@@ -203,6 +204,9 @@ class OidcTestProvider:
                     continue
                 if not isinstance(event, dict):
                     continue
+                secrets = event.pop("secrets", None)
+                if isinstance(secrets, list):
+                    canary.remember(secrets)
                 with self._arrived:
                     self._events.append(event)
                     if isinstance(event.get("seq"), int):
