@@ -245,3 +245,33 @@ async def test_provider_clock_skew_is_measured(
     await manager.token(token_request(), PEER)
     skew = manager.clock_skew()
     assert skew is not None and 299 <= skew <= 301
+
+
+async def test_invalid_grant_after_a_rotation_is_a_clear_login_required(
+    driver: tuple[SessionManager, FakeClock], fake_provider: FakeProvider
+) -> None:
+    """A provider that rotated, then (reuse detection after a lost answer, or revocation)
+    rejects the newest token: login required, said clearly; the saved token was the newest."""
+    manager, clock = driver
+    clock.jump(4000)
+    assert (await manager.token(token_request(), PEER)).access_token == "fake-at-1"
+    await settle(manager)
+    assert await manager.store.get_secret("s1", "refresh_token") == "fake-rt-1"
+    # The next answer is lost on the way (the provider may have rotated again), then the
+    # provider rejects the token we hold.
+    fake_provider.then(Behaviour("reset"), Behaviour("error", error="invalid_grant"))
+    clock.jump(4000)
+    with pytest.raises(OpError) as first:
+        await manager.token(token_request(), PEER)
+    assert first.value.code == "refresh_failed"
+    clock.jump(120)
+    with pytest.raises(OpError) as second:
+        await manager.token(token_request(), PEER)
+    assert second.value.code == "login_required"
+    assert "no longer accepts this session" in second.value.message
+    assert second.value.details["command"] == "compozy login"
+    assert [r["refresh_token"] for r in fake_provider.refresh_requests()] == [
+        "rt-0", "fake-rt-1", "fake-rt-1"]
+    status = (await manager.sessions(None))[0]
+    assert status.state == "login_required"
+    assert status.last_refresh_outcome == "rejected: invalid_grant"
