@@ -98,6 +98,9 @@ def main() -> int:
         step("compozy auth refresh")
         subprocess.run(["compozy", "auth", "refresh"], env=env, check=True)
 
+        step("compozy auth log  (who got tokens: as the kernel reports the caller)")
+        subprocess.run(["compozy", "auth", "log", "--limit", "3"], env=env, check=True)
+
         step("compozy logout")
         subprocess.run(["compozy", "logout"], env=env, check=True)
         print(
