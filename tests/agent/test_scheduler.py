@@ -1,0 +1,109 @@
+"""The driver's scheduler on a fake clock: refreshes come by themselves, on time, and an
+idle agent does not wake."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+from compozy_agent.http import ProviderClient
+from compozy_agent.lifecycle import AccessToken, Secret, SessionLifecycle
+from compozy_agent.sessions import Session, SessionManager
+from compozy_agent.store import MemorySecrets, SessionStore, StoredSession
+from support.clock import FakeClock
+from support.fake_provider import FakeProvider
+
+pytestmark = pytest.mark.anyio
+LIFETIME = 3600.0
+
+
+@pytest.fixture
+async def manager(
+    fake_provider: FakeProvider, tmp_path: object
+) -> AsyncIterator[tuple[SessionManager, FakeClock]]:
+    clock = FakeClock()
+    provider = ProviderClient(now=clock.now, timeout=2)
+    manager = SessionManager(SessionStore(str(tmp_path), MemorySecrets()), provider, clock=clock)
+    try:
+        async with anyio.create_task_group() as group:
+            await group.start(manager.run)
+            yield manager, clock
+            group.cancel_scope.cancel()
+    finally:
+        await provider.aclose()
+
+
+async def add_session(manager: SessionManager, fake: FakeProvider, clock: FakeClock,
+                      number: int) -> Session:
+    now = clock.now()
+    token_id = f"s{number}"
+    meta = StoredSession(token_id=token_id, profile=f"p{number}", kind="oidc",
+                         issuer=fake.issuer, client_id="cli", created_at=now)
+    await manager.store.put_secret(token_id, "refresh_token", f"rt-{number}")
+    lifecycle = SessionLifecycle(now, refresh_token=f"rt-{number}", access_token=AccessToken(
+        Secret(f"at-{number}"), issued_at=now, expires_at=now + LIFETIME))
+    session = Session(meta, lifecycle)
+    await manager._adopt(session)
+    return session
+
+
+async def run_time(clock: FakeClock, seconds: float, step: float = 30.0) -> None:
+    """Let ``seconds`` pass in steps, letting the agent run between them."""
+    for _ in range(int(seconds // step)):
+        clock.advance(step)
+        await anyio.wait_all_tasks_blocked()
+
+
+async def settle(manager: SessionManager) -> None:
+    """Wait until no refresh or persist is in flight (HTTP is real I/O, not the fake clock)."""
+    with anyio.fail_after(10):
+        for session in list(manager.by_id.values()):
+            assert session.lifecycle is not None
+            while session.lifecycle.in_flight is not None:
+                await session.changed.wait()
+
+
+async def test_a_session_is_refreshed_by_itself_inside_its_window(
+    manager: tuple[SessionManager, FakeClock], fake_provider: FakeProvider
+) -> None:
+    agent, clock = manager
+    session = await add_session(agent, fake_provider, clock, 1)
+    await run_time(clock, 0.70 * LIFETIME)  # before the 75-85 % window
+    assert fake_provider.refresh_requests() == []
+    await run_time(clock, 0.20 * LIFETIME)  # through the window (and its 60 s sleep cap)
+    await settle(agent)
+    assert [r["refresh_token"] for r in fake_provider.refresh_requests()] == ["rt-1"]
+    assert session.lifecycle is not None
+    status = session.lifecycle.status(clock.now())
+    assert status.state.value == "fresh" and status.last_refresh_outcome is not None
+
+
+async def test_many_idle_sessions_cost_no_wakeups_until_the_first_is_due(
+    manager: tuple[SessionManager, FakeClock], fake_provider: FakeProvider
+) -> None:
+    agent, clock = manager
+    for number in range(200):
+        await add_session(agent, fake_provider, clock, number)
+    await anyio.wait_all_tasks_blocked()
+    woken = agent.scheduler_wakeups
+    await run_time(clock, 0.70 * LIFETIME, step=60.0)
+    # One wake-up per capped 60 s slice at most, whatever the number of sessions.
+    assert agent.scheduler_wakeups - woken <= 0.70 * LIFETIME / 60 + 1
+    assert fake_provider.refresh_requests() == []
+    assert len(agent._heap) <= 4 * len(agent.by_id) + 64  # stale entries are compacted
+
+
+async def test_a_stepped_wall_clock_is_noticed_within_one_sleep_slice(
+    manager: tuple[SessionManager, FakeClock], fake_provider: FakeProvider
+) -> None:
+    agent, clock = manager
+    await add_session(agent, fake_provider, clock, 1)
+    await anyio.wait_all_tasks_blocked()
+    clock.jump(LIFETIME)  # the laptop slept through the refresh window and past expiry
+    await anyio.wait_all_tasks_blocked()
+    assert fake_provider.refresh_requests() == []  # asleep: the monotonic slice has not ended
+    await run_time(clock, 60.0, step=60.0)
+    await settle(agent)
+    assert len(fake_provider.refresh_requests()) == 1
