@@ -13,6 +13,7 @@ from compozy_agent.lifecycle import AccessToken, Secret, SessionLifecycle
 from compozy_agent.sessions import Session, SessionManager
 from compozy_agent.store import MemorySecrets, SessionStore, StoredSession
 from support.clock import FakeClock
+from support.driver import settle
 from support.fake_provider import FakeProvider
 
 pytestmark = pytest.mark.anyio
@@ -54,15 +55,6 @@ async def run_time(clock: FakeClock, seconds: float, step: float = 30.0) -> None
     for _ in range(int(seconds // step)):
         clock.advance(step)
         await anyio.wait_all_tasks_blocked()
-
-
-async def settle(manager: SessionManager) -> None:
-    """Wait until no refresh or persist is in flight (HTTP is real I/O, not the fake clock)."""
-    with anyio.fail_after(10):
-        for session in list(manager.by_id.values()):
-            assert session.lifecycle is not None
-            while session.lifecycle.in_flight is not None:
-                await session.changed.wait()
 
 
 async def test_a_session_is_refreshed_by_itself_inside_its_window(

@@ -20,6 +20,7 @@ from compozy_agent.sessions import Session, SessionManager
 from compozy_agent.store import MemorySecrets, SessionStore, StoredSession
 from compozy_client import protocol as p
 from support.clock import T0, FakeClock
+from support.driver import settle
 from support.fake_provider import Behaviour, FakeProvider
 
 pytestmark = pytest.mark.anyio
@@ -77,15 +78,6 @@ async def adopt(
     session = Session(meta, lifecycle)
     await manager._adopt(session)
     return session
-
-
-async def settle(manager: SessionManager) -> None:
-    """Wait until no session has a refresh or persist in flight."""
-    with anyio.fail_after(10):
-        for session in list(manager.by_id.values()):
-            assert session.lifecycle is not None
-            while session.lifecycle.in_flight is not None:
-                await session.changed.wait()
 
 
 def token_request(**fields: object) -> p.Token:

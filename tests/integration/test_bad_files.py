@@ -4,26 +4,11 @@ overwritten, the agent keeps serving."""
 from __future__ import annotations
 
 import json
-import socket
-from typing import Any
 
 from support.agent import AgentEnv, run_cli, start_agent
+from support.wire import ask
 
 KEY = "cpz_test_key_3b1f"
-
-
-def ask(path: str, request: dict[str, Any]) -> dict[str, Any]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(30)
-        sock.connect(path)
-        sock.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            assert chunk, "the agent closed the connection"
-            data += chunk
-    answer: dict[str, Any] = json.loads(data)
-    return answer
 
 
 def test_a_corrupt_state_file_is_named_and_never_overwritten(agent_env: AgentEnv) -> None:

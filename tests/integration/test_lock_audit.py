@@ -4,28 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-from typing import Any
 
 from support.agent import AgentProcess, run_cli
+from support.wire import ask
 
 KEY = "cpz_canary_9f83c1e07b"
-
-
-def ask(path: str, request: dict[str, Any]) -> dict[str, Any]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(30)
-        sock.connect(path)
-        sock.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            assert chunk, "the agent closed the connection"
-            data += chunk
-    answer: dict[str, Any] = json.loads(data)
-    return answer
 
 
 def store_key(agent: AgentProcess) -> None:
