@@ -210,11 +210,15 @@ OPS: Final[tuple[str, ...]] = tuple(
 
 
 class Envelope(msgspec.Struct):
-    """What every request line must at least have; read when the full decode fails."""
+    """What every request line must at least have; read when the full decode fails.
 
-    id: int | str | None = None
-    op: str | None = None
-    v: int = PROTOCOL_VERSION
+    Untyped on purpose: a request whose ``v`` or ``op`` has the wrong type still
+    has its ``id`` echoed in the error.
+    """
+
+    id: Any = None
+    op: Any = None
+    v: Any = PROTOCOL_VERSION
 
 
 # --------------------------------------------------------------------------
@@ -427,20 +431,30 @@ def decode_request(line: bytes) -> Request:
         raise ProtocolError(
             ErrorCode.BAD_REQUEST, "request is not a JSON object with an id and an op", None
         ) from None
-    if envelope.v != PROTOCOL_VERSION:
+    request_id = envelope.id if _is_id(envelope.id) else None
+    if request_id is None:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, "request is not a JSON object with an id and an op", None)
+    version = envelope.v
+    if type(version) is int and version != PROTOCOL_VERSION:
         raise ProtocolError(
             ErrorCode.UNSUPPORTED_VERSION,
-            f"protocol version {envelope.v} is not supported; this agent speaks {PROTOCOL_VERSION}",
-            envelope.id,
+            f"protocol version {version} is not supported; this agent speaks {PROTOCOL_VERSION}",
+            request_id,
         )
-    if envelope.op is not None and envelope.op not in OPS:
+    if isinstance(envelope.op, str) and envelope.op not in OPS:
         raise ProtocolError(
-            ErrorCode.UNKNOWN_OP, f"unknown op {envelope.op[:64]!r}", envelope.id
+            ErrorCode.UNKNOWN_OP, f"unknown op {envelope.op[:64]!r}", request_id
         )
     # msgspec names the offending field path ("$.min_valid") but not its value.
     raise ProtocolError(
-        ErrorCode.BAD_REQUEST, f"invalid request: {_describe(full_error)}", envelope.id
+        ErrorCode.BAD_REQUEST, f"invalid request: {_describe(full_error)}", request_id
     )
+
+
+def _is_id(value: object) -> bool:
+    """An id the protocol allows: a string or an integer (not a bool, not a float)."""
+    return isinstance(value, str) or type(value) is int
 
 
 def _describe(error: msgspec.DecodeError) -> str:

@@ -112,3 +112,23 @@ def test_every_error_code_maps_to_an_exception_class() -> None:
 
 def test_result_types_cover_every_op() -> None:
     assert set(p.RESULT_TYPES) == set(p.OPS)
+
+
+@pytest.mark.parametrize("line", [
+    b'{"id": 0, "op": "hello", "v": null}',
+    b'{"id": 0, "op": 5}',
+    b'{"id": 0, "op": "hello", "v": "1"}',
+    b'{"id": 0, "op": "token", "min_valid": [1]}',
+])
+def test_the_id_is_echoed_whatever_else_is_wrong(line: bytes) -> None:
+    with pytest.raises(p.ProtocolError) as caught:
+        p.decode_request(line)
+    assert caught.value.request_id == 0 and caught.value.code == ErrorCode.BAD_REQUEST
+
+
+@pytest.mark.parametrize("line", [b'{"id": 1e3, "op": "hello"}', b'{"id": true, "op": "hello"}',
+                                  b'{"id": [1], "op": "hello"}'])
+def test_an_id_the_protocol_does_not_allow_is_not_echoed(line: bytes) -> None:
+    with pytest.raises(p.ProtocolError) as caught:
+        p.decode_request(line)
+    assert caught.value.request_id is None and caught.value.code == ErrorCode.BAD_REQUEST
