@@ -47,6 +47,10 @@ def reaped(proc: subprocess.Popen[str]) -> Iterator[None]:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+        proc.wait()
 
 
 def login_device(
