@@ -103,6 +103,10 @@ class AuditLog:
         self.path = path
         self._recent: deque[p.AuditEntry] = deque(maxlen=MEMORY_ENTRIES)
         self._write_failed = False
+        #: The file, kept open (opening it per entry cost more than the rest of a request).
+        self._fd: int | None = None
+        self._size = 0
+
 
     def __repr__(self) -> str:
         return f"AuditLog({self.path!r}, {len(self._recent)} recent)"
@@ -110,6 +114,8 @@ class AuditLog:
     def record(self, entry: p.AuditEntry) -> None:
         self._recent.append(entry)
         if self.path is not None:
+            # One write per entry to a file kept open (about 3 µs): batching them through
+            # a writer task was measured slower, as waking the task costs more.
             self._append(_encoder.encode(entry) + b"\n")
 
     def recent(self, limit: int, profile: str | None = None) -> list[p.AuditEntry]:
@@ -120,24 +126,34 @@ class AuditLog:
         return matching[-limit:]
 
     def _append(self, line: bytes) -> None:
+        """Append to the open file; rotate past MAX_FILE_BYTES. Never raises."""
         assert self.path is not None
         try:
-            with contextlib.suppress(FileNotFoundError):
-                if os.stat(self.path).st_size + len(line) > MAX_FILE_BYTES:
-                    os.replace(self.path, self.path + ".1")
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                         0o600)
-            try:
-                os.write(fd, line)
-            finally:
-                os.close(fd)
+            if self._fd is None:
+                self._fd = os.open(self.path,
+                                   os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                self._size = os.fstat(self._fd).st_size
+            if self._size and self._size + len(line) > MAX_FILE_BYTES:
+                self.close()
+                os.replace(self.path, self.path + ".1")
+                self._append(line)
+                return
+            os.write(self._fd, line)
+            self._size += len(line)
         except OSError as exc:
+            self.close()
             if not self._write_failed:
                 log.error("cannot write the audit log %s: %s; entries are kept in memory",
                           self.path, exc.strerror)
                 self._write_failed = True
         else:
             self._write_failed = False
+
+    def close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
 
 
 def entry_for(

@@ -27,6 +27,7 @@ import logging
 import os
 import socket
 import stat
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final, assert_never
@@ -173,7 +174,7 @@ def check_inherited_socket(sock: socket.socket) -> str:
     return path
 
 
-@dataclass
+@dataclass(eq=False)
 class Client:
     """One connection: the peer the kernel reported, the socket kind, the process behind it."""
 
@@ -181,6 +182,10 @@ class Client:
     kind: str = "full"
     #: Read from /proc at the first token request (the client is connected and waiting).
     process: ProcessInfo | None = None
+    #: Since when (time.monotonic()) the agent has been waiting for this client's next line.
+    waiting_since: float | None = None
+    scope: anyio.CancelScope | None = field(default=None, repr=False)
+    timed_out: bool = False
 
 
 @dataclass
@@ -218,10 +223,13 @@ class AgentServer:
         self.max_connections = max_connections
         self.stats = ServerStats()
         self._uid = os.getuid()
+        self._clients: set[Client] = set()
+        self._client_arrived = anyio.Event()
 
     async def serve(self, bound: list[BoundSocket], ready: anyio.Event | None = None) -> None:
         """Accept connections on every socket in ``bound`` until cancelled."""
         async with anyio.create_task_group() as group:
+            group.start_soon(self._close_idle_connections)
             for item in bound:
                 listener = await anyio.abc.SocketListener.from_socket(item.sock)
                 kind = item.kind
@@ -262,24 +270,60 @@ class AgentServer:
         finally:
             self.stats.connections_open -= 1
 
+    async def _close_idle_connections(self) -> None:
+        """Close connections that sent nothing for ``idle_timeout`` seconds.
+
+        One task for all connections, rather than a timeout around every read:
+        a deadline per line costs more than the rest of a token request. It
+        sleeps until the earliest connection could time out, and not at all
+        while there are none.
+        """
+        while True:
+            if not self._clients:
+                self._client_arrived = anyio.Event()
+                await self._client_arrived.wait()
+                continue
+            now = time.monotonic()
+            next_check = now + self.idle_timeout
+            for client in list(self._clients):
+                since = client.waiting_since
+                if since is None:
+                    continue
+                if now - since >= self.idle_timeout and client.scope is not None:
+                    client.timed_out = True
+                    client.scope.cancel()
+                else:
+                    next_check = min(next_check, since + self.idle_timeout)
+            await anyio.sleep(max(next_check - now, 0.01))
+
     async def _serve_lines(self, stream: anyio.abc.SocketStream, client: Client) -> None:
         reader = BufferedByteReceiveStream(stream)
+        with anyio.CancelScope() as client.scope:
+            self._clients.add(client)
+            self._client_arrived.set()
+            try:
+                await self._serve_lines_until_closed(stream, reader, client)
+            finally:
+                self._clients.discard(client)
+        if client.timed_out:
+            log.debug("closed a connection idle for %.0f s", self.idle_timeout)
+
+    async def _serve_lines_until_closed(
+        self, stream: anyio.abc.SocketStream, reader: BufferedByteReceiveStream, client: Client
+    ) -> None:
         while True:
-            line: bytes | None = None
-            with anyio.move_on_after(self.idle_timeout):
-                try:
-                    line = await reader.receive_until(b"\n", p.MAX_LINE_BYTES)
-                except anyio.DelimiterNotFound:
-                    await self._send_error(
-                        stream, None, ErrorCode.LINE_TOO_LONG,
-                        f"request line longer than {p.MAX_LINE_BYTES} bytes; closing",
-                    )
-                    return
-                except anyio.IncompleteRead:
-                    return  # the client left mid-line
-            if line is None:
-                log.debug("closing a connection idle for %.0f s", self.idle_timeout)
+            client.waiting_since = time.monotonic()
+            try:
+                line = await reader.receive_until(b"\n", p.MAX_LINE_BYTES)
+            except anyio.DelimiterNotFound:
+                await self._send_error(
+                    stream, None, ErrorCode.LINE_TOO_LONG,
+                    f"request line longer than {p.MAX_LINE_BYTES} bytes; closing",
+                )
                 return
+            except anyio.IncompleteRead:
+                return  # the client left mid-line
+            client.waiting_since = None
             line = line.rstrip(b"\r")
             if not line.strip():
                 continue

@@ -138,6 +138,8 @@ class SessionManager:
         self.clock: Clock = clock if clock is not None else SystemClock()
         self.config_loader = config_loader
         self.by_id: dict[str, Session] = {}
+        #: The session each profile's requests go to (one per profile, O(1) per request).
+        self._by_profile: dict[str, Session] = {}
         self.logins: dict[str, Login] = {}
         self._group: anyio.abc.TaskGroup | None = None
         self._poke = anyio.Event()
@@ -151,6 +153,20 @@ class SessionManager:
 
     def now(self) -> float:
         return self.clock.now()
+
+    def _add(self, session: Session) -> None:
+        """Hold ``session``; it becomes its profile's session (the newest one wins)."""
+        self.by_id[session.meta.token_id] = session
+        self._by_profile[session.meta.profile] = session
+
+    def _remove(self, session: Session) -> None:
+        self.by_id.pop(session.meta.token_id, None)
+        profile = session.meta.profile
+        if self._by_profile.get(profile) is session:
+            del self._by_profile[profile]
+            for other in self.by_id.values():  # a replaced session being forgotten: rare
+                if other.meta.profile == profile:
+                    self._by_profile[profile] = other
 
     # ------------------------------------------------------------ running
 
@@ -185,14 +201,14 @@ class SessionManager:
                     self._warnings.append(f"the API key of profile {meta.profile!r} {missing}; "
                                           "store it again")
                     continue
-                self.by_id[meta.token_id] = Session(meta, None, api_key=secret)
+                self._add(Session(meta, None, api_key=secret))
                 continue
             # No access token: the first tick refreshes at once.
             lifecycle = SessionLifecycle(
                 self.now(), refresh_token=secret,
                 login_reason=None if secret is not None else f"the refresh token {missing}")
             session = Session(meta, lifecycle)
-            self.by_id[meta.token_id] = session
+            self._add(session)
             self._reschedule(session)
         log.info("restored %d session(s) from %s", len(self.by_id), self.store.state_path)
 
@@ -413,21 +429,23 @@ class SessionManager:
                 raise OpError(ErrorCode.UNKNOWN_TOKEN_ID,
                               f"no session has token id {token_id!r}; see `compozy auth list`")
             return session
-        for session in self.by_id.values():
-            if session.meta.profile == profile:
-                return session
+        session = self._by_profile.get(profile)
+        if session is not None:
+            return session
         raise OpError(ErrorCode.NOT_LOGGED_IN, f"not logged in (profile {profile!r})",
                       {"command": _login_command(profile)})
 
     async def token(self, request: p.Token, peer: Peer) -> p.TokenResult:
         session = self._find(request.profile, request.token_id)
-        session.last_used_at = self.now()
+        now = session.last_used_at = self.now()
         if session.api_key is not None:
             return p.TokenResult(access_token=session.api_key, token_id=session.meta.token_id,
                                  profile=session.meta.profile, kind="api_key")
-        token = await self._obtain(session, slot_key(request.scope, request.audience),
-                                   min_valid=request.min_valid, force_new=request.force_new,
-                                   rejected_token=request.rejected_token)
+        slot = DEFAULT_SLOT if request.scope is None and request.audience is None \
+            else slot_key(request.scope, request.audience)
+        token = await self._obtain(session, slot, min_valid=request.min_valid,
+                                   force_new=request.force_new,
+                                   rejected_token=request.rejected_token, asked_at=now)
         return p.TokenResult(access_token=token.value.reveal(), expires_at=token.expires_at,
                              token_id=session.meta.token_id, profile=session.meta.profile,
                              scope=list(token.scope) if token.scope is not None else None,
@@ -441,33 +459,41 @@ class SessionManager:
         min_valid: float = 0.0,
         force_new: bool = False,
         rejected_token: str | None = None,
+        asked_at: float | None = None,
     ) -> AccessToken:
         lifecycle = session.lifecycle
         assert lifecycle is not None
-        asked_at = self.now()
-        with anyio.fail_after(WAIT_LIMIT):
-            while True:
-                decision = lifecycle.request_token(
-                    self.now(), slot, min_valid=min_valid, force_new=force_new,
-                    rejected_token=rejected_token, asked_at=asked_at,
-                    # Asked for explicitly (after a 401, or `compozy auth refresh`):
-                    # only a token issued after the request began will do.
-                    recent=0.0 if force_new else RECENT)
-                match decision:
-                    case Ready(token=token, background=background):
-                        if background is not None:
-                            self._perform(session, [background])
-                        return token
-                    case Fail(code=code, message=message):
-                        details = {"command": _login_command(session.meta.profile)} \
-                            if code == ErrorCode.LOGIN_REQUIRED else {}
-                        raise OpError(code, message, details)
-                    case StartRefresh():
-                        changed = session.changed
+        now = asked_at = self.now() if asked_at is None else asked_at
+        give_up_at: float | None = None  # set at the first wait: the common case never waits
+        while True:
+            decision = lifecycle.request_token(
+                now, slot, min_valid=min_valid, force_new=force_new,
+                rejected_token=rejected_token, asked_at=asked_at,
+                # Asked for explicitly (after a 401, or `compozy auth refresh`):
+                # only a token issued after the request began will do.
+                recent=0.0 if force_new else RECENT)
+            match decision:
+                case Ready(token=token, background=background):
+                    if background is not None:
+                        self._perform(session, [background])
+                    return token
+                case Fail(code=code, message=message):
+                    details = {"command": _login_command(session.meta.profile)} \
+                        if code == ErrorCode.LOGIN_REQUIRED else {}
+                    raise OpError(code, message, details)
+                case StartRefresh() | WaitForRefresh():
+                    changed = session.changed
+                    if isinstance(decision, StartRefresh):
                         self._perform(session, [decision])
+                    if give_up_at is None:
+                        give_up_at = anyio.current_time() + WAIT_LIMIT
+                    with anyio.move_on_after(give_up_at - anyio.current_time()):
                         await changed.wait()
-                    case WaitForRefresh():
-                        await session.changed.wait()
+                    if not changed.is_set():
+                        raise OpError(ErrorCode.REFRESH_FAILED,
+                                      f"no answer from the provider within {WAIT_LIMIT:.0f} s; "
+                                      "the agent keeps trying")
+                    now = self.now()
 
     async def refresh(self, request: p.Refresh) -> p.RefreshResult:
         session = self._find(request.profile, request.token_id)
@@ -515,7 +541,7 @@ class SessionManager:
             return
         session.active = False
         session.wake_at = None
-        self.by_id.pop(meta.token_id, None)
+        self._remove(session)
         if session.lifecycle is not None:
             with contextlib.suppress(IllegalTransition):
                 session.lifecycle.revoked(self.now())  # its DeleteRefreshToken is done below
@@ -769,11 +795,11 @@ class SessionManager:
                 await self.store.put_secret(meta.token_id, "api_key", session.api_key)
             except StoreError as exc:
                 raise OpError(ErrorCode.STORAGE_ERROR, str(exc)) from None
-        self.by_id[meta.token_id] = session
+        self._add(session)
         try:
             await self._save_metadata()
         except OpError:
-            self.by_id.pop(meta.token_id, None)
+            self._remove(session)
             raise
         for old in previous:
             # The old session is replaced; it stays valid at the provider unless revoked.
