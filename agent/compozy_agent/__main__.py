@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import logging
 import os
 import resource
@@ -238,9 +237,6 @@ async def _serve(options: argparse.Namespace, bound: list[BoundSocket], path: st
             ready = anyio.Event()
             group.start_soon(server.serve, bound, ready)
             await ready.wait()
-            # Everything loaded so far lives as long as the agent: keep it out of the
-            # cyclic GC's full passes, which otherwise walk it again and again under load.
-            gc.freeze()
             log.info("compozy-agent %s (pid %d) serving %s", __version__, os.getpid(), path)
     finally:
         with anyio.CancelScope(shield=True):
