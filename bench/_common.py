@@ -123,3 +123,45 @@ def read_line(sock: socket.socket, buffer: bytearray) -> bytes:
         if not chunk:
             raise ConnectionError("closed")
         buffer += chunk
+
+
+def seed_sessions(bench: Bench, issuer: str, count: int) -> None:
+    """Write ``count`` sessions of ``issuer`` straight into the state and (opt-in, plaintext)
+    secrets files, as an agent would have left them; the next agent restores them.
+
+    Needs ``storage: file`` (see bench_home). Profile ``default`` is the first.
+    """
+    state = bench.home / "state"
+    state.mkdir(mode=0o700, exist_ok=True)
+    now = time.time()
+    sessions = [{"token_id": f"seed{n:05d}", "profile": "default" if n == 0 else f"p{n}",
+                 "kind": "oidc", "issuer": issuer, "client_id": "compozy-cli",
+                 "scopes": ["openid", "offline_access"], "created_at": now}
+                for n in range(count)]
+    secrets = {f"seed{n:05d}:refresh_token": f"seed-rt-{n}" for n in range(count)}
+    for name, document in (("sessions.json", {"version": 1, "sessions": sessions}),
+                           ("secrets.json", secrets)):
+        path = state / name
+        path.write_text(json.dumps(document))
+        path.chmod(0o600)
+
+
+def rss_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of ``pid`` in KiB."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0])
+    return values
+
+
+def context_switches(pid: int) -> int:
+    """Voluntary and involuntary context switches of every thread of ``pid``."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                    total += int(line.split()[1])
+    return total

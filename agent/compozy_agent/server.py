@@ -116,7 +116,7 @@ def bind_socket(path: str, kind: str = "full") -> BoundSocket:
             with _umask(0o177):
                 sock.bind(path)
             os.chmod(path, 0o600)
-            sock.listen(128)
+            sock.listen(socket.SOMAXCONN)  # bursts of CLIs must not find it full
         except OSError as exc:
             sock.close()
             raise SocketSetupError(f"cannot listen on {path}: {exc.strerror}") from None

@@ -19,3 +19,27 @@ def test_cli_cost_benchmark_runs_and_reports_a_ratio() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert re.search(r"^ratio \d+\.\d\d \(target <= 1\.5\): (meets|misses) the target$",
                      result.stdout, re.MULTILINE), result.stdout
+
+
+@pytest.mark.real_provider
+def test_throughput_benchmark_runs_and_reports_ratios() -> None:
+    result = subprocess.run([sys.executable, str(BENCH / "throughput.py"), "--clients", "2",
+                             "--seconds", "0.3", "--rounds", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"^throughput ratio \d+\.\d\d \(target >= 0\.8\): (meets|misses) the "
+                     r"target$", result.stdout, re.MULTILINE), result.stdout
+    assert re.search(r"^p99 ratio \d+\.\d\d \(target <= 1\.5\)", result.stdout, re.MULTILINE)
+
+
+@pytest.mark.real_provider
+@pytest.mark.slow
+def test_refresh_storm_benchmark_absorbs_the_storm_with_one_refresh() -> None:
+    """Exactly one refresh per storm is checked by the benchmark itself (it exits non-zero)."""
+    result = subprocess.run([sys.executable, str(BENCH / "refresh_storm.py"), "--requests",
+                             "300", "--connections", "15", "--rounds", "2", "--latency", "0.05"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    assert result.stdout.count("1 refresh(es) at the provider (exactly one)") == 2
+    assert re.search(r"^provider 50 ms away: ratio \d+\.\d\d \(target <= 3\): (meets|misses)",
+                     result.stdout, re.MULTILINE), result.stdout
