@@ -97,8 +97,16 @@ class AgentConnection:
             raise AgentUnavailable(f"the agent on {self.path} went away: {exc}") from None
 
     def _read_line(self, deadline: float) -> bytes:
-        while b"\n" not in self._buffer:
-            if len(self._buffer) > protocol.MAX_LINE_BYTES:
+        if b"\n" not in self._buffer:
+            self._buffer = self._receive_until_newline(deadline)
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
+    def _receive_until_newline(self, deadline: float) -> bytes:
+        chunks = [self._buffer]
+        size = len(self._buffer)
+        while True:
+            if size > protocol.MAX_RESPONSE_BYTES:
                 raise AgentUnavailable("the agent sent a line longer than the protocol allows")
             self._sock.settimeout(_remaining(deadline, self.path))
             try:
@@ -111,9 +119,10 @@ class AgentConnection:
                 raise AgentUnavailable(f"the agent on {self.path} went away: {exc}") from None
             if not chunk:
                 raise AgentUnavailable(f"the agent on {self.path} closed the connection")
-            self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        return line
+            chunks.append(chunk)
+            size += len(chunk)
+            if b"\n" in chunk:  # only the new bytes are searched: long lines stay linear
+                return b"".join(chunks)
 
 
 def _remaining(deadline: float, path: str) -> float:

@@ -1,7 +1,8 @@
 """The wire protocol between the agent and its clients, defined once.
 
 Transport: a SOCK_STREAM Unix socket carrying JSON Lines (one UTF-8 JSON
-object per ``\\n``-terminated line, at most :data:`MAX_LINE_BYTES` bytes).
+object per ``\\n``-terminated line; a request line is at most
+:data:`MAX_LINE_BYTES` bytes, a response line at most :data:`MAX_RESPONSE_BYTES`).
 
 Rules (``docs/protocol.md`` is the prose version of this module):
 
@@ -31,8 +32,10 @@ from compozy_client.errors import ErrorCode
 _T = TypeVar("_T")
 
 PROTOCOL_VERSION: Final = 1
-#: The longest request or response line, newline included.
+#: The longest request line, newline included.
 MAX_LINE_BYTES: Final = 64 * 1024
+#: The longest response line: a list of a thousand sessions is larger than any request.
+MAX_RESPONSE_BYTES: Final = 16 * 1024 * 1024
 
 
 # --------------------------------------------------------------------------

@@ -358,3 +358,16 @@ def test_daemon_mode_detaches(agent_env: AgentEnv) -> None:
     pids = agent_pids(agent_env)
     assert len(pids) == 1
     assert ask_once(agent_env.socket, {"id": 1, "op": "hello"})["result"]["pid"] == pids[0]
+
+
+def test_a_listing_longer_than_a_request_line_reaches_the_cli(agent: AgentProcess) -> None:
+    client = LineClient(agent.socket)
+    client.send(b"".join(json.dumps({"id": n, "op": "store_api_key", "profile": f"p{n:03d}",
+                                     "api_key": f"key-{n}"}).encode() + b"\n"
+                         for n in range(500)))
+    assert all(client.read()["ok"] for _ in range(500))
+    client.close()
+    listing = run_cli(agent.agent_env, "auth", "list", "--json")
+    assert listing.returncode == 0, listing.stderr
+    assert len(listing.stdout) > 64 * 1024
+    assert len(json.loads(listing.stdout)["sessions"]) == 500

@@ -210,6 +210,13 @@ def _stop(keeper: subprocess.Popen[bytes], daemon_pid: int | None) -> None:
 @pytest.fixture(scope="session")
 def secret_service() -> Iterator[SecretService]:
     """A real, unlocked Secret Service on a private session bus, for the whole run."""
+    with running_secret_service() as service:
+        yield service
+
+
+@contextlib.contextmanager
+def running_secret_service() -> Iterator[SecretService]:
+    """The Secret Service of :func:`secret_service`, for code outside pytest (benchmarks)."""
     require_tools(("dbus-run-session", "gnome-keyring-daemon"), PACKAGES, "for the real keyring")
     home = tempfile.mkdtemp(prefix="cz-keyring-")
     runtime = os.path.join(home, "run")
