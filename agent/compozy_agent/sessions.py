@@ -75,6 +75,10 @@ WAIT_LIMIT: Final = 60.0
 REVOKE_WAIT: Final = 10.0
 #: The scheduler's sleep when no session has anything scheduled.
 IDLE_SLEEP: Final = 3600.0
+#: Refreshes in flight at once, over all providers (httpx pools 100 connections).
+REFRESHES_AT_ONCE: Final = 16
+#: Below the store's MAX_WAITING_CALLS, so logins and API keys still find room.
+STORE_WRITES_AT_ONCE: Final = 8
 
 
 @dataclass(eq=False)
@@ -150,6 +154,14 @@ class SessionManager:
         self._sequence = itertools.count()
         #: How often the scheduler has woken (for the idle-cost benchmark).
         self.scheduler_wakeups = 0
+        #: Refreshes at providers at once: an agent restoring 1,000 sessions must not
+        #: open 1,000 requests (it would exhaust its connection pool and the provider's
+        #: patience); the others queue here, in order.
+        self._refresh_slots = anyio.CapacityLimiter(REFRESHES_AT_ONCE)
+        #: Background writes to the secret store at once. The store fails calls at once
+        #: when many wait behind a stuck keyring; rotations of many sessions queue here
+        #: instead of failing there.
+        self._store_slots = anyio.CapacityLimiter(STORE_WRITES_AT_ONCE)
 
     def now(self) -> float:
         return self.clock.now()
@@ -305,11 +317,13 @@ class SessionManager:
         refresh_id = start.refresh_id
         try:
             assert meta.issuer is not None and meta.client_id is not None
-            metadata = await self.provider.discover(meta.issuer)
-            response = await self.provider.refresh(
-                metadata, client_id=meta.client_id, refresh_token=start.refresh_token.reveal(),
-                scopes=start.scopes, resources=[start.audience] if start.audience else (),
-            )
+            async with self._refresh_slots:
+                metadata = await self.provider.discover(meta.issuer)
+                response = await self.provider.refresh(
+                    metadata, client_id=meta.client_id,
+                    refresh_token=start.refresh_token.reveal(), scopes=start.scopes,
+                    resources=[start.audience] if start.audience else (),
+                )
         except oidc.OAuthError as exc:
             if exc.error == "invalid_grant":
                 log.warning("session %s: refresh token rejected (%s); login required",
@@ -346,8 +360,9 @@ class SessionManager:
         token_id = session.meta.token_id
         with anyio.CancelScope(shield=True):
             try:
-                await self.store.put_secret(token_id, "refresh_token",
-                                            persist.refresh_token.reveal())
+                async with self._store_slots:
+                    await self.store.put_secret(token_id, "refresh_token",
+                                                persist.refresh_token.reveal())
             except StoreError as exc:
                 log.error("session %s: could not save the rotated refresh token (%s); "
                           "keeping it in memory and retrying", token_id, exc)
@@ -377,7 +392,8 @@ class SessionManager:
     async def _delete_secret(self, token_id: str, kind: SecretKind) -> None:
         with anyio.CancelScope(shield=True):
             try:
-                await self.store.delete_secret(token_id, kind)
+                async with self._store_slots:
+                    await self.store.delete_secret(token_id, kind)
             except StoreError as exc:
                 log.error("session %s: %s", token_id, exc)
 

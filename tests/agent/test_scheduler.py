@@ -10,11 +10,11 @@ import pytest
 
 from compozy_agent.http import ProviderClient
 from compozy_agent.lifecycle import AccessToken, Secret, SessionLifecycle
-from compozy_agent.sessions import Session, SessionManager
+from compozy_agent.sessions import REFRESHES_AT_ONCE, Session, SessionManager
 from compozy_agent.store import MemorySecrets, SessionStore, StoredSession
 from support.clock import FakeClock
 from support.driver import settle
-from support.fake_provider import FakeProvider
+from support.fake_provider import Behaviour, FakeProvider
 
 pytestmark = pytest.mark.anyio
 LIFETIME = 3600.0
@@ -99,3 +99,41 @@ async def test_a_stepped_wall_clock_is_noticed_within_one_sleep_slice(
     await run_time(clock, 60.0, step=60.0)
     await settle(agent)
     assert len(fake_provider.refresh_requests()) == 1
+
+
+async def test_restoring_many_sessions_refreshes_a_bounded_number_at_once(
+    fake_provider: FakeProvider, tmp_path: object
+) -> None:
+    """1,000 restored sessions must not open 1,000 requests at once: they would exhaust
+    the connection pool (found by bench/idle_cost.py) and the store's call queue."""
+    count = 3 * REFRESHES_AT_ONCE
+    clock = FakeClock()
+    store = SessionStore(str(tmp_path), MemorySecrets())
+    metas = [StoredSession(token_id=f"s{n}", profile=f"p{n}", kind="oidc",
+                           issuer=fake_provider.issuer, client_id="cli", created_at=clock.now())
+             for n in range(count)]
+    store.save(metas)
+    for n in range(count):
+        await store.put_secret(f"s{n}", "refresh_token", f"rt-{n}")
+    fake_provider.then(*[Behaviour.hold() for _ in range(count)])
+    provider = ProviderClient(now=clock.now, timeout=30)
+    manager = SessionManager(store, provider, clock=clock)
+    try:
+        async with anyio.create_task_group() as group:
+            await group.start(manager.run)
+            await fake_provider.arrived(REFRESHES_AT_ONCE)
+            await anyio.sleep(0.2)  # real time: more would arrive now if they could
+            assert len(fake_provider.refresh_requests()) == REFRESHES_AT_ONCE
+            fake_provider.release()
+            await fake_provider.arrived(count)
+            await settle(manager)
+            states = {s.lifecycle.status(clock.now()).state.value
+                      for s in manager.by_id.values() if s.lifecycle is not None}
+            assert states == {"fresh"}
+            group.cancel_scope.cancel()
+    finally:
+        await provider.aclose()
+    # Every rotated refresh token was saved, none failed on a full store queue.
+    saved = {await store.get_secret(f"s{n}", "refresh_token") for n in range(count)}
+    assert all(value is not None and value.startswith("fake-rt-") for value in saved)
+    assert len(saved) == count
