@@ -156,12 +156,20 @@ def rss_kib(pid: int) -> dict[str, int]:
     return values
 
 
-def context_switches(pid: int) -> int:
-    """Voluntary and involuntary context switches of every thread of ``pid``."""
-    total = 0
+def context_switches(pid: int) -> dict[int, int]:
+    """Voluntary and involuntary context switches of each thread of ``pid``, by thread id."""
+    counts = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(OSError):
+            total = 0
             for line in (task / "status").read_text().splitlines():
                 if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
                     total += int(line.split()[1])
-    return total
+            counts[int(task.name)] = total
+    return counts
+
+
+def switches_between(before: dict[int, int], after: dict[int, int]) -> int:
+    """Context switches from ``before`` to ``after`` of the threads alive at the end
+    (a thread that exited in between is not counted: wait for idle threads to exit)."""
+    return sum(count - before.get(tid, 0) for tid, count in after.items())

@@ -27,7 +27,7 @@ import logging
 import secrets
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 import anyio.abc
@@ -53,7 +53,6 @@ from compozy_agent.lifecycle import (
     WaitForRefresh,
     slot_key,
 )
-from compozy_agent.loopback import LoopbackRedirect
 from compozy_agent.peer import Peer
 from compozy_agent.store import SecretKind, SessionStore, StoredSession, StoreError
 from compozy_client import protocol as p
@@ -65,6 +64,9 @@ from compozy_client.config import (
     load_config,
 )
 from compozy_client.errors import ConfigError, ErrorCode
+
+if TYPE_CHECKING:
+    from compozy_agent.loopback import LoopbackRedirect
 
 log = logging.getLogger("compozy_agent.sessions")
 
@@ -658,6 +660,9 @@ class SessionManager:
             )
         pkce = oidc.new_pkce()
         state = oidc.new_state()
+        # aiohttp (about 10 MiB) is imported only by an agent that does a browser login.
+        from compozy_agent.loopback import LoopbackRedirect
+
         listener = LoopbackRedirect(state)
         await listener.start()
         try:

@@ -164,7 +164,9 @@ def connect(
                     f"{AUTOSTART_TIMEOUT:.0f} s; run `compozy-agent` in a terminal to see why"
                 ) from None
             time.sleep(delay)
-            delay = min(delay * 2, 0.1)
+            # A failed connect costs microseconds; a coarse poll would add up to its
+            # interval to every cold start (bench/cold_start.py).
+            delay = min(delay * 2, 0.02)
 
 
 def start_agent(path: str) -> None:
