@@ -196,6 +196,8 @@ class SessionManager:
 
     async def restore(self) -> None:
         """Load the sessions of the state file, with their secrets from the secret store."""
+        for path in self.store.remove_interrupted_writes():  # nothing is served yet
+            log.warning("removed %s, left by a write that a crash interrupted", path)
         try:
             stored = self.store.load()
         except StoreError as exc:

@@ -485,6 +485,23 @@ def atomic_write(path: str, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def remove_interrupted_writes(directory: str, names: tuple[str, ...]) -> list[str]:
+    """Delete the temp files :func:`atomic_write` leaves when the process is killed
+    between creating and renaming them; they may hold secrets. Returns their paths.
+
+    Call it only while no write can be running: at start-up, before anything is served.
+    """
+    removed = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in os.scandir(directory):
+            if any(entry.name.startswith(f".{name}.") and entry.name.endswith(".tmp")
+                   for name in names) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(entry.path)
+    return removed
+
+
 # --------------------------------------------------------------------------
 # The store.
 
@@ -593,6 +610,10 @@ class SessionStore:
                 f"(version {STATE_VERSION}) does not read; upgrade the agent or move the "
                 "file aside")
         return document.sessions
+
+    def remove_interrupted_writes(self) -> list[str]:
+        """Delete temp files of writes a crash interrupted (see the module function)."""
+        return remove_interrupted_writes(self.state_dir, (STATE_FILE, SECRETS_FILE))
 
     def save(self, sessions: list[StoredSession]) -> None:
         """Replace the state file with ``sessions``, atomically, as 0600.

@@ -510,3 +510,29 @@ async def test_calls_run_in_the_order_they_were_made(tmp_path: Path) -> None:
             await anyio.lowlevel.checkpoint()
     assert secrets.order == values
     assert await store.get_secret("tok-1", "refresh_token") == "rt-19"
+
+
+async def test_a_write_interrupted_by_a_crash_leaves_no_secret_behind(tmp_path: Path) -> None:
+    """SIGKILL between creating and renaming the temp file of an atomic write leaves it
+    (found by the kill loop's canary check); the next agent removes it before serving."""
+    from compozy_agent.http import ProviderClient
+    from compozy_agent.sessions import SessionManager
+
+    store = await open_store("file", str(tmp_path))
+    await store.save_metadata([SESSION])
+    await store.put_secret(SESSION.token_id, "refresh_token", SECRET)
+    leftovers = [tmp_path / ".secrets.json.0123456789ab.tmp",
+                 tmp_path / ".sessions.json.ba9876543210.tmp"]
+    for path in leftovers:
+        path.write_text(json.dumps({"tok-1:refresh_token": "a-rotated-token"}))
+    unrelated = tmp_path / ".other.tmp"
+    unrelated.write_text("not ours")
+    provider = ProviderClient(now=time.time)
+    try:
+        await SessionManager(store, provider).restore()
+    finally:
+        await provider.aclose()
+    assert not any(path.exists() for path in leftovers)
+    assert unrelated.exists()
+    assert store.load() == [SESSION]
+    assert await store.get_secret(SESSION.token_id, "refresh_token") == SECRET
