@@ -122,7 +122,10 @@ async def test_restoring_many_sessions_refreshes_a_bounded_number_at_once(
         async with anyio.create_task_group() as group:
             await group.start(manager.run)
             await fake_provider.arrived(REFRESHES_AT_ONCE)
-            await anyio.sleep(0.2)  # real time: more would arrive now if they could
+            await anyio.wait_all_tasks_blocked()
+            # The rest wait for a slot: none of them has sent anything.
+            queued = manager._refresh_slots.statistics().tasks_waiting
+            assert queued == count - REFRESHES_AT_ONCE
             assert len(fake_provider.refresh_requests()) == REFRESHES_AT_ONCE
             fake_provider.release()
             await fake_provider.arrived(count)
