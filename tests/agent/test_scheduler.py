@@ -3,6 +3,7 @@ idle agent does not wake."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 
 import anyio
@@ -140,3 +141,50 @@ async def test_restoring_many_sessions_refreshes_a_bounded_number_at_once(
     saved = {await store.get_secret(f"s{n}", "refresh_token") for n in range(count)}
     assert all(value is not None and value.startswith("fake-rt-") for value in saved)
     assert len(saved) == count
+
+
+class GatedSecrets(MemorySecrets):
+    """A secret store whose writes wait for the test, as a slow keyring's do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def put(self, key: str, value: str) -> None:
+        assert self.gate.wait(10), "the test never opened the gate"
+        super().put(key, value)
+
+
+async def test_many_rotations_queue_for_a_slow_store_instead_of_failing(
+    fake_provider: FakeProvider, tmp_path: object
+) -> None:
+    """The store fails calls at once when 16 wait behind a stuck one (MAX_WAITING_CALLS);
+    rotations of many sessions must queue in the agent, not fail there."""
+    count = 3 * REFRESHES_AT_ONCE
+    clock = FakeClock()
+    secrets = GatedSecrets()
+    store = SessionStore(str(tmp_path), secrets)
+    store.save([StoredSession(token_id=f"s{n}", profile=f"p{n}", kind="oidc",
+                              issuer=fake_provider.issuer, client_id="cli",
+                              created_at=clock.now()) for n in range(count)])
+    for n in range(count):
+        await store.put_secret(f"s{n}", "refresh_token", f"rt-{n}")
+    secrets.gate.clear()
+    provider = ProviderClient(now=clock.now, timeout=30)
+    manager = SessionManager(store, provider, clock=clock)
+    try:
+        async with anyio.create_task_group() as group:
+            await group.start(manager.run)
+            await fake_provider.arrived(count)  # every refresh rotated; the writes wait
+            await anyio.wait_all_tasks_blocked()
+            secrets.gate.set()
+            await settle(manager)
+            warnings = [s.lifecycle.status(clock.now()).persist_warning
+                        for s in manager.by_id.values() if s.lifecycle is not None]
+            group.cancel_scope.cancel()
+    finally:
+        await provider.aclose()
+    assert warnings == [None] * count
+    saved = [await store.get_secret(f"s{n}", "refresh_token") for n in range(count)]
+    assert all(value is not None and value.startswith("fake-rt-") for value in saved), saved
