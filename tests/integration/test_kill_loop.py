@@ -19,12 +19,11 @@ import contextlib
 import json
 import os
 import random
+import select
 import signal
 import subprocess
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
@@ -41,15 +40,21 @@ OPERATIONS = ("refresh", "force_new", "narrower", "login", "logout")
 
 
 def kill_agents(agent_env: AgentEnv) -> int:
-    """SIGKILL every agent serving this environment; how many there were."""
+    """SIGKILL every agent serving this environment and wait until each has exited
+    (its pidfd becomes readable; no polling); how many there were."""
     pids = agent_pids(agent_env)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while any(Path(f"/proc/{pid}").exists() and pid in agent_pids(agent_env) for pid in pids):
-        assert time.monotonic() < deadline, "a killed agent did not go away"
-        time.sleep(0.01)
+    exits = []
+    try:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):  # it exited by itself meanwhile
+                exits.append(os.pidfd_open(pid))
+                os.kill(pid, signal.SIGKILL)
+        for exited in exits:
+            ready, _, _ = select.select([exited], [], [], 10)
+            assert ready, "a killed agent did not go away"
+    finally:
+        for exited in exits:
+            os.close(exited)
     return len(pids)
 
 
@@ -108,7 +113,9 @@ def test_sigkill_at_random_points_loses_no_persisted_session(
             if operation == "logout" and "extra" not in stored_profiles(agent_env):
                 assert login_browser(agent_env, "--profile", "extra").returncode == 0
             proc = start_operation(agent_env, operation, oidc_provider.api)
-            time.sleep(delay)  # the random point to kill at, not a wait for a condition
+            # The random point to kill at; an operation that ends sooner finds the agent idle.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=delay)
             kills += kill_agents(agent_env)
             _, output = proc.communicate(timeout=60)
             assert proc.returncode in (0, 1), (context, output)
