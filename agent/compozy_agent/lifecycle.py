@@ -107,6 +107,14 @@ takes ``now`` (wall-clock epoch seconds) and answers with what the driver
 # after the request began (or within RECENT seconds): the cached one keeps
 # serving other callers until it is replaced, since nobody said it was bad.
 # Either way concurrent askers share the one refresh (rule 3).
+# Forced refreshes of a slot are at least RECENT seconds apart, whatever the
+# driver passes as ``recent``: every refresh rotates the refresh token and
+# writes it to the secret store, and a caller in a loop (a buggy tool, a host
+# on the forwarding socket) must not turn that into hundreds a second. So a
+# slot whose token was issued less than RECENT seconds ago answers
+# ``force_new`` with that token (the newest there is), and a ``rejected_token``
+# naming it fails with refresh_failed and a time to ask again; the token is
+# kept, or a plain request would refresh in its place.
 #
 # Rule 8, failures: a transient failure (network, 5xx, 429, timeouts) backs
 # off exponentially with jitter from FIRST_BACKOFF to MAX_BACKOFF, or longer
@@ -132,6 +140,15 @@ takes ``now`` (wall-clock epoch seconds) and answers with what the driver
 # Rule 11: no token value ever appears in a repr, str or exception message:
 # values are wrapped in Secret, and messages are built from codes and times.
 #
+# Rule 12, a refresh narrows a grant, never widens it (RFC 6749 section 6,
+# RFC 8707 section 2.2): a narrower slot is asked of the provider only when
+# its scopes are among those granted at login and its audience is one of the
+# resources the login asked for (the driver passes them as a Grant). Anything
+# else fails with bad_request, naming what was granted, before any refresh:
+# a provider may spend (rotate) the refresh token before it finds the target
+# unknown (node oidc-provider does, for invalid_target), which would end the
+# session over a typo.
+#
 # The driver's side of the contract
 # ---------------------------------
 #
@@ -151,6 +168,7 @@ from __future__ import annotations
 
 import enum
 import hmac
+import math
 import random
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -175,6 +193,7 @@ __all__ = [
     "Decision",
     "DeleteRefreshToken",
     "Fail",
+    "Grant",
     "IllegalTransition",
     "PersistRefreshToken",
     "Ready",
@@ -213,6 +232,69 @@ def slot_key(scopes: Iterable[str] | None = None, audience: str | None = None) -
     """The slot for a request's scopes and audience; empty values mean the default."""
     scope_set = frozenset(scopes) if scopes is not None else None
     return (scope_set or None, audience or None)
+
+
+#: How many granted values a bad_request message names before "and N more".
+_NAMES_SHOWN: Final = 20
+#: How much of one (caller- or provider-supplied) value such a message shows.
+_NAME_CHARS: Final = 200
+
+
+def _shown(value: str) -> str:
+    """A caller's or provider's value, safe to put in a message: printable ASCII without
+    spaces as it is (every RFC 6749 scope-token and sane URI), anything else escaped."""
+    if value.isascii() and value.isprintable() and " " not in value and value:
+        shown = value
+    else:
+        shown = ascii(value)
+    return shown if len(shown) <= _NAME_CHARS else shown[:_NAME_CHARS] + "..."
+
+
+def _names(values: Iterable[str]) -> str:
+    ordered = sorted(values)
+    if not ordered:
+        return "none"
+    listed = " ".join(_shown(value) for value in ordered[:_NAMES_SHOWN])
+    more = len(ordered) - _NAMES_SHOWN
+    return listed + (f" and {more} more" if more > 0 else "")
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a session was granted at login, which a narrower token may not exceed (rule 12).
+
+    ``scopes``: the login response's ``scope``, or what the login asked for when
+    the provider left it out (RFC 6749 section 5.1); None when not known (a
+    session saved without them), and then not checked. ``audiences``: the RFC
+    8707 resources the login asked for; compared exactly, as providers do (a
+    trailing slash names another resource).
+    """
+
+    scopes: frozenset[str] | None
+    audiences: frozenset[str]
+
+    @classmethod
+    def of(cls, scopes: Iterable[str], audiences: Iterable[str]) -> Grant:
+        """From a session's stored scopes and resources; no scopes means not known."""
+        return cls(frozenset(scopes) or None, frozenset(audiences))
+
+    def refusal(self, slot: SlotKey) -> Fail | None:
+        """Why ``slot`` is more than this grant (a bad_request), or None if it is within."""
+        scopes, audience = slot
+        if audience is not None and audience not in self.audiences:
+            return Fail(ErrorCode.BAD_REQUEST, (
+                f"audience {_shown(audience)} was not granted to this session; "
+                f"granted: {_names(self.audiences)}"
+                + ("" if self.audiences else
+                   " (add it to the profile's resources in the config and log in again)")))
+        if scopes is not None and self.scopes is not None:
+            extra = scopes - self.scopes
+            if extra:
+                noun = "scope" if len(extra) == 1 else "scopes"
+                return Fail(ErrorCode.BAD_REQUEST, (
+                    f"{noun} {_names(extra)} {'was' if len(extra) == 1 else 'were'} not granted "
+                    f"to this session; granted: {_names(self.scopes)}"))
+        return None
 
 
 class IllegalTransition(Exception):
@@ -592,28 +674,44 @@ class SessionLifecycle:
         rejected_token: str | None = None,
         asked_at: float | None = None,
         recent: float = RECENT,
+        grant: Grant | None = None,
     ) -> Decision:
         """What to do for a caller who wants an access token of ``slot``.
 
         ``asked_at`` is when this caller first asked (default ``now``); a caller
         told to wait asks again with the same value (rules 6, 7, 9). ``recent`` is
-        how young a token counts as new whenever it was issued (rules 6, 7); a
-        person who asked for a new token by hand passes 0.
+        how young a token counts as new whenever it was issued (rule 6); it
+        cannot bring forced refreshes closer than RECENT seconds (rule 7).
+        ``grant`` is what the session was granted at login: a narrower slot
+        outside it fails with bad_request before anything else (rule 12).
         StartRefresh means the caller must run the refresh; WaitForRefresh means
         someone else's operation must end first.
         """
         asked_at = now if asked_at is None else min(asked_at, now)
         if self._phase is Phase.REVOKED:
             return Fail(ErrorCode.NOT_LOGGED_IN, "this session was logged out or revoked")
+        if grant is not None and slot != DEFAULT_SLOT:
+            refusal = grant.refusal(slot)
+            if refusal is not None:
+                return refusal  # rule 12: never ask the provider to widen the grant
         cache = self._default if slot == DEFAULT_SLOT else self._narrower.get(slot)
         token = cache.token if cache is not None else None
         if cache is not None and token is not None and rejected_token is not None \
                 and token.value.matches(rejected_token):
+            age = now - token.issued_at
+            if 0.0 <= age < RECENT and token.remaining(now) > 0:  # rule 7: spaced
+                return Fail(ErrorCode.REFRESH_FAILED, (
+                    f"that token was refused {age:.1f} s after it was issued; the agent makes "
+                    f"a new token for the same scope and audience at most every {RECENT:.0f} s; "
+                    f"ask again in {math.ceil(RECENT - age):.0f} s"))
             cache.token = cache.refresh_due_at = token = None  # rule 7: known bad
         if token is not None and token.remaining(now) > 0:
             new_enough = token.issued_at >= asked_at or now - token.issued_at < recent
-            wanted = new_enough if force_new and rejected_token is None else (
-                new_enough or token.remaining(now) >= min_valid)
+            if force_new and rejected_token is None:
+                # Rule 7: any token issued under RECENT seconds ago is new enough for a force.
+                wanted = new_enough or 0.0 <= now - token.issued_at < RECENT
+            else:
+                wanted = new_enough or token.remaining(now) >= min_valid
             if wanted:
                 if slot != DEFAULT_SLOT:
                     self._narrower.move_to_end(slot)  # least recently used goes first

@@ -38,11 +38,11 @@ from compozy_agent.clock import Clock, SystemClock
 from compozy_agent.http import ProviderClient
 from compozy_agent.lifecycle import (
     DEFAULT_SLOT,
-    RECENT,
     AccessToken,
     Action,
     DeleteRefreshToken,
     Fail,
+    Grant,
     IllegalTransition,
     PersistRefreshToken,
     Ready,
@@ -463,9 +463,13 @@ class SessionManager:
                                  profile=session.meta.profile, kind="api_key")
         slot = DEFAULT_SLOT if request.scope is None and request.audience is None \
             else slot_key(request.scope, request.audience)
+        # A narrower token may not widen what the login granted (lifecycle rule 12).
+        grant = None if slot == DEFAULT_SLOT else Grant.of(session.meta.scopes,
+                                                           session.meta.resources)
         token = await self._obtain(session, slot, min_valid=request.min_valid,
                                    force_new=request.force_new,
-                                   rejected_token=request.rejected_token, asked_at=now)
+                                   rejected_token=request.rejected_token, asked_at=now,
+                                   grant=grant)
         return p.TokenResult(access_token=token.value.reveal(), expires_at=token.expires_at,
                              token_id=session.meta.token_id, profile=session.meta.profile,
                              scope=list(token.scope) if token.scope is not None else None,
@@ -480,18 +484,18 @@ class SessionManager:
         force_new: bool = False,
         rejected_token: str | None = None,
         asked_at: float | None = None,
+        grant: Grant | None = None,
     ) -> AccessToken:
         lifecycle = session.lifecycle
         assert lifecycle is not None
         now = asked_at = self.now() if asked_at is None else asked_at
         give_up_at: float | None = None  # set at the first wait: the common case never waits
         while True:
+            # force_new (a 401, or `compozy auth refresh`) gets a token issued after the
+            # request began, or within the last RECENT seconds (lifecycle rule 7).
             decision = lifecycle.request_token(
                 now, slot, min_valid=min_valid, force_new=force_new,
-                rejected_token=rejected_token, asked_at=asked_at,
-                # Asked for explicitly (after a 401, or `compozy auth refresh`):
-                # only a token issued after the request began will do.
-                recent=0.0 if force_new else RECENT)
+                rejected_token=rejected_token, asked_at=asked_at, grant=grant)
             match decision:
                 case Ready(token=token, background=background):
                     if background is not None:

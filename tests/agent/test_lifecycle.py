@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -28,6 +28,7 @@ from compozy_agent.lifecycle import (
     Action,
     DeleteRefreshToken,
     Fail,
+    Grant,
     IllegalTransition,
     PersistRefreshToken,
     Ready,
@@ -304,11 +305,177 @@ def test_a_waiter_whose_new_token_is_rejected_meanwhile_waits_for_the_next_one()
     first = start(machine.request_token(now))
     assert machine.request_token(now) == WaitForRefresh(first.refresh_id)
     machine.refresh_succeeded(now + 1, first.refresh_id, "at-1", now + HOUR)
-    # Before the waiter asks again, someone's API refuses the new token.
-    second = start(machine.request_token(now + 1.5, rejected_token="at-1"))
-    assert machine.request_token(now + 1.5, asked_at=now) == WaitForRefresh(second.refresh_id)
-    machine.refresh_succeeded(now + 2, second.refresh_id, "at-2", now + HOUR)
-    assert ready_value(machine.request_token(now + 2, asked_at=now)) == "at-2"
+    # Before the waiter asks again, someone's API refuses the new token (no sooner
+    # than RECENT seconds after its issue: rule 7 spaces forced refreshes).
+    refused_at = now + 1 + RECENT
+    second = start(machine.request_token(refused_at, rejected_token="at-1"))
+    assert machine.request_token(refused_at, asked_at=now) == WaitForRefresh(second.refresh_id)
+    machine.refresh_succeeded(refused_at + 1, second.refresh_id, "at-2", now + HOUR)
+    assert ready_value(machine.request_token(refused_at + 1, asked_at=now)) == "at-2"
+
+
+# ---------------------------------------------------------------------------
+# Forced refreshes are spaced (rule 7): a loop cannot rotate the refresh token at will
+
+
+def test_a_burst_of_forced_refreshes_makes_one_refresh_then_one_per_recent() -> None:
+    machine = logged_in()
+    now = T0 + 600
+    # 200 force_new at once (recent=0.0 as the driver once passed: it cannot bypass the rule).
+    burst = [machine.request_token(now, force_new=True, recent=0.0) for _ in range(200)]
+    refresh = start(burst[0])
+    assert burst[1:] == [WaitForRefresh(refresh.refresh_id)] * 199
+    machine.refresh_succeeded(now + 0.2, refresh.refresh_id, "at-1", now + HOUR,
+                              refresh_token="rt-1")
+    machine.persist_done(now + 0.3, 2)
+    answers = [machine.request_token(now + 0.3, force_new=True, asked_at=now, recent=0.0)
+               for _ in range(200)]
+    assert {ready_value(answer) for answer in answers} == {"at-1"}
+    # More forced requests keep coming, every 0.1 s: each gets the newest token, no refresh.
+    for step in range(1, int(RECENT * 10) - 2):
+        later = now + 0.2 + step * 0.1
+        assert ready_value(machine.request_token(later, force_new=True, recent=0.0)) == "at-1"
+        assert machine.in_flight is None
+    # RECENT seconds after the forced token was issued, a force makes a new one.
+    again = start(machine.request_token(now + 0.2 + RECENT, force_new=True, recent=0.0))
+    assert again.refresh_token == Secret("rt-1")
+
+
+def test_forced_refreshes_are_spaced_per_slot() -> None:
+    machine = logged_in()
+    now = T0 + 600
+    default = start(machine.request_token(now, force_new=True))
+    machine.refresh_succeeded(now + 0.1, default.refresh_id, "at-1", now + HOUR)
+    # Another slot has its own spacing: its first forced token is made at once.
+    read = start(machine.request_token(now + 0.2, READ, force_new=True))
+    machine.refresh_succeeded(now + 0.3, read.refresh_id, "at-read-1", now + HOUR)
+    assert ready_value(machine.request_token(now + 1, READ, force_new=True)) == "at-read-1"
+    assert ready_value(machine.request_token(now + 1, force_new=True)) == "at-1"
+    assert machine.in_flight is None
+    assert isinstance(machine.request_token(now + 0.1 + RECENT, force_new=True), StartRefresh)
+
+
+def test_a_token_rejected_under_recent_seconds_after_issue_is_kept_and_the_caller_told_when(
+) -> None:
+    machine = logged_in()
+    now = T0 + 600
+    first = start(machine.request_token(now, rejected_token="at-0"))
+    machine.refresh_succeeded(now + 1, first.refresh_id, "at-1", now + HOUR)
+    # A caller in a loop: 401, reject, 401, reject... Only the first made a refresh.
+    for step in range(1, 40):
+        later = now + 1 + step * 0.1
+        refused = machine.request_token(later, rejected_token="at-1")
+        assert isinstance(refused, Fail) and refused.code == ErrorCode.REFRESH_FAILED
+        assert f"at most every {RECENT:.0f} s" in refused.message
+        assert "ask again in" in refused.message and "at-1" not in refused.message
+        # The token is kept: a plain or forced request does not refresh in its place.
+        assert ready_value(machine.request_token(later)) == "at-1"
+        assert ready_value(machine.request_token(later, force_new=True)) == "at-1"
+        assert machine.in_flight is None
+    assert start(machine.request_token(now + 1 + RECENT, rejected_token="at-1")).refresh_id == 2
+
+
+FORCED_KINDS = st.sampled_from(["force_new", "reject_current", "reject_stale", "plain"])
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(steps=st.lists(st.tuples(st.floats(0, 3), st.sampled_from([DEFAULT_SLOT, READ, API]),
+                                FORCED_KINDS, st.floats(0, 2)), max_size=80))
+def test_forced_refreshes_of_any_slot_start_at_least_recent_apart(
+    steps: list[tuple[float, SlotKey, str, float]],
+) -> None:
+    """Whatever mix of forced, rejecting and plain requests arrives, and however long the
+    provider takes, a forced refresh of a slot starts at least RECENT seconds after the
+    slot's token was issued (tokens live an hour here: nothing is due for time alone)."""
+    machine = logged_in()
+    now = T0
+    issued = 0
+    handed: dict[SlotKey, str] = {DEFAULT_SLOT: "at-0"}
+    issued_at: dict[SlotKey, float] = {DEFAULT_SLOT: T0}
+    for pause, slot, kind, latency in steps:
+        now += pause
+        decision = machine.request_token(
+            now, slot, force_new=kind == "force_new", recent=0.0,
+            rejected_token=handed.get(slot) if kind == "reject_current"
+            else "at-stale" if kind == "reject_stale" else None)
+        if isinstance(decision, Ready):
+            handed[slot] = decision.token.value.reveal()
+            assert decision.background is None
+        if not isinstance(decision, StartRefresh):
+            continue
+        if slot in issued_at:  # only forced requests may refresh a slot holding a token
+            assert kind in ("force_new", "reject_current"), kind
+            assert now - issued_at[slot] >= RECENT, (slot, kind, now - issued_at[slot])
+        issued += 1
+        now += latency
+        machine.refresh_succeeded(now, decision.refresh_id, f"at-{issued}", now + HOUR)
+        issued_at[slot] = now
+
+
+# ---------------------------------------------------------------------------
+# The grant (rule 12): a narrower token never widens it
+
+GRANT = Grant.of(["openid", "offline_access", "read", "write"], ["https://api.compozy.dev"])
+
+
+@pytest.mark.parametrize(
+    ("slot", "message"),
+    [
+        (slot_key(None, "https://api.compozy.dev/"),
+         "audience https://api.compozy.dev/ was not granted to this session; "
+         "granted: https://api.compozy.dev"),
+        (slot_key(["read", "deploy"], "https://api.compozy.dev"),
+         "scope deploy was not granted to this session; "
+         "granted: offline_access openid read write"),
+        (slot_key(["deploy", "admin"]),
+         "scopes admin deploy were not granted to this session; "
+         "granted: offline_access openid read write"),
+        (slot_key(["read"], "https://evil.example"),
+         "audience https://evil.example was not granted to this session; "
+         "granted: https://api.compozy.dev"),
+    ],
+    ids=["trailing-slash", "one-scope", "two-scopes", "other-audience"],
+)
+def test_a_narrower_token_beyond_the_grant_is_refused_before_any_refresh(
+    slot: SlotKey, message: str
+) -> None:
+    machine = logged_in()
+    before = frozen(machine)
+    for force_new in (False, True):
+        decision = machine.request_token(T0 + 10, slot, grant=GRANT, force_new=force_new)
+        assert decision == Fail(ErrorCode.BAD_REQUEST, message)
+    assert machine.in_flight is None and frozen(machine) == before  # nothing spent, no slot
+    # Within the grant, the same session refreshes as usual.
+    within = start(machine.request_token(T0 + 10, slot_key(["read"], "https://api.compozy.dev"),
+                                         grant=GRANT))
+    assert within.refresh_token == Secret("rt-0")
+
+
+def test_the_grant_when_scopes_are_unknown_or_no_audience_was_asked_for() -> None:
+    machine = logged_in()
+    unknown_scopes = Grant.of([], ["https://api.compozy.dev"])
+    assert unknown_scopes.scopes is None
+    assert unknown_scopes.refusal(slot_key(["anything"], "https://api.compozy.dev")) is None
+    no_audiences = Grant.of(["read"], [])
+    refused = machine.request_token(T0, API, grant=no_audiences)
+    assert isinstance(refused, Fail) and refused.code == ErrorCode.BAD_REQUEST
+    assert refused.message == (
+        "audience https://api.example was not granted to this session; granted: none "
+        "(add it to the profile's resources in the config and log in again)")
+    assert no_audiences.refusal(DEFAULT_SLOT) is None
+    assert isinstance(machine.request_token(T0 + 60, DEFAULT_SLOT, grant=no_audiences,
+                                            force_new=True), StartRefresh)
+
+
+def test_a_refusal_shows_odd_values_escaped_and_bounded() -> None:
+    grant = Grant.of([f"s{number:03}" for number in range(30)], ["https://api"])
+    refusal = grant.refusal(slot_key(["x\x1b[31m\nforged"], "https://api"))
+    assert refusal is not None
+    assert "\x1b" not in refusal.message and "\n" not in refusal.message
+    assert "'x\\x1b[31m\\nforged'" in refusal.message
+    assert refusal.message.endswith("s019 and 10 more")
+    long = grant.refusal(slot_key(None, "https://" + "a" * 5000))
+    assert long is not None and len(long.message) < 400
 
 
 # ---------------------------------------------------------------------------
@@ -498,7 +665,7 @@ def test_a_failed_save_keeps_the_token_retries_and_warns() -> None:
     later = machine.next_wakeup(retry_at)
     assert later is not None and retry_at + 1 <= later <= retry_at + 2  # backing off
     # Meanwhile refreshes go on with the in-memory token; the next rotation is written at once.
-    refresh = start(machine.request_token(retry_at + 1, rejected_token="at-1"))
+    refresh = start(machine.request_token(retry_at + 1, READ))
     assert refresh.refresh_token == Secret("rt-1")
     assert machine.refresh_succeeded(retry_at + 1.1, refresh.refresh_id, "at-2",
                                      retry_at + HOUR, refresh_token="rt-2") == [

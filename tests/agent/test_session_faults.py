@@ -14,7 +14,7 @@ import pytest
 
 from compozy_agent.backend import OpError
 from compozy_agent.http import ProviderClient
-from compozy_agent.lifecycle import AccessToken, Secret, SessionLifecycle, State
+from compozy_agent.lifecycle import RECENT, AccessToken, Secret, SessionLifecycle, State
 from compozy_agent.peer import Peer
 from compozy_agent.sessions import Session, SessionManager
 from compozy_agent.store import MemorySecrets, SessionStore, StoredSession
@@ -267,3 +267,143 @@ async def test_invalid_grant_after_a_rotation_is_a_clear_login_required(
     status = (await manager.sessions(None))[0]
     assert status.state == "login_required"
     assert status.last_refresh_outcome == "rejected: invalid_grant"
+
+
+# ---------------------------------------------------------------------------
+# Narrower tokens stay within the grant; forced refreshes are spaced (issue 10, items 7, 8)
+
+API = "https://api.compozy.dev"
+
+
+async def adopt_with_grant(manager: SessionManager, clock: FakeClock) -> Session:
+    """A session whose login was granted openid, offline_access and compozy:read for ``API``."""
+    now = clock.now()
+    meta = StoredSession(token_id="g1", profile="granted", kind="oidc",
+                         issuer=manager.by_id["s1"].meta.issuer, client_id="cli",
+                         scopes=["openid", "offline_access", "compozy:read"], resources=[API],
+                         created_at=now)
+    await manager.store.put_secret("g1", "refresh_token", "rt-g")
+    lifecycle = SessionLifecycle(
+        now, refresh_token="rt-g",
+        access_token=AccessToken(Secret("login-at-g"), issued_at=now, expires_at=now + 3600))
+    session = Session(meta, lifecycle)
+    await manager._adopt(session)
+    return session
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"audience": API + "/"},
+         f"audience {API}/ was not granted to this session; granted: {API}"),
+        ({"audience": API, "scope": ["compozy:deploy"]},
+         "scope compozy:deploy was not granted to this session; "
+         "granted: compozy:read offline_access openid"),
+    ],
+    ids=["audience", "scope"],
+)
+async def test_a_narrower_token_beyond_the_grant_never_reaches_the_provider(
+    driver: tuple[SessionManager, FakeClock], fake_provider: FakeProvider,
+    fields: dict[str, object], message: str,
+) -> None:
+    manager, clock = driver
+    await adopt_with_grant(manager, clock)
+    for force_new in (False, True):
+        with pytest.raises(OpError) as caught:
+            await manager.token(token_request(profile="granted", force_new=force_new, **fields),
+                                PEER)
+        assert (caught.value.code, caught.value.message) == ("bad_request", message)
+    assert fake_provider.refresh_requests() == []
+    # Within the grant, the same session gets its narrower token.
+    narrower = await manager.token(
+        token_request(profile="granted", audience=API, scope=["compozy:read"]), PEER)
+    assert narrower.access_token == "fake-at-1"
+    assert [(r["refresh_token"], r.get("resource"), r.get("scope"))
+            for r in fake_provider.refresh_requests()] == [("rt-g", API, "compozy:read")]
+
+
+@pytest.mark.parametrize("error", ["invalid_scope", "invalid_target"])
+async def test_a_provider_refusing_a_granted_narrower_token_does_not_end_the_session(
+    driver: tuple[SessionManager, FakeClock], fake_provider: FakeProvider, error: str
+) -> None:
+    """RFC 6749 section 5.2: invalid_scope and invalid_target speak of the request, not of
+    the refresh token (that is invalid_grant). A provider that narrowed the grant since the
+    login refuses a slot the agent thought granted: that slot fails, the session lives on,
+    and the next refresh spends the same refresh token (this provider did not rotate it)."""
+    manager, clock = driver
+    session = await adopt_with_grant(manager, clock)
+    fake_provider.then(Behaviour("error", error=error, rotate=False))
+    with pytest.raises(OpError) as caught:
+        await manager.token(token_request(profile="granted", audience=API), PEER)
+    assert caught.value.code == "provider_error" and error in caught.value.message
+    await settle(manager)
+    assert session.lifecycle is not None
+    assert session.lifecycle.refresh_token == Secret("rt-g")
+    assert await manager.store.get_secret("g1", "refresh_token") == "rt-g"
+    info = next(s for s in await manager.sessions("granted"))
+    assert info.state == State.FRESH.value
+    clock.jump(4000)  # the default token expired: the session refreshes as before
+    result = await manager.token(token_request(profile="granted"), PEER)
+    assert result.access_token.startswith("fake-at-")
+    assert [r["refresh_token"] for r in fake_provider.refresh_requests()] == ["rt-g", "rt-g"]
+
+
+async def test_a_burst_of_force_new_requests_makes_one_refresh_then_one_per_recent(
+    driver: tuple[SessionManager, FakeClock], fake_provider: FakeProvider
+) -> None:
+    manager, clock = driver
+    clock.advance(60)  # the login's token is a minute old
+    answers: list[str] = []
+
+    async def force() -> None:
+        answers.append((await manager.token(token_request(force_new=True), PEER)).access_token)
+
+    async with anyio.create_task_group() as group:  # 100 at once...
+        for _ in range(100):
+            group.start_soon(force)
+    for _ in range(100):  # ...then 100 more, one after another, 10 ms apart
+        clock.advance(0.01)
+        await force()
+    assert len(answers) == 200 and set(answers) == {"fake-at-1"}
+    assert len(fake_provider.refresh_requests()) == 1
+    await settle(manager)
+    assert await manager.store.get_secret("s1", "refresh_token") == "fake-rt-1"  # one write
+    # `compozy auth refresh` is a forced refresh too.
+    refreshed = await manager.refresh(p.Refresh(id=2))
+    assert len(fake_provider.refresh_requests()) == 1
+    session = manager.by_id["s1"]
+    assert session.lifecycle is not None
+    assert refreshed.expires_at == session.lifecycle.access_tokens()[0].expires_at
+    # Until RECENT seconds after the forced token was issued, forces get that token...
+    clock.advance(RECENT - 1.5)  # 1 s (100 x 10 ms) already passed
+    await force()
+    assert answers[-1] == "fake-at-1" and len(fake_provider.refresh_requests()) == 1
+    # ...and after that, a force makes a new one.
+    clock.advance(1.0)
+    await force()
+    assert answers[-1] == "fake-at-2"
+    assert [r["refresh_token"] for r in fake_provider.refresh_requests()] == ["rt-0", "fake-rt-1"]
+
+
+async def test_a_token_rejected_in_a_loop_is_replaced_once_per_recent(
+    driver: tuple[SessionManager, FakeClock], fake_provider: FakeProvider
+) -> None:
+    """A client that gets 401s and reports each token rejected (the forwarding socket's only
+    other way to force a refresh) makes one refresh per RECENT seconds, not one per call."""
+    manager, clock = driver
+    clock.advance(60)  # the login's token is a minute old
+    token = (await manager.token(token_request(), PEER)).access_token
+    token = (await manager.token(token_request(rejected_token=token), PEER)).access_token
+    assert token == "fake-at-1"
+    for _ in range(50):
+        clock.advance(0.05)
+        with pytest.raises(OpError) as caught:
+            await manager.token(token_request(rejected_token=token), PEER)
+        assert caught.value.code == "refresh_failed" and "ask again in" in caught.value.message
+        assert token not in caught.value.message
+        assert (await manager.token(token_request(), PEER)).access_token == token  # kept
+    assert len(fake_provider.refresh_requests()) == 1
+    clock.advance(RECENT)
+    replaced = await manager.token(token_request(rejected_token=token), PEER)
+    assert replaced.access_token == "fake-at-2"
+    assert len(fake_provider.refresh_requests()) == 2
