@@ -107,14 +107,16 @@ takes ``now`` (wall-clock epoch seconds) and answers with what the driver
 # after the request began (or within RECENT seconds): the cached one keeps
 # serving other callers until it is replaced, since nobody said it was bad.
 # Either way concurrent askers share the one refresh (rule 3).
-# Forced refreshes of a slot are at least RECENT seconds apart, whatever the
-# driver passes as ``recent``: every refresh rotates the refresh token and
-# writes it to the secret store, and a caller in a loop (a buggy tool, a host
-# on the forwarding socket) must not turn that into hundreds a second. So a
-# slot whose token was issued less than RECENT seconds ago answers
-# ``force_new`` with that token (the newest there is), and a ``rejected_token``
-# naming it fails with refresh_failed and a time to ask again; the token is
-# kept, or a plain request would refresh in its place.
+# Forced refreshes of a slot (``force_new``, or ``rejected_token`` naming the
+# cached token) are at least RECENT seconds apart, whatever the driver passes
+# as ``recent``: every refresh rotates the refresh token and writes it to the
+# secret store, and a caller in a loop (a buggy tool, a host on the forwarding
+# socket) must not turn that into hundreds a second. The slot remembers when
+# it was last forced (forced_at: the decision, then the issue of the token
+# that force brought). Within RECENT seconds of that, ``force_new`` is
+# answered with the cached token (the one the force produced, or newer), and
+# a ``rejected_token`` naming it fails with refresh_failed and a time to ask
+# again; the token is kept, or a plain request would refresh in its place.
 #
 # Rule 8, failures: a transient failure (network, 5xx, 429, timeouts) backs
 # off exponentially with jitter from FIRST_BACKOFF to MAX_BACKOFF, or longer
@@ -520,6 +522,8 @@ class _Flight:
 
     op_id: int
     slot: SlotKey | None
+    #: Rule 7: a refresh a caller forced (its token's issue time becomes forced_at).
+    forced: bool = False
 
 
 @dataclass(slots=True)
@@ -536,6 +540,14 @@ class AccessTokenSlot:
     failure: Fail | None = None
     #: Rule 8: a refused narrower slot is not asked for again before this.
     refused_until: float | None = None
+    #: Rule 7: when this slot was last forced (the decision, then its token's issue).
+    forced_at: float | None = None
+
+    def forced_recently(self, now: float, token: AccessToken) -> bool:
+        """Whether ``token`` came of (or after) a force less than RECENT seconds ago."""
+        forced_at = self.forced_at
+        return forced_at is not None and 0.0 <= now - forced_at < RECENT \
+            and token.issued_at >= forced_at
 
 
 class SessionLifecycle:
@@ -680,8 +692,9 @@ class SessionLifecycle:
 
         ``asked_at`` is when this caller first asked (default ``now``); a caller
         told to wait asks again with the same value (rules 6, 7, 9). ``recent`` is
-        how young a token counts as new whenever it was issued (rule 6); it
-        cannot bring forced refreshes closer than RECENT seconds (rule 7).
+        how young a token counts as new whenever it was issued (rules 6, 7); a
+        person who asked for a new token by hand passes 0. Forced refreshes of
+        a slot stay RECENT seconds apart whatever it says (rule 7).
         ``grant`` is what the session was granted at login: a narrower slot
         outside it fails with bad_request before anything else (rule 12).
         StartRefresh means the caller must run the refresh; WaitForRefresh means
@@ -696,26 +709,30 @@ class SessionLifecycle:
                 return refusal  # rule 12: never ask the provider to widen the grant
         cache = self._default if slot == DEFAULT_SLOT else self._narrower.get(slot)
         token = cache.token if cache is not None else None
+        forced = force_new and rejected_token is None
         if cache is not None and token is not None and rejected_token is not None \
                 and token.value.matches(rejected_token):
-            age = now - token.issued_at
-            if 0.0 <= age < RECENT and token.remaining(now) > 0:  # rule 7: spaced
+            if cache.forced_recently(now, token) and token.remaining(now) > 0:  # rule 7
+                assert cache.forced_at is not None
                 return Fail(ErrorCode.REFRESH_FAILED, (
-                    f"that token was refused {age:.1f} s after it was issued; the agent makes "
-                    f"a new token for the same scope and audience at most every {RECENT:.0f} s; "
-                    f"ask again in {math.ceil(RECENT - age):.0f} s"))
+                    "that token is already a replacement made less than "
+                    f"{RECENT:.0f} s ago, and the agent makes at most one every {RECENT:.0f} s "
+                    "for the same scope and audience; ask again in "
+                    f"{math.ceil(cache.forced_at + RECENT - now):.0f} s"))
             cache.token = cache.refresh_due_at = token = None  # rule 7: known bad
+            cache.forced_at = now
+            forced = True
         if token is not None and token.remaining(now) > 0:
+            assert cache is not None
             new_enough = token.issued_at >= asked_at or now - token.issued_at < recent
-            if force_new and rejected_token is None:
-                # Rule 7: any token issued under RECENT seconds ago is new enough for a force.
-                wanted = new_enough or 0.0 <= now - token.issued_at < RECENT
+            if forced:
+                # Rule 7: within RECENT seconds of the last force, its token is the answer.
+                wanted = new_enough or cache.forced_recently(now, token)
             else:
                 wanted = new_enough or token.remaining(now) >= min_valid
             if wanted:
                 if slot != DEFAULT_SLOT:
                     self._narrower.move_to_end(slot)  # least recently used goes first
-                assert cache is not None
                 due = cache.refresh_due_at
                 if due is not None and now >= due and self._may_start_refresh(now, cache):
                     return Ready(token, self._start_refresh(now, slot))  # rule 5
@@ -741,7 +758,7 @@ class SessionLifecycle:
             return Fail(ErrorCode.REFRESH_FAILED,
                         f"could not refresh the token ({self._last_error or 'provider error'}); "
                         + _retry_hint(slot, self._retry_at - now))
-        return self._start_refresh(now, slot)
+        return self._start_refresh(now, slot, forced=forced)
 
     def tick(self, now: float) -> list[Action]:
         """What is due at ``now`` (at most one action): a persist retry (rule 4), else a
@@ -785,6 +802,8 @@ class SessionLifecycle:
                             tuple(scope) if scope is not None else None)
         cache = self._cache_for(flight)
         self._install(cache, token)
+        if flight.forced:
+            cache.forced_at = issued  # rule 7: spaced from the forced token's issue
         cache.attempt_ended_at = now
         cache.failure = None
         cache.refused_until = None
@@ -963,14 +982,16 @@ class SessionLifecycle:
                 and (self._retry_at is None or now >= self._retry_at)
                 and (cache.refused_until is None or now >= cache.refused_until))
 
-    def _start_refresh(self, now: float, slot: SlotKey) -> StartRefresh:
+    def _start_refresh(self, now: float, slot: SlotKey, *, forced: bool = False) -> StartRefresh:
         assert self._refresh_token is not None
         self._fire(Event.START_REFRESH)
         self._last_op_id += 1
-        self._flight = _Flight(self._last_op_id, slot)
+        self._flight = _Flight(self._last_op_id, slot, forced)
         if slot != DEFAULT_SLOT and slot not in self._narrower:
             self._narrower[slot] = AccessTokenSlot(slot)
             self._evict()
+        if forced:
+            self._cache_for(self._flight).forced_at = now
         return StartRefresh(self._last_op_id, slot, self._refresh_token)
 
     def _start_persist(self) -> PersistRefreshToken:

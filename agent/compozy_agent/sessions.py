@@ -38,6 +38,7 @@ from compozy_agent.clock import Clock, SystemClock
 from compozy_agent.http import ProviderClient
 from compozy_agent.lifecycle import (
     DEFAULT_SLOT,
+    RECENT,
     AccessToken,
     Action,
     DeleteRefreshToken,
@@ -491,11 +492,13 @@ class SessionManager:
         now = asked_at = self.now() if asked_at is None else asked_at
         give_up_at: float | None = None  # set at the first wait: the common case never waits
         while True:
-            # force_new (a 401, or `compozy auth refresh`) gets a token issued after the
-            # request began, or within the last RECENT seconds (lifecycle rule 7).
             decision = lifecycle.request_token(
                 now, slot, min_valid=min_valid, force_new=force_new,
-                rejected_token=rejected_token, asked_at=asked_at, grant=grant)
+                rejected_token=rejected_token, asked_at=asked_at, grant=grant,
+                # Asked for explicitly (after a 401, or `compozy auth refresh`): only a
+                # token issued after the request began will do, unless the slot was
+                # forced less than RECENT seconds ago (lifecycle rule 7).
+                recent=0.0 if force_new else RECENT)
             match decision:
                 case Ready(token=token, background=background):
                     if background is not None:

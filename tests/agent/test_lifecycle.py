@@ -305,13 +305,11 @@ def test_a_waiter_whose_new_token_is_rejected_meanwhile_waits_for_the_next_one()
     first = start(machine.request_token(now))
     assert machine.request_token(now) == WaitForRefresh(first.refresh_id)
     machine.refresh_succeeded(now + 1, first.refresh_id, "at-1", now + HOUR)
-    # Before the waiter asks again, someone's API refuses the new token (no sooner
-    # than RECENT seconds after its issue: rule 7 spaces forced refreshes).
-    refused_at = now + 1 + RECENT
-    second = start(machine.request_token(refused_at, rejected_token="at-1"))
-    assert machine.request_token(refused_at, asked_at=now) == WaitForRefresh(second.refresh_id)
-    machine.refresh_succeeded(refused_at + 1, second.refresh_id, "at-2", now + HOUR)
-    assert ready_value(machine.request_token(refused_at + 1, asked_at=now)) == "at-2"
+    # Before the waiter asks again, someone's API refuses the new token.
+    second = start(machine.request_token(now + 1.5, rejected_token="at-1"))
+    assert machine.request_token(now + 1.5, asked_at=now) == WaitForRefresh(second.refresh_id)
+    machine.refresh_succeeded(now + 2, second.refresh_id, "at-2", now + HOUR)
+    assert ready_value(machine.request_token(now + 2, asked_at=now)) == "at-2"
 
 
 # ---------------------------------------------------------------------------
@@ -355,7 +353,14 @@ def test_forced_refreshes_are_spaced_per_slot() -> None:
     assert isinstance(machine.request_token(now + 0.1 + RECENT, force_new=True), StartRefresh)
 
 
-def test_a_token_rejected_under_recent_seconds_after_issue_is_kept_and_the_caller_told_when(
+def test_the_first_force_after_a_login_or_a_plain_refresh_makes_a_new_token_at_once() -> None:
+    machine = logged_in()  # the login's token was issued at T0
+    assert isinstance(machine.request_token(T0 + 0.5, force_new=True, recent=0.0), StartRefresh)
+    machine = logged_in()
+    assert isinstance(machine.request_token(T0 + 0.5, rejected_token="at-0"), StartRefresh)
+
+
+def test_a_forced_token_rejected_within_recent_seconds_is_kept_and_the_caller_told_when(
 ) -> None:
     machine = logged_in()
     now = T0 + 600
@@ -366,7 +371,7 @@ def test_a_token_rejected_under_recent_seconds_after_issue_is_kept_and_the_calle
         later = now + 1 + step * 0.1
         refused = machine.request_token(later, rejected_token="at-1")
         assert isinstance(refused, Fail) and refused.code == ErrorCode.REFRESH_FAILED
-        assert f"at most every {RECENT:.0f} s" in refused.message
+        assert f"at most one every {RECENT:.0f} s" in refused.message
         assert "ask again in" in refused.message and "at-1" not in refused.message
         # The token is kept: a plain or forced request does not refresh in its place.
         assert ready_value(machine.request_token(later)) == "at-1"
@@ -386,12 +391,14 @@ def test_forced_refreshes_of_any_slot_start_at_least_recent_apart(
 ) -> None:
     """Whatever mix of forced, rejecting and plain requests arrives, and however long the
     provider takes, a forced refresh of a slot starts at least RECENT seconds after the
-    slot's token was issued (tokens live an hour here: nothing is due for time alone)."""
+    token of its previous forced refresh was issued (tokens live an hour here: nothing
+    is due for time alone, so every other refresh is a slot's first)."""
     machine = logged_in()
     now = T0
     issued = 0
     handed: dict[SlotKey, str] = {DEFAULT_SLOT: "at-0"}
     issued_at: dict[SlotKey, float] = {DEFAULT_SLOT: T0}
+    forced_at: dict[SlotKey, float] = {}
     for pause, slot, kind, latency in steps:
         now += pause
         decision = machine.request_token(
@@ -403,13 +410,17 @@ def test_forced_refreshes_of_any_slot_start_at_least_recent_apart(
             assert decision.background is None
         if not isinstance(decision, StartRefresh):
             continue
+        forcing = kind == "force_new" or (kind == "reject_current" and slot in handed)
         if slot in issued_at:  # only forced requests may refresh a slot holding a token
-            assert kind in ("force_new", "reject_current"), kind
-            assert now - issued_at[slot] >= RECENT, (slot, kind, now - issued_at[slot])
+            assert forcing, kind
+        if forcing and slot in forced_at:
+            assert now - forced_at[slot] >= RECENT, (slot, kind, now - forced_at[slot])
         issued += 1
         now += latency
         machine.refresh_succeeded(now, decision.refresh_id, f"at-{issued}", now + HOUR)
         issued_at[slot] = now
+        if forcing:
+            forced_at[slot] = now
 
 
 # ---------------------------------------------------------------------------

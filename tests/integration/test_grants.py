@@ -99,13 +99,13 @@ def test_a_narrower_token_beyond_the_grant_is_refused_before_the_provider_is_ask
 def test_a_burst_of_200_force_new_requests_makes_one_refresh(
     logged_in: AgentProcess, oidc_provider: OidcTestProvider
 ) -> None:
-    """200 force_new requests for one slot, from 20 callers at once on the main and the
-    forwarding socket, 10 each one after another: one refresh at the provider, and every
-    caller gets that one token. (Before: one refresh, one rotation and one secret-store
-    write per request.)"""
+    """200 force_new requests (`compozy auth token --force-new`), from 20 callers at once
+    on the main and the forwarding socket, 10 each one after another: one refresh at the
+    provider, and every caller gets the one new token. (Before: one refresh, one rotation
+    and one secret-store write per request.)"""
     env = logged_in.agent_env
-    request = {"op": "token", "audience": oidc_provider.api, "scope": ["compozy:read"],
-               "force_new": True}
+    login_token = run_cli(env, "auth", "token").stdout.strip()
+    request = {"op": "token", "force_new": True}
     before = refresh_calls(oidc_provider)
     answers: list[dict[str, Any]] = []
     lock = threading.Lock()
@@ -128,6 +128,27 @@ def test_a_burst_of_200_force_new_requests_makes_one_refresh(
     assert len(answers) == 200
     assert all(answer["ok"] for answer in answers), [a for a in answers if not a["ok"]][:3]
     tokens = {answer["result"]["access_token"] for answer in answers}
-    assert len(tokens) == 1
-    assert decode_jwt_claims(tokens.pop())["scope"] == "compozy:read"
+    assert len(tokens) == 1 and login_token not in tokens  # the first force made a new one
+    assert refresh_calls(oidc_provider) == before + 1
+    assert run_cli(env, "auth", "token").stdout.strip() in tokens
+
+
+def test_a_forwarded_caller_rejecting_every_token_it_gets_makes_one_refresh(
+    logged_in: AgentProcess, oidc_provider: OidcTestProvider
+) -> None:
+    """The forwarding socket's other way to force a refresh: report each token rejected
+    (as after a 401). The first report replaces the token; reports of the replacement
+    within RECENT seconds are refused with a time to ask again, and the token is kept."""
+    forward = forward_socket(logged_in.agent_env)
+    before = refresh_calls(oidc_provider)
+    token = ask(forward, {"id": 1, "op": "token"})["result"]["access_token"]
+    replaced = ask(forward, {"id": 2, "op": "token", "rejected_token": token})
+    assert replaced["ok"] is True
+    token = replaced["result"]["access_token"]
+    for number in range(50):
+        answer = ask(forward, {"id": number, "op": "token", "rejected_token": token})
+        assert answer["ok"] is False and answer["error"]["code"] == "refresh_failed"
+        assert "ask again in" in answer["error"]["message"]
+        assert token not in answer["error"]["message"]
+        assert ask(forward, {"id": number, "op": "token"})["result"]["access_token"] == token
     assert refresh_calls(oidc_provider) == before + 1
