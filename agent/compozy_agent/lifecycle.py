@@ -117,6 +117,10 @@ takes ``now`` (wall-clock epoch seconds) and answers with what the driver
 # answered with the cached token (the one the force produced, or newer), and
 # a ``rejected_token`` naming it fails with refresh_failed and a time to ask
 # again; the token is kept, or a plain request would refresh in its place.
+# Asking for ever new slots is the other way to refresh at will (the cache
+# holds MAX_NARROWER_SLOTS; cycling through more refetches each): new slots
+# are made at most MAX_NARROWER_SLOTS per NEW_SLOT_WINDOW seconds, one per
+# RECENT seconds on average; beyond that, refresh_failed with a time.
 #
 # Rule 8, failures: a transient failure (network, 5xx, 429, timeouts) backs
 # off exponentially with jitter from FIRST_BACKOFF to MAX_BACKOFF, or longer
@@ -172,7 +176,7 @@ import enum
 import hmac
 import math
 import random
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, TypeAlias
@@ -186,6 +190,7 @@ __all__ = [
     "MAX_NARROWER_SLOTS",
     "MAX_RETRY_AFTER",
     "MIN_MARGIN",
+    "NEW_SLOT_WINDOW",
     "RECENT",
     "REFUSAL_TTL",
     "WINDOW",
@@ -224,6 +229,8 @@ MAX_RETRY_AFTER: Final = 600.0
 REFUSAL_TTL: Final = 60.0
 #: Narrower slots kept per session; the least recently used one goes first.
 MAX_NARROWER_SLOTS: Final = 64
+#: Rule 7: at most MAX_NARROWER_SLOTS new narrower slots in this many seconds.
+NEW_SLOT_WINDOW: Final = MAX_NARROWER_SLOTS * RECENT
 
 #: (scopes, audience) of a cached access token; (None, None) is the default token.
 SlotKey: TypeAlias = tuple[frozenset[str] | None, str | None]
@@ -573,6 +580,8 @@ class SessionLifecycle:
         self._refresh_token = Secret(refresh_token) if refresh_token is not None else None
         self._default = AccessTokenSlot(DEFAULT_SLOT)
         self._narrower: OrderedDict[SlotKey, AccessTokenSlot] = OrderedDict()
+        #: Rule 7: when the latest narrower slots were made (first fetch, or after eviction).
+        self._new_slot_times: deque[float] = deque(maxlen=MAX_NARROWER_SLOTS)
         self._last_op_id = 0
         self._flight: _Flight | None = None
         #: The operation in flight when the session was revoked; its answer is absorbed.
@@ -758,6 +767,13 @@ class SessionLifecycle:
             return Fail(ErrorCode.REFRESH_FAILED,
                         f"could not refresh the token ({self._last_error or 'provider error'}); "
                         + _retry_hint(slot, self._retry_at - now))
+        if slot != DEFAULT_SLOT and slot not in self._narrower:
+            made = self._new_slot_times
+            if len(made) == made.maxlen and 0.0 <= now - made[0] < NEW_SLOT_WINDOW:  # rule 7
+                return Fail(ErrorCode.REFRESH_FAILED, (
+                    f"this session made {MAX_NARROWER_SLOTS} different narrower tokens in "
+                    f"the last {NEW_SLOT_WINDOW:.0f} s, the most it makes; ask again in "
+                    f"{math.ceil(made[0] + NEW_SLOT_WINDOW - now):.0f} s"))
         return self._start_refresh(now, slot, forced=forced)
 
     def tick(self, now: float) -> list[Action]:
@@ -989,6 +1005,7 @@ class SessionLifecycle:
         self._flight = _Flight(self._last_op_id, slot, forced)
         if slot != DEFAULT_SLOT and slot not in self._narrower:
             self._narrower[slot] = AccessTokenSlot(slot)
+            self._new_slot_times.append(now)
             self._evict()
         if forced:
             self._cache_for(self._flight).forced_at = now

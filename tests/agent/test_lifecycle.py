@@ -22,6 +22,7 @@ from compozy_agent.lifecycle import (
     MAX_BACKOFF,
     MAX_NARROWER_SLOTS,
     MAX_RETRY_AFTER,
+    NEW_SLOT_WINDOW,
     RECENT,
     REFUSAL_TTL,
     AccessToken,
@@ -213,13 +214,36 @@ def test_narrower_token_inside_its_window_is_refreshed_in_the_background() -> No
 def test_narrower_slots_are_capped_least_recently_used_first() -> None:
     machine = logged_in()
     for number in range(MAX_NARROWER_SLOTS + 5):
-        refresh = start(machine.request_token(T0, slot_key(None, f"https://api/{number}")))
-        machine.refresh_succeeded(T0, refresh.refresh_id, f"at-api-{number}", T0 + HOUR)
-        machine.request_token(T0, slot_key(None, "https://api/0"))  # keep this one warm
+        now = T0 + number * RECENT  # new slots at the pace rule 7 allows for ever
+        refresh = start(machine.request_token(now, slot_key(None, f"https://api/{number}")))
+        machine.refresh_succeeded(now, refresh.refresh_id, f"at-api-{number}", T0 + HOUR)
+        machine.request_token(now, slot_key(None, "https://api/0"))  # keep this one warm
     values = {token.value.reveal() for token in machine.access_tokens()}
     assert len(values) == MAX_NARROWER_SLOTS + 1  # and the default
     assert {"at-0", "at-api-0", f"at-api-{MAX_NARROWER_SLOTS + 4}"} <= values
     assert "at-api-1" not in values
+
+
+def test_cycling_through_more_slots_than_the_cache_holds_cannot_refresh_at_will() -> None:
+    """Rule 7: 65 audiences asked in turn would refetch (and rotate) on every request, as
+    the least recently used slot is always the one evicted. New slots are made at most
+    MAX_NARROWER_SLOTS per NEW_SLOT_WINDOW seconds: one per RECENT seconds on average."""
+    machine = logged_in()
+    now, refreshes, refused = T0, 0, 0
+    for turn in range(5 * (MAX_NARROWER_SLOTS + 1)):
+        now += 0.01
+        decision = machine.request_token(now, slot_key(None, f"https://api/{turn % 65}"))
+        if isinstance(decision, StartRefresh):
+            refreshes += 1
+            machine.refresh_succeeded(now, decision.refresh_id, f"at-{turn}", now + HOUR)
+        elif isinstance(decision, Fail):
+            refused += 1
+            assert decision.code == ErrorCode.REFRESH_FAILED and "ask again in" in decision.message
+    assert refreshes == MAX_NARROWER_SLOTS and refused == 5  # the 65th, once a round
+    # One window later, new slots are made again; the cached ones served all along.
+    assert ready_value(machine.request_token(now, slot_key(None, "https://api/63"))) == "at-63"
+    assert isinstance(machine.request_token(T0 + NEW_SLOT_WINDOW + 0.02,
+                                            slot_key(None, "https://api/64")), StartRefresh)
 
 
 def test_slot_keys() -> None:
