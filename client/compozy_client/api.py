@@ -49,7 +49,8 @@ def get_token(
 
     ``scope``/``audience`` ask for a narrower token; ``min_valid`` makes sure it
     stays valid that many seconds; pass the token a server refused with 401 as
-    ``rejected_token`` (or ``force_new=True``) to get a new one.
+    ``rejected_token`` (or ``force_new=True``) to get a new one (at most one
+    forced every 5 s: a second rejection sooner raises RefreshFailed).
     Raises :class:`~compozy_client.errors.NotLoggedIn` when the profile needs
     ``compozy login``, and other :class:`~compozy_client.errors.CompozyError`\\ s.
     """

@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="refresh first unless the token stays valid this long",
     )
     token.add_argument(
-        "--force-new", action="store_true", help="drop the cached token and get a new one"
+        "--force-new", action="store_true",
+        help="get a token issued now (within 5 s of the last forced one: that one)",
     )
     token.set_defaults(handler=cmd_token)
     return parser

@@ -66,9 +66,10 @@ class Token(_Request, tag="token"):
 
     The session is chosen by ``token_id`` when given, else by ``profile``.
     ``scope`` and ``audience`` ask for a narrower token (RFC 6749 section 6,
-    RFC 8707). ``rejected_token`` is a token a resource server refused with
-    401: the agent drops it and fetches a new one. ``force_new`` does that
-    without naming the token.
+    RFC 8707), within what the login was granted. ``rejected_token`` is a token
+    a resource server refused with 401: the agent drops it and fetches a new
+    one. ``force_new`` does that without naming the token. Forced refreshes of
+    one (scope, audience) are 5 s apart (docs/protocol.md).
     """
 
     profile: str = "default"
