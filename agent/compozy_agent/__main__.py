@@ -40,7 +40,7 @@ from compozy_agent.server import (
     bind_socket,
 )
 from compozy_client import __version__
-from compozy_client.paths import default_socket_path, socket_path
+from compozy_client.paths import absolute_path_variables, default_socket_path, socket_path
 
 log = logging.getLogger("compozy_agent")
 
@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return service_install.main(args)
     options = build_parser().parse_args(args)
+    _leave_the_working_directory(options)
     if options.sh or options.csh or options.fish:
         return _shell_mode(options, os.path.abspath(options.socket or socket_path()))
     detach = options.daemon or options.autostarted
@@ -146,6 +147,22 @@ def main(argv: list[str] | None = None) -> int:
         for item in bound:
             item.cleanup()
     return EXIT_OK
+
+
+def _leave_the_working_directory(options: argparse.Namespace) -> None:
+    """Work in ``/``, like any daemon: nothing relative may resolve into the starting directory.
+
+    The directory we were started in may be a cloned repository; an agent that
+    keeps it as its working directory would read any relative path there. The
+    paths given relative to it (options, ``COMPOZY_*`` and ``XDG_*`` paths) are
+    made absolute first, so they keep naming what the person meant.
+    """
+    for name in ("socket", "log_file", "forward_socket"):
+        value = getattr(options, name)
+        if value:
+            setattr(options, name, os.path.abspath(value))
+    absolute_path_variables(os.environ)
+    os.chdir("/")
 
 
 def _open_sockets(options: argparse.Namespace) -> list[BoundSocket]:

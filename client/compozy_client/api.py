@@ -3,7 +3,11 @@
 Both functions follow the credential chain (``FLYZT_API_KEY``, then the config
 file's ``auth.api_key``, then the agent's session for the profile) and start
 the agent when none runs. The async one uses asyncio streams, so it runs under
-asyncio (and anyio on asyncio) without blocking the loop.
+asyncio (and anyio on asyncio) without blocking the loop. Both refuse a config
+file another uid owns or others can write
+(:class:`~compozy_client.errors.UnsafeConfigFile`), and a socket that is not
+provably our own agent's (:class:`~compozy_client.errors.UnsafeAgentSocket`,
+raised before anything is sent).
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ from compozy_client import protocol
 from compozy_client.chain import resolve_profile, static_credential
 from compozy_client.config import load_config
 from compozy_client.connection import DEFAULT_TIMEOUT, connect
-from compozy_client.errors import AgentUnavailable, error_from_wire
+from compozy_client.errors import AgentUnavailable, UnsafeAgentSocket, error_from_wire
 from compozy_client.paths import socket_path
+from compozy_client.peercheck import peer_problem, socket_path_problem
 
 
 def _request(
@@ -80,10 +85,17 @@ async def async_get_token(
         return static.api_key
     request = _request(profile, scope, audience, min_valid, force_new, rejected_token)
     path = socket_path()
+    problem = socket_path_problem(path)
+    if problem is not None:
+        raise UnsafeAgentSocket(problem)
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), timeout)
     except (OSError, TimeoutError) as exc:
         raise AgentUnavailable(f"no agent answers on {path} ({exc.__class__.__name__})") from None
+    problem = peer_problem(writer.get_extra_info("socket"), path)
+    if problem is not None:
+        writer.close()
+        raise UnsafeAgentSocket(problem)
     try:
         writer.write(protocol.encode(request))
         await writer.drain()

@@ -74,9 +74,13 @@ def shadowing_warnings(
         warnings.append(
             f"FLYZT_API_KEY overrides auth.api_key in {config.path}; the two may differ"
         )
-    if config.auth.api_key and config.readable_by_others:
-        warnings.append(
-            f"{config.path} holds an API key and is readable by other users; "
-            f"run: chmod 600 {config.path}"
-        )
+    warnings.extend(config_warnings(config))
     return warnings
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What every command says about the config file itself (the CLI prints it each time)."""
+    if config.auth.api_key and config.readable_by_others:
+        return [f"{config.path} holds an API key and is readable by other users; "
+                f"run: chmod 600 {config.path}"]
+    return []

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from typing import Any, Literal, NoReturn
 
     from compozy_client.chain import StaticCredential
+    from compozy_client.config import Config
     from compozy_client.connection import AgentConnection
     from compozy_client.protocol import SessionInfo, StatusResult
 
@@ -53,6 +54,7 @@ def run(argv: list[str]) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
+        options.config = _read_config(options)
         code: int = options.handler(options)
     except UsageError as exc:
         _error(str(exc))
@@ -319,6 +321,38 @@ def _span(seconds: float) -> str:
     return f"{seconds // 86400}d{(seconds % 86400) // 3600:02d}h"
 
 
+def _read_config(options: argparse.Namespace) -> Config | None:
+    """The config file, read once for every command, whether the command uses it or not.
+
+    A file another uid owns or others can write stops every command
+    (:class:`~compozy_client.errors.UnsafeConfigFile`), as ssh refuses an
+    unprotected key; a key in a file others can read is warned about on every
+    command. A malformed file is left to the commands that use it (None).
+    """
+    from compozy_client.chain import config_warnings
+    from compozy_client.config import load_config
+    from compozy_client.errors import ConfigError, UnsafeConfigFile
+
+    try:
+        config = load_config()
+    except UnsafeConfigFile:
+        raise
+    except ConfigError:
+        return None
+    if options.handler is not cmd_status:  # status lists them with its own (and in --json)
+        for warning in config_warnings(config):
+            _warn(warning)
+    return config
+
+
+def _config(options: argparse.Namespace) -> Config:
+    """The config :func:`_read_config` read, or its error."""
+    from compozy_client.config import load_config
+
+    config: Config | None = getattr(options, "config", None)
+    return config if config is not None else load_config()
+
+
 def _connect(autostart: bool = True) -> AgentConnection:
     from compozy_client.connection import connect
 
@@ -345,10 +379,9 @@ def _confirm(question: str) -> bool:
 
 def cmd_token(options: argparse.Namespace) -> int:
     from compozy_client.chain import resolve_profile, static_credential
-    from compozy_client.config import load_config
     from compozy_client.protocol import Token, TokenResult
 
-    static = static_credential(load_config())
+    static = static_credential(_config(options))
     if static is not None:
         sys.stdout.write(static.api_key + "\n")
         return EXIT_OK
@@ -374,12 +407,11 @@ def _split_scopes(values: list[str] | None) -> list[str] | None:
 
 def cmd_status(options: argparse.Namespace) -> int:
     from compozy_client.chain import resolve_profile, shadowing_warnings, static_credential
-    from compozy_client.config import load_config
     from compozy_client.errors import AgentUnavailable
     from compozy_client.protocol import Status, StatusResult
 
     profile = resolve_profile(options.profile)
-    config = load_config()
+    config = _config(options)
     static = static_credential(config)
     status: StatusResult | None = None
     agent_problem: str | None = None

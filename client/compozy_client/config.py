@@ -12,8 +12,10 @@ Shape (every key optional)::
         scopes: [openid, profile, email, offline_access]
         resources: [https://api.compozy.dev]
 
-Unknown keys are errors, so typos surface. PyYAML is imported only when the
-file exists: the token fast path never pays for it otherwise.
+Unknown keys are errors, so typos surface. A file owned by another uid or
+writable by others is refused, never used (it could set the issuer or the
+key). PyYAML is imported only when the file exists: the token fast path never
+pays for it otherwise.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from typing import Final, Literal
 
 import msgspec
 
-from compozy_client.errors import ConfigError
-from compozy_client.paths import config_path
+from compozy_client.errors import ConfigError, UnsafeConfigFile
+from compozy_client.paths import config_file_problem, config_path
 
 DEFAULT_ISSUER: Final = "https://auth.compozy.dev"
 DEFAULT_CLIENT_ID: Final = "compozy-cli"
@@ -61,12 +63,17 @@ def load_config(path: str | None = None) -> Config:
     """Read the config file; a missing file is an empty config.
 
     Raises :class:`ConfigError` naming the file for anything unreadable or
-    malformed (never quoting its values, which may include a key).
+    malformed (never quoting its values, which may include a key), and its
+    :class:`UnsafeConfigFile` for a file another uid owns or others can write
+    (:func:`~compozy_client.paths.config_file_problem`).
     """
     path = path or config_path()
     try:
-        info = os.stat(path)
         with open(path, encoding="utf-8") as file:
+            info = os.fstat(file.fileno())  # the file read, not whatever the path names later
+            problem = config_file_problem(path, info)
+            if problem is not None:
+                raise UnsafeConfigFile(problem)
             text = file.read()
     except FileNotFoundError:
         return Config()

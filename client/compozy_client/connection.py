@@ -1,7 +1,13 @@
 """A blocking connection to the agent's socket, with a deadline on every call.
 
 Standard library plus msgspec. One connection carries any number of requests;
-each waits at most ``timeout`` seconds for its response line.
+each waits at most ``timeout`` seconds for its response line. Nothing is sent
+before :mod:`compozy_client.peercheck` has found the socket to be our own
+agent's.
+
+An agent started here runs isolated from its caller (see :func:`start_agent`):
+it holds every refresh token, so neither the caller's working directory nor
+the caller's secrets may reach it.
 """
 
 from __future__ import annotations
@@ -12,12 +18,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
-from compozy_client import protocol
-from compozy_client.errors import AgentUnavailable, error_from_wire
-from compozy_client.paths import socket_path
+from compozy_client import peercheck, protocol
+from compozy_client.errors import AgentUnavailable, UnsafeAgentSocket, error_from_wire
+from compozy_client.paths import absolute_path_variables, socket_path
 
 _T = TypeVar("_T")
 
@@ -42,9 +49,14 @@ class AgentConnection:
     def open(cls, path: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> AgentConnection:
         """Connect to the agent at ``path`` (default: :func:`socket_path`).
 
-        Raises :class:`AgentUnavailable` when nothing answers there.
+        Raises :class:`AgentUnavailable` when nothing answers there, and
+        :class:`UnsafeAgentSocket`, before anything is sent, when the socket's
+        directory, the socket or the process listening on it is not ours.
         """
         path = path or socket_path()
+        problem = peercheck.socket_path_problem(path)
+        if problem is not None:
+            raise UnsafeAgentSocket(problem)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(min(timeout, 5.0))
         try:
@@ -54,6 +66,10 @@ class AgentConnection:
             raise AgentUnavailable(
                 f"no agent answers on {path} ({exc.strerror or exc.__class__.__name__})"
             ) from None
+        problem = peercheck.peer_problem(sock, path)
+        if problem is not None:
+            sock.close()
+            raise UnsafeAgentSocket(problem)
         return cls(sock, path, timeout)
 
     def __enter__(self) -> AgentConnection:
@@ -143,7 +159,9 @@ def connect(
 
     Starting is race-free: every racing CLI may spawn an agent, but the agent
     holds an exclusive lock beside its socket, so exactly one survives and all
-    callers connect to it.
+    callers connect to it. A socket refused as not ours
+    (:class:`UnsafeAgentSocket`) is never a reason to start one: the error
+    goes to the caller.
     """
     path = path or socket_path()
     try:
@@ -170,15 +188,73 @@ def connect(
 
 
 def start_agent(path: str) -> None:
-    """Spawn a detached agent serving ``path``; its log goes to the agent's log file."""
-    env = dict(os.environ)
-    env["COMPOZY_AGENT_SOCK"] = path
+    """Spawn a detached agent serving ``path``; its log goes to the agent's log file.
+
+    The agent holds every refresh token, so it starts isolated from its caller:
+
+    * ``-P``: the caller's working directory is not put on ``sys.path`` (by
+      default ``python -m`` puts it first, so an ``anyio.py`` in a cloned
+      repository would run inside the agent). Not ``-I``: that also implies
+      ``-s``, which drops the user site-packages where ``pip install --user``
+      puts the agent, and ``-E``, which drops the ``PYTHONPATH`` an install
+      may rely on; the environment is curated here instead.
+    * ``cwd="/"``, so no relative path resolves into the caller's directory
+      (the agent also moves to ``/`` by itself).
+    * an environment built from :func:`agent_environment`'s allowlist, so the
+      agent never holds ``FLYZT_API_KEY``, cloud credentials or anything else
+      the first caller happened to have.
+    """
     subprocess.Popen(
-        [sys.executable, "-m", "compozy_agent", "--autostarted"],
+        [sys.executable, "-P", "-m", "compozy_agent", "--autostarted"],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env=env,
+        cwd="/",
+        env=agent_environment(os.environ, os.path.abspath(path)),
         start_new_session=True,
         close_fds=True,
     )
+
+
+#: Variables an autostarted agent keeps, by exact name. docs/security.md lists
+#: them with the reason for each; everything else is left behind.
+AGENT_ENV_NAMES: Final = frozenset({
+    # who and where the user is (platformdirs, the config path, getpass)
+    "HOME", "USER", "LOGNAME", "PATH", "TMPDIR",
+    # the keyring: the D-Bus session bus (Secret Service, KWallet), the backend
+    # chosen by hand, macOS's keychain file
+    "DBUS_SESSION_BUS_ADDRESS", "PYTHON_KEYRING_BACKEND", "KEYCHAIN_PATH",
+    # locale and time zone of log lines and messages
+    "LANG", "LANGUAGE", "TZ",
+    # the provider's HTTPS: proxies (httpx reads both cases) and CA bundles
+    "http_proxy", "https_proxy", "all_proxy", "no_proxy",
+    "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE",
+    # how the caller's interpreter found this installation (PYTHONPATH: its
+    # absolute entries only, see agent_environment)
+    "PYTHONPATH", "PYTHONHOME", "PYTHONUSERBASE", "PYTHONNOUSERSITE",
+})
+#: Variables an autostarted agent keeps, by prefix: the agent's own settings,
+#: the XDG base and runtime directories, locale categories, keyring properties.
+AGENT_ENV_PREFIXES: Final = ("COMPOZY_", "XDG_", "LC_", "KEYRING_PROPERTY_")
+
+
+def agent_environment(environ: Mapping[str, str], socket: str) -> dict[str, str]:
+    """The environment of an agent started for a caller whose environment is ``environ``.
+
+    Only allowlisted variables pass. Paths the caller gave relative to its
+    working directory are made absolute, so the agent (working in ``/``) uses
+    the same files; ``PYTHONPATH`` keeps only absolute entries, since a
+    relative or empty one means "the working directory".
+    """
+    env = {
+        name: value for name, value in environ.items()
+        if name in AGENT_ENV_NAMES or name.startswith(AGENT_ENV_PREFIXES)
+    }
+    pythonpath = [entry for entry in env.pop("PYTHONPATH", "").split(os.pathsep)
+                  if os.path.isabs(entry)]
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(pythonpath)
+    absolute_path_variables(env)
+    env["COMPOZY_AGENT_SOCK"] = socket
+    return env

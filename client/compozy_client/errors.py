@@ -4,7 +4,9 @@
 
     CompozyError                    anything this package raises on purpose
     ├── AgentUnavailable            no agent answers on the socket (and none could be started)
+    ├── UnsafeAgentSocket           the socket is not provably our own agent's: nothing was sent
     ├── ConfigError                 the config file is unreadable or malformed
+    │   └── UnsafeConfigFile        another uid owns it, or others can write it: not used
     ├── UsageError                  the caller asked for something impossible (CLI exit 2)
     └── AgentError                  the agent answered with an error (has .code)
         ├── ProtocolViolation       bad_request, unknown_op, unsupported_version, line_too_long
@@ -63,8 +65,25 @@ class AgentUnavailable(CompozyError):
     """No agent answers on the socket, and none could be started."""
 
 
+class UnsafeAgentSocket(CompozyError):
+    """The socket, its directory or the process listening on it is not ours.
+
+    Raised before a byte is sent. Not an :class:`AgentUnavailable`: nobody
+    may start an agent at such a path or fall back to one, since the path
+    itself is in someone else's hands.
+    """
+
+
 class ConfigError(CompozyError):
     """The config file is unreadable or malformed."""
+
+
+class UnsafeConfigFile(ConfigError):
+    """The config file is owned by another uid or writable by others, so it is not used.
+
+    It could set the issuer (where logins go) or the API key (which every
+    tool would send), so it is refused, as ssh refuses an unprotected key.
+    """
 
 
 class UsageError(CompozyError):

@@ -5,9 +5,11 @@ path imports no argparse, typing, msgspec, YAML, ``socket`` (its wrapper pulls
 in enum and selectors) or ``json`` (which pulls in ``re``): it talks through
 ``_socket``, writes the request by hand and reads the token from the agent's
 known response shape. It handles only the plain success: an agent answering
-with a token. Anything else (an unusual flag, a config file holding a key, no
-agent, an error, a response in another shape) returns None and the full CLI
-does the work again, with its messages.
+with a token. Anything else (an unusual flag, a config file holding a key or
+not to be trusted, no agent, a socket that is not provably our agent's, an
+error, a response in another shape) returns None and the full CLI does the
+work again, with its messages. The socket checks of
+:mod:`compozy_client.peercheck` run here too, before a byte is sent.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from __future__ import annotations
 import _socket
 import os
 
-from compozy_client.paths import config_path, socket_path
+from compozy_client.paths import config_file_problem, config_path, socket_path
+from compozy_client.peercheck import peer_problem, socket_path_problem
 
 # msgspec writes the struct's fields in order, so a token response starts so.
 _TOKEN_PREFIX = b'{"id":1,"ok":true,"result":{"access_token":"'
@@ -32,7 +35,7 @@ def run(args: list[str]) -> int | None:
     if key:
         os.write(1, key.encode() + b"\n")
         return 0
-    if _config_may_hold_key():
+    if _config_needs_full_cli():
         return None
     if "profile" not in request:
         request["profile"] = os.environ.get("COMPOZY_PROFILE", "").strip() or "default"
@@ -81,12 +84,21 @@ def _parse(args: list[str]) -> dict[str, object] | None:
     return request
 
 
-def _config_may_hold_key() -> bool:
+def _config_needs_full_cli() -> bool:
+    """True when the config file may hold a key, is not to be trusted, or cannot be read.
+
+    The full CLI then uses the key, or refuses the file and says why.
+    """
+    path = config_path()
     try:
-        with open(config_path(), "rb") as file:
+        with open(path, "rb") as file:
+            if config_file_problem(path, os.fstat(file.fileno())) is not None:
+                return True
             return b"api_key" in file.read()
-    except OSError:
+    except FileNotFoundError:
         return False
+    except OSError:
+        return True
 
 
 def _json_string(value: str) -> str | None:
@@ -116,10 +128,15 @@ def _ask_agent(request: dict[str, object]) -> str | tuple[str, str] | None:
     line = _encode(request)
     if line is None:
         return None
+    path = socket_path()
+    if socket_path_problem(path) is not None:
+        return None
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.settimeout(30.0)
-        sock.connect(socket_path())
+        sock.connect(path)
+        if peer_problem(sock, path) is not None:
+            return None
         sock.sendall(line)
         buffer = b""
         while b"\n" not in buffer:

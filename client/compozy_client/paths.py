@@ -13,11 +13,22 @@ import os
 import stat
 import sys
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import MutableMapping
+
 # Plain constants, no typing.Final: importing typing alone would double this path's cost.
 SOCKET_ENV = "COMPOZY_AGENT_SOCK"
 CONFIG_ENV = "COMPOZY_CONFIG"
 APP_NAME = "compozy"
 SOCKET_NAME = "agent.sock"
+
+
+#: Variables naming one path each, which the agent must read as the CLI did.
+PATH_VARIABLES = (
+    SOCKET_ENV, CONFIG_ENV, "COMPOZY_STATE_DIR", "XDG_RUNTIME_DIR", "XDG_STATE_HOME",
+    "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME",
+)
 
 
 class UnsafePathError(Exception):
@@ -97,3 +108,36 @@ def check_private_dir(directory: str) -> None:
             f"{directory} is writable by group or others (mode {stat.S_IMODE(info.st_mode):o}); "
             f"run: chmod 700 {directory}"
         )
+
+
+def absolute_path_variables(environ: MutableMapping[str, str]) -> None:
+    """Make each of :data:`PATH_VARIABLES` in ``environ`` absolute, against the current directory.
+
+    For a process about to leave that directory (the agent works in ``/``):
+    a relative ``COMPOZY_STATE_DIR=state`` must keep naming the same place.
+    """
+    for name in PATH_VARIABLES:
+        value = environ.get(name, "").strip()
+        if value and not os.path.isabs(value):
+            environ[name] = os.path.abspath(value)
+
+
+def config_file_problem(path: str, info: os.stat_result) -> str | None:
+    """Why the config file at ``path`` (with ``fstat`` result ``info``) must not be used, or None.
+
+    The file may set the issuer (where logins go) and an API key (what every
+    tool sends), so as ssh does with its config and keys it must belong to you
+    (or root, who can change what you run anyway) and be writable by nobody
+    else. Its directory is not checked: a file put there by someone else would
+    be theirs, and refused.
+    """
+    uid = os.getuid()
+    if info.st_uid not in (uid, 0):
+        return (f"config file {path} belongs to uid {info.st_uid}, not to you (uid {uid}); "
+                "it could set your issuer or API key, so it is not used. If it is yours, "
+                f"run: chown {uid} {path}; otherwise remove it")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (f"config file {path} is writable by group or others "
+                f"(mode {stat.S_IMODE(info.st_mode):03o}); whoever can write it could set "
+                f"your issuer or API key, so it is not used; run: chmod 600 {path}")
+    return None

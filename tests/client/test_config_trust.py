@@ -1,0 +1,105 @@
+"""A config file others control is refused by every reader: load_config, get_token, fast path."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from compozy_client import get_token
+from compozy_client.config import load_config
+from compozy_client.errors import UnsafeConfigFile
+
+NOBODY = 65534
+LAUNCHER = Path(__file__).resolve().parents[2] / "client" / "bin" / "compozy"
+
+
+def write(path: Path, text: str, mode: int) -> Path:
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+@pytest.mark.parametrize("mode", [0o620, 0o602, 0o666])
+def test_a_config_others_can_write_is_refused(tmp_path: Path, mode: int) -> None:
+    config = write(tmp_path / "config.yaml", "auth:\n  api_key: planted\n", mode)
+    with pytest.raises(UnsafeConfigFile) as refused:
+        load_config(str(config))
+    message = str(refused.value)
+    assert f"config file {config} is writable by group or others" in message
+    assert f"chmod 600 {config}" in message and "planted" not in message
+
+
+def test_get_token_refuses_a_group_writable_config_with_a_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = write(tmp_path / "config.yaml", "auth:\n  api_key: planted-key\n", 0o660)
+    monkeypatch.delenv("FLYZT_API_KEY", raising=False)
+    monkeypatch.setenv("COMPOZY_CONFIG", str(config))
+    with pytest.raises(UnsafeConfigFile, match=f"config file {config} is writable"):
+        get_token()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to give a file to another uid")
+def test_a_config_owned_by_another_uid_is_refused(tmp_path: Path) -> None:
+    config = write(tmp_path / "config.yaml",
+                   "profiles:\n  default:\n    issuer: https://login.attacker.example\n", 0o644)
+    os.chown(config, NOBODY, NOBODY)
+    with pytest.raises(UnsafeConfigFile, match=f"belongs to uid {NOBODY}, not to you") as refused:
+        load_config(str(config))
+    assert f"chown {os.getuid()} {config}" in str(refused.value)
+    assert "attacker" not in str(refused.value)
+
+
+def test_a_private_config_and_a_readable_one_without_writers_are_used(tmp_path: Path) -> None:
+    assert load_config(str(write(tmp_path / "a.yaml", "storage: file\n", 0o600))).storage == "file"
+    assert load_config(str(write(tmp_path / "b.yaml", "storage: file\n", 0o644))).storage == "file"
+
+
+@pytest.fixture
+def token_agent(tmp_path: Path) -> Iterator[str]:
+    """A socket that answers any request with a token, as an agent with a session would."""
+    path = str(tmp_path / "agent.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.makefile("rb").readline()
+                conn.sendall(b'{"id":1,"ok":true,"result":{"access_token":"tok-123",'
+                             b'"expires_at":1.0}}\n')
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield path
+    server.close()
+
+
+def test_the_token_fast_path_does_not_use_a_config_others_can_write(
+    tmp_path: Path, token_agent: str
+) -> None:
+    """No key in it, so the fast path would go to the agent; it leaves the file to the full CLI,
+    which refuses it."""
+    config = write(tmp_path / "config.yaml",
+                   "profiles:\n  default:\n    issuer: https://login.attacker.example\n", 0o664)
+    env = {"COMPOZY_AGENT_SOCK": token_agent, "COMPOZY_CONFIG": str(config),
+           "HOME": str(tmp_path), "PATH": "/usr/bin", "NO_COLOR": "1"}
+    result = subprocess.run([sys.executable, str(LAUNCHER), "auth", "token"], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and result.stdout == ""
+    assert f"error: config file {config} is writable by group or others" in result.stderr
+    config.chmod(0o644)
+    result = subprocess.run([sys.executable, str(LAUNCHER), "auth", "token"], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and result.stdout == "tok-123\n", result.stderr
