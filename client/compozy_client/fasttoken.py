@@ -31,12 +31,14 @@ def run(args: list[str]) -> int | None:
     request = _parse(args)
     if request is None:
         return None
+    # Before the environment's key too: the full CLI and get_token refuse an
+    # untrusted config file whatever else is set, and warn about a readable key.
+    if _config_needs_full_cli():
+        return None
     key = os.environ.get("FLYZT_API_KEY", "").strip()
     if key:
         os.write(1, key.encode() + b"\n")
         return 0
-    if _config_needs_full_cli():
-        return None
     if "profile" not in request:
         request["profile"] = os.environ.get("COMPOZY_PROFILE", "").strip() or "default"
     answer = _ask_agent(request)

@@ -103,3 +103,17 @@ def test_the_token_fast_path_does_not_use_a_config_others_can_write(
     result = subprocess.run([sys.executable, str(LAUNCHER), "auth", "token"], env=env,
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0 and result.stdout == "tok-123\n", result.stderr
+
+
+def test_an_untrusted_config_is_refused_even_when_the_environment_holds_a_key(
+    tmp_path: Path,
+) -> None:
+    """FLYZT_API_KEY wins over the file's key, but not over the rule: every path refuses alike."""
+    config = write(tmp_path / "config.yaml", "storage: auto\n", 0o646)
+    env = {"COMPOZY_CONFIG": str(config), "FLYZT_API_KEY": "env-key", "HOME": str(tmp_path),
+           "PATH": "/usr/bin", "NO_COLOR": "1"}
+    for args in (["auth", "token"], ["auth", "token", "--force-new"]):
+        result = subprocess.run([sys.executable, str(LAUNCHER), *args], env=env,
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 1 and result.stdout == "", args
+        assert f"config file {config} is writable by group or others" in result.stderr
