@@ -230,10 +230,12 @@ AGENT_ENV_NAMES: Final = frozenset({
     "http_proxy", "https_proxy", "all_proxy", "no_proxy",
     "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY",
     "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE",
-    # how the caller's interpreter found this installation (PYTHONPATH: its
-    # absolute entries only, see agent_environment)
-    "PYTHONPATH", "PYTHONHOME", "PYTHONUSERBASE", "PYTHONNOUSERSITE",
+    # how the caller's interpreter found this installation and its shared
+    # libraries (the search paths: absolute entries only, see agent_environment)
+    "PYTHONPATH", "PYTHONHOME", "PYTHONUSERBASE", "PYTHONNOUSERSITE", "LD_LIBRARY_PATH",
 })
+#: Search paths among them, where an empty or relative entry means the working directory.
+SEARCH_PATH_VARIABLES: Final = ("PYTHONPATH", "LD_LIBRARY_PATH")
 #: Variables an autostarted agent keeps, by prefix: the agent's own settings,
 #: the XDG base and runtime directories, locale categories, keyring properties.
 AGENT_ENV_PREFIXES: Final = ("COMPOZY_", "XDG_", "LC_", "KEYRING_PROPERTY_")
@@ -244,17 +246,18 @@ def agent_environment(environ: Mapping[str, str], socket: str) -> dict[str, str]
 
     Only allowlisted variables pass. Paths the caller gave relative to its
     working directory are made absolute, so the agent (working in ``/``) uses
-    the same files; ``PYTHONPATH`` keeps only absolute entries, since a
-    relative or empty one means "the working directory".
+    the same files; search paths (``PYTHONPATH``, ``LD_LIBRARY_PATH``) keep
+    only absolute entries, since a relative or empty one means "the working
+    directory".
     """
     env = {
         name: value for name, value in environ.items()
         if name in AGENT_ENV_NAMES or name.startswith(AGENT_ENV_PREFIXES)
     }
-    pythonpath = [entry for entry in env.pop("PYTHONPATH", "").split(os.pathsep)
-                  if os.path.isabs(entry)]
-    if pythonpath:
-        env["PYTHONPATH"] = os.pathsep.join(pythonpath)
+    for name in SEARCH_PATH_VARIABLES:
+        entries = [entry for entry in env.pop(name, "").split(os.pathsep) if os.path.isabs(entry)]
+        if entries:
+            env[name] = os.pathsep.join(entries)
     absolute_path_variables(env)
     env["COMPOZY_AGENT_SOCK"] = socket
     return env
