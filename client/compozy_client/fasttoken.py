@@ -170,5 +170,5 @@ def _token_from_json(response: bytes) -> str | tuple[str, str] | None:
         error = document["error"]
         details = error.get("details") or {}
         return str(error["message"]), str(details.get("command", ""))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return None  # the full CLI reads it again and says what is wrong

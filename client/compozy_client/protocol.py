@@ -13,6 +13,11 @@ Rules (``docs/protocol.md`` is the prose version of this module):
   ``{"id": .., "ok": true, "result": {..}}`` or
   ``{"id": .., "ok": false, "error": {"code": .., "message": ..}}``.
   A request whose ``id`` cannot be read is answered with ``"id": null``.
+* A line that is not UTF-8, not JSON, or nested deeper than the decoder goes
+  (about a thousand levels; requests need three) gets ``bad_request``: no
+  input raises anything but :class:`ProtocolError` from :func:`decode_request`,
+  and no answer raises anything but ``AgentUnavailable`` from
+  :func:`decode_response` and :func:`decode_result`.
 * Requests on one connection are answered in order; a client may pipeline.
 * Unknown fields are ignored on both sides, so newer clients and agents can
   talk to older ones; unknown ops get the ``unknown_op`` error.
@@ -27,7 +32,7 @@ from typing import Any, Final, Literal, TypeVar
 
 import msgspec
 
-from compozy_client.errors import ErrorCode
+from compozy_client.errors import AgentUnavailable, ErrorCode
 
 _T = TypeVar("_T")
 
@@ -216,13 +221,13 @@ OPS: Final[tuple[str, ...]] = tuple(
 class Envelope(msgspec.Struct):
     """What every request line must at least have; read when the full decode fails.
 
-    Untyped on purpose: a request whose ``v`` or ``op`` has the wrong type still
-    has its ``id`` echoed in the error.
+    Raw on purpose: a request whose ``v`` or ``op`` has the wrong type (or is a
+    number no type can hold) still has its ``id`` echoed in the error.
     """
 
-    id: Any = None
-    op: Any = None
-    v: Any = PROTOCOL_VERSION
+    id: msgspec.Raw = msgspec.Raw(b"null")
+    op: msgspec.Raw = msgspec.Raw(b"null")
+    v: msgspec.Raw = msgspec.Raw(b"1")
 
 
 # --------------------------------------------------------------------------
@@ -397,8 +402,12 @@ class RawResponse(msgspec.Struct, kw_only=True):
 
 _request_decoder: msgspec.json.Decoder[Request] = msgspec.json.Decoder(Request)
 _envelope_decoder = msgspec.json.Decoder(Envelope)
+_id_decoder: msgspec.json.Decoder[int | str] = msgspec.json.Decoder(int | str)
 _raw_response_decoder = msgspec.json.Decoder(RawResponse)
 _encoder = msgspec.json.Encoder()
+#: What a decoder may raise besides DecodeError: nesting deeper than the interpreter's
+#: recursion limit, or a line whose values do not fit in memory.
+_DECODER_LIMITS = (RecursionError, MemoryError)
 
 
 class ProtocolError(Exception):
@@ -413,18 +422,28 @@ class ProtocolError(Exception):
 def decode_request(line: bytes) -> Request:
     """Decode one request line, or raise :class:`ProtocolError` saying why.
 
-    The message never quotes the request's values: a malformed ``token`` or
-    ``store_api_key`` line may carry a secret.
+    Nothing else is raised, whatever the line holds. The message never quotes
+    the request's values: a malformed ``token`` or ``store_api_key`` line may
+    carry a secret.
     """
+    if not line.isascii():
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            # RFC 8259 section 8.1; msgspec checks only the strings it keeps.
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "request is not UTF-8 text", None) \
+                from None
     try:
         request = _request_decoder.decode(line)
     except msgspec.DecodeError as exc:
         full_error = exc
+    except _DECODER_LIMITS as exc:
+        raise _too_big(line, exc) from None
     else:
         if request.v != PROTOCOL_VERSION:
             raise ProtocolError(
                 ErrorCode.UNSUPPORTED_VERSION,
-                f"protocol version {request.v} is not supported; "
+                f"protocol version {_shown(request.v)} is not supported; "
                 f"this agent speaks {PROTOCOL_VERSION}",
                 request.id,
             )
@@ -435,30 +454,107 @@ def decode_request(line: bytes) -> Request:
         raise ProtocolError(
             ErrorCode.BAD_REQUEST, "request is not a JSON object with an id and an op", None
         ) from None
-    request_id = envelope.id if _is_id(envelope.id) else None
+    except _DECODER_LIMITS as exc:
+        raise _too_big(line, exc) from None
+    request_id = _read_id(envelope.id)
     if request_id is None:
         raise ProtocolError(
             ErrorCode.BAD_REQUEST, "request is not a JSON object with an id and an op", None)
-    version = envelope.v
+    version = _read_id(envelope.v)
     if type(version) is int and version != PROTOCOL_VERSION:
         raise ProtocolError(
             ErrorCode.UNSUPPORTED_VERSION,
-            f"protocol version {version} is not supported; this agent speaks {PROTOCOL_VERSION}",
+            f"protocol version {_shown(version)} is not supported; "
+            f"this agent speaks {PROTOCOL_VERSION}",
             request_id,
         )
-    if isinstance(envelope.op, str) and envelope.op not in OPS:
-        raise ProtocolError(
-            ErrorCode.UNKNOWN_OP, f"unknown op {envelope.op[:64]!r}", request_id
-        )
+    op = _read_id(envelope.op)
+    if isinstance(op, str) and op not in OPS:
+        raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {op[:64]!r}", request_id)
     # msgspec names the offending field path ("$.min_valid") but not its value.
     raise ProtocolError(
         ErrorCode.BAD_REQUEST, f"invalid request: {_describe(full_error)}", request_id
     )
 
 
-def _is_id(value: object) -> bool:
-    """An id the protocol allows: a string or an integer (not a bool, not a float)."""
-    return isinstance(value, str) or type(value) is int
+def _read_id(raw: msgspec.Raw) -> int | str | None:
+    """An integer or a string as sent (the id, op and v the protocol allows), else None.
+
+    A bool, a float or an integer no int64 holds is None.
+    """
+    try:
+        return _id_decoder.decode(raw)
+    except msgspec.DecodeError:
+        return None
+
+
+def _shown(version: int) -> str:
+    """A version number for a message, cut short: it may have thousands of digits."""
+    text = str(version)
+    return text if len(text) <= 20 else text[:20] + "..."
+
+
+def _too_big(line: bytes, error: BaseException) -> ProtocolError:
+    """The error for a line the decoder gave up on (too deep, or out of memory)."""
+    if isinstance(error, RecursionError):
+        return ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            "request is nested deeper than the agent reads (requests need three levels)",
+            _id_without_recursion(line),
+        )
+    return ProtocolError(ErrorCode.BAD_REQUEST, "request is too large to decode", None)
+
+
+#: JSON strings, runs of brackets and the separators of members: all the structure
+#: needed to find a top-level key. Numbers, literals and whitespace are skipped.
+#: A string's closing quote is optional so that no match ever fails after a long
+#: try: an unclosed string would otherwise be rescanned from each of its quotes
+#: (quadratic in the line).
+_STRUCTURE: Final = rb'"(?:[^"\\]|\\.)*"?|[\[{]+|[\]}]+|[:,]'
+#: How many of those tokens :func:`_id_without_recursion` reads before giving up:
+#: about a millisecond, so that hostile lines cannot hold the agent's event loop.
+_MAX_SCANNED_TOKENS: Final = 2048
+
+
+def _id_without_recursion(line: bytes) -> int | str | None:
+    """The top-level ``id`` of a line too deeply nested to decode, read with a counter.
+
+    Only the members of the top-level object are looked at; a value nested
+    inside one is skipped by counting brackets (a run of them is one token).
+    The first ``id`` member ends the scan, so an id sent before the deep value,
+    as every client does, is always found; one after it is found only within
+    :data:`_MAX_SCANNED_TOKENS` tokens.
+    """
+    import re  # only here: the CLI's common paths do not need it
+
+    depth = 0
+    key: bytes | None = None
+    value_start = -1
+    value_nested = False
+    for count, match in enumerate(re.finditer(_STRUCTURE, line, re.DOTALL)):
+        if count >= _MAX_SCANNED_TOKENS:
+            return None
+        token = match.group()
+        first = token[:1]
+        if first in b"[{":
+            if depth == 0 and first != b"{":
+                return None  # not an object: no id
+            depth += len(token)
+            value_nested = value_nested or depth > 1
+            continue
+        if depth == 1 and first in b",]}":  # the end of a member
+            if key == b'"id"' and value_start >= 0 and not value_nested:
+                return _read_id(msgspec.Raw(line[value_start:match.start()]))
+            key, value_start, value_nested = None, -1, False
+        if first in b"]}":
+            depth -= len(token)
+            if depth <= 0:
+                return None  # the top-level object ended without an id
+        elif depth == 1 and first == b":":
+            value_start = match.end()
+        elif depth == 1 and first == b'"' and value_start < 0:
+            key = token
+    return None
 
 
 def _describe(error: msgspec.DecodeError) -> str:
@@ -476,13 +572,29 @@ def encode(message: msgspec.Struct) -> bytes:
 
 
 def decode_response(line: bytes) -> RawResponse:
-    """Decode a response line; ``result`` stays raw until :func:`decode_result`."""
-    return _raw_response_decoder.decode(line)
+    """Decode a response line; ``result`` stays raw until :func:`decode_result`.
+
+    An answer that cannot be read (garbled, or nested past the decoder's depth)
+    raises :class:`AgentUnavailable`: nothing an agent sends can crash a client.
+    """
+    try:
+        return _raw_response_decoder.decode(line)
+    except msgspec.DecodeError as exc:
+        raise AgentUnavailable(f"the agent sent an answer that is not a response: "
+                               f"{_describe(exc)}") from None
+    except _DECODER_LIMITS:
+        raise AgentUnavailable("the agent sent an answer nested too deep to read") from None
 
 
 def decode_result(raw: msgspec.Raw, result_type: type[_T]) -> _T:
-    """Decode a response's raw ``result`` into ``result_type``."""
-    return msgspec.json.decode(raw, type=result_type)
+    """Decode a response's raw ``result`` into ``result_type``, else :class:`AgentUnavailable`."""
+    try:
+        return msgspec.json.decode(raw, type=result_type)
+    except msgspec.DecodeError as exc:
+        raise AgentUnavailable(f"the agent's answer is not a {result_type.__name__}: "
+                               f"{_describe(exc)}") from None
+    except _DECODER_LIMITS:
+        raise AgentUnavailable("the agent sent an answer nested too deep to read") from None
 
 
 #: The result type of each op, for clients.

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import time
+
 import msgspec
 import pytest
 
 from compozy_client import protocol as p
-from compozy_client.errors import ERROR_CLASSES, ErrorCode, NotLoggedIn, error_from_wire
+from compozy_client.errors import (
+    ERROR_CLASSES,
+    AgentUnavailable,
+    ErrorCode,
+    NotLoggedIn,
+    error_from_wire,
+)
 
 
 def test_every_op_decodes_to_its_struct() -> None:
@@ -132,3 +140,155 @@ def test_an_id_the_protocol_does_not_allow_is_not_echoed(line: bytes) -> None:
     with pytest.raises(p.ProtocolError) as caught:
         p.decode_request(line)
     assert caught.value.request_id is None and caught.value.code == ErrorCode.BAD_REQUEST
+
+
+def _nested(depth: int, kind: str) -> bytes:
+    """A JSON value ``depth`` levels deep: arrays, objects, or both in turn."""
+    if kind == "array":
+        return b"[" * depth + b"1" + b"]" * depth
+    if kind == "object":
+        return b'{"a":' * depth + b"1" + b"}" * depth
+    pairs = depth // 2
+    return b'[{"a":' * pairs + b"1" + b"}]" * pairs
+
+
+@pytest.mark.parametrize("kind", ["array", "object", "mixed"])
+@pytest.mark.parametrize("depth", [1_000, 10_000, 100_000])
+@pytest.mark.parametrize("field", ["x", "profile", "op", "v", "scope"])
+def test_nesting_past_the_decoders_depth_is_a_bad_request_with_its_id(
+    kind: str, depth: int, field: str
+) -> None:
+    """Found by the issue: one 2 KB line raised RecursionError and ended the agent."""
+    members = [b'"id":7', b'"' + field.encode() + b'":' + _nested(depth, kind)]
+    if field != "op":
+        members.insert(1, b'"op":"token"')
+    with pytest.raises(p.ProtocolError) as caught:
+        p.decode_request(b"{" + b",".join(members) + b"}")
+    assert caught.value.code == ErrorCode.BAD_REQUEST
+    assert caught.value.request_id == 7
+    assert "nested deeper" in str(caught.value)
+
+
+@pytest.mark.parametrize(("deep", "request_id"), [
+    (b"[" * 100_000 + b"]" * 100_000, 7),  # a run of brackets is one step of the scan
+    (b'[{"a":' * 600 + b"1" + b"}]" * 600, 7),
+    # Past the scan's budget (a millisecond), the id that follows is not looked for.
+    (b'{"a":' * 5000 + b"1" + b"}" * 5000, None),
+])
+def test_an_id_after_the_deep_value_is_read_within_a_budget(
+    deep: bytes, request_id: int | None
+) -> None:
+    with pytest.raises(p.ProtocolError) as caught:
+        p.decode_request(b'{"x":' + deep + b',"op":"hello","id":7}')
+    assert caught.value.code == ErrorCode.BAD_REQUEST
+    assert caught.value.request_id == request_id
+
+
+@pytest.mark.parametrize("tail", [b'"' + b'\\"' * 30_000, b'"' + b"\\" * 60_000,
+                                  b'{"a":' * 10_000, b"," * 60_000])
+def test_reading_the_id_of_a_deep_line_takes_linear_time(tail: bytes) -> None:
+    """Unclosed strings once made the scan quadratic: seconds for one 60 KB line."""
+    started = time.perf_counter()
+    for _ in range(10):
+        with pytest.raises(p.ProtocolError) as caught:
+            p.decode_request(b'{"x":' + b"[" * 2000 + tail)
+        assert caught.value.code == ErrorCode.BAD_REQUEST
+    assert time.perf_counter() - started < 1.0
+
+
+@pytest.mark.parametrize("line", [
+    b'{"id":' + b"[" * 5000 + b"]" * 5000 + b',"op":"hello"}',
+    b'{"op":"hello","id":' + b'{"id":' * 5000 + b"1" + b"}" * 5000 + b"}",
+    b"[" * 5000 + b'{"id":1,"op":"hello"}' + b"]" * 5000,
+    b'{"x":' + b"[" * 5000 + b'"\\"]"' + b"]" * 4999 + b',"id":"s]"}',  # an unclosed run
+])
+def test_a_deep_line_without_a_readable_id_is_answered_with_null(line: bytes) -> None:
+    with pytest.raises(p.ProtocolError) as caught:
+        p.decode_request(line)
+    assert caught.value.code == ErrorCode.BAD_REQUEST
+    assert caught.value.request_id is None
+
+
+def test_the_id_of_a_deep_line_is_read_past_strings_holding_brackets() -> None:
+    line = (b'{"x":"[[{,:\\"", "y":' + b"[" * 3000 + b'"]}", {"id": 2}' + b"]" * 3000
+            + b', "id" : "the-id" , "z":[]}')
+    with pytest.raises(p.ProtocolError) as caught:
+        p.decode_request(line)
+    assert caught.value.request_id == "the-id"
+
+
+BIG = b"1" + b"0" * 5000
+
+
+@pytest.mark.parametrize(("field", "value", "code", "request_id"), [
+    ("v", BIG, ErrorCode.BAD_REQUEST, 3),
+    ("v", b"1e999", ErrorCode.BAD_REQUEST, 3),
+    ("v", b"-0", ErrorCode.UNSUPPORTED_VERSION, 3),
+    ("op", BIG, ErrorCode.BAD_REQUEST, 3),
+    ("op", b"-1e999", ErrorCode.BAD_REQUEST, 3),
+    ("min_valid", BIG, ErrorCode.BAD_REQUEST, 3),
+    ("min_valid", b"1e999", ErrorCode.BAD_REQUEST, 3),
+    ("scope", b"[" + BIG + b"]", ErrorCode.BAD_REQUEST, 3),
+    ("id", BIG, ErrorCode.BAD_REQUEST, None),
+    ("min_valid", b"NaN", ErrorCode.BAD_REQUEST, None),  # not JSON: nothing is readable
+    ("x", b"-Infinity", ErrorCode.BAD_REQUEST, None),
+])
+def test_numbers_no_type_holds_are_bad_requests(
+    field: str, value: bytes, code: str, request_id: int | None
+) -> None:
+    line = b'{"id":3,"op":"token","' + field.encode() + b'":' + value + b"}"
+    if field == "id":
+        line = b'{"op":"token","id":' + value + b"}"
+    with pytest.raises(p.ProtocolError) as caught:
+        p.decode_request(line)
+    assert (caught.value.code, caught.value.request_id) == (code, request_id)
+
+
+@pytest.mark.parametrize("line", [
+    b'{"id":1,"op":"hello","x":"\xff"}',  # msgspec alone accepts it: the field is skipped
+    b'{"id":1,"op":"hello","x":"\xed\xa0\x80"}',  # a surrogate encoded as UTF-8
+    b'{"id":1,"op":"status","profile":"\xc3"}',
+    b'{"id":1,"op":"hello\x00"}',
+    b'{"id":1,"op":"status","profile":"a\x00b"}',
+    b'{"id":1,"op":"status","profile":"\\ud800"}',  # a lone surrogate, escaped
+    b'{"id":1,"op":"hello","x":"\\udc00\\ud800"}',
+])
+def test_invalid_utf8_nuls_and_lone_surrogates_are_bad_requests(line: bytes) -> None:
+    with pytest.raises(p.ProtocolError) as caught:
+        p.decode_request(line)
+    assert caught.value.code == ErrorCode.BAD_REQUEST
+    assert caught.value.request_id is None  # the line is not JSON text (RFC 8259 section 8)
+
+
+@pytest.mark.parametrize("line", [
+    b'{"id":1,"ok":true,"result":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    b'{"id":1,"ok":false,"error":{"code":"x","message":"y","details":'
+    + b'{"a":' * 50_000 + b"1" + b"}" * 50_000 + b"}}",
+    b'{"id":1,"ok":true,"x":' + b"[" * 5000 + b"]" * 5000 + b"}",
+    b'{"id":1,"ok":true,"result":{"access_token":"\xff"}}',
+    b'{"id":1,"ok":' + BIG + b"}",
+    b"\x00\x00",
+])
+def test_a_garbled_or_deep_answer_raises_the_clients_typed_error(line: bytes) -> None:
+    def read_token() -> p.TokenResult:
+        return p.decode_result(p.decode_response(line).result, p.TokenResult)
+
+    with pytest.raises(AgentUnavailable):
+        read_token()
+
+
+def test_a_result_of_another_shape_raises_the_clients_typed_error() -> None:
+    raw = p.decode_response(b'{"id":1,"ok":true,"result":{"access_token":' + b"[" * 500
+                            + b"]" * 500 + b"}}")
+    with pytest.raises(AgentUnavailable):
+        p.decode_result(raw.result, p.TokenResult)
+    with pytest.raises(AgentUnavailable, match="not a HelloResult"):
+        p.decode_result(msgspec.Raw(b'{"protocol": "one"}'), p.HelloResult)
+
+
+def test_the_token_fast_path_hands_a_deep_answer_to_the_full_cli() -> None:
+    from compozy_client import fasttoken
+
+    deep = b"[" * 100_000 + b"]" * 100_000
+    assert fasttoken._token_from_json(b'{"id":1,"ok":true,"result":' + deep + b"}") is None
+    assert fasttoken._token_from_json(b'{"id":1,"ok":false,"error":' + deep + b"}") is None
