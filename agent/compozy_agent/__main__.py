@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
                         metavar="SECONDS", help="close connections idle this long")
     parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
-                        metavar="N", help="serve at most N connections at once")
+                        metavar="N", help="serve at most N connections at once on each socket "
+                        "(a new one closes the longest-idle one)")
     return parser
 
 
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         return _shell_mode(options, os.path.abspath(options.socket or socket_path()))
     detach = options.daemon or options.autostarted
     _disable_core_dumps()
+    _raise_open_file_limit()
     _setup_logging(options.verbose, options.log_file or (_default_log_file() if detach else None))
     try:
         bound = _open_sockets(options)
@@ -278,6 +280,23 @@ def _disable_core_dumps() -> None:
         pr_set_dumpable = 4  # <linux/prctl.h>; also stops same-user ptrace attach
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(pr_set_dumpable, 0, 0, 0, 0)
+
+
+def _raise_open_file_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit: every connection costs a descriptor.
+
+    The soft limit is often 1,024 while the hard one is far higher; the server
+    sizes its connection pools from what this leaves (``server.RESERVED_DESCRIPTORS``).
+    """
+    with contextlib.suppress(ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == hard:
+            return
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            # macOS refuses a soft limit above OPEN_MAX even when the hard one is unlimited.
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 10240)), hard))
 
 
 def _detach(new_session: bool) -> None:

@@ -12,9 +12,19 @@ Rules, after ssh-agent (``ssh-agent.c``):
   is closed at once and logged, with nothing sent.
 * Lines are at most ``MAX_LINE_BYTES``; a longer one gets ``line_too_long``
   and the connection is closed (its framing cannot be trusted any more).
-  Malformed requests get a typed error and the connection stays open.
-* A connection idle longer than ``idle_timeout`` is closed; at most
-  ``max_connections`` are served at once, the next gets ``busy`` and is closed.
+  Malformed requests, whatever they hold, get a typed error and the connection
+  stays open.
+* No input ends the agent: a connection whose handling fails in a way nobody
+  foresaw is logged (without its contents) and closed alone, and a failing
+  ``accept`` (out of descriptors, say) is retried with backoff.
+* A connection is idle while the agent waits for its next request or for it
+  to read an answer; blank lines are not requests. A connection idle longer
+  than ``idle_timeout`` is closed.
+* Each socket kind (main, forwarding) has its own pool of at most
+  ``max_connections``, lowered to fit the open-file limit: a full forwarding
+  socket never takes a place on the main one. A new connection to a full pool
+  closes that pool's longest-idle connection; only when every connection in it
+  has a request in flight does the newcomer get ``busy`` and is closed.
 * Requests on a connection are answered in order, one response each.
 """
 
@@ -25,9 +35,11 @@ import errno
 import fcntl
 import logging
 import os
+import resource
 import socket
 import stat
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final, assert_never
@@ -49,7 +61,16 @@ from compozy_client.paths import UnsafePathError, check_private_dir, ensure_priv
 log = logging.getLogger("compozy_agent.server")
 
 DEFAULT_IDLE_TIMEOUT: Final = 300.0
+#: Per socket kind; lowered when the open-file limit cannot hold every pool.
 DEFAULT_MAX_CONNECTIONS: Final = 256
+#: Descriptors kept for the agent itself (logs, keyring bus, provider connections,
+#: login listeners, state files) when sizing the pools against RLIMIT_NOFILE.
+RESERVED_DESCRIPTORS: Final = 128
+#: Backoff of a failing accept(): the first retry, and the longest wait between two.
+ACCEPT_RETRY_FIRST: Final = 0.01
+ACCEPT_RETRY_MAX: Final = 1.0
+#: accept() errors about one connection that went away before it was taken: no backoff.
+_ACCEPT_ERRORS_OF_ONE_PEER: Final = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EINTR})
 #: Ops served on the restricted forwarding socket.
 FORWARD_OPS: Final = frozenset({"hello", "status", "token"})
 #: Ops served while the agent is locked (as ssh-agent serves only "unlock").
@@ -182,9 +203,11 @@ class Client:
     kind: str = "full"
     #: Read from /proc at the first token request (the client is connected and waiting).
     process: ProcessInfo | None = None
-    #: Since when (time.monotonic()) the agent has been waiting for this client's next line.
+    #: Since when (time.monotonic()) this connection has been idle: the agent waiting for
+    #: its next request, or for it to read an answer. None while a request is in flight.
     waiting_since: float | None = None
-    scope: anyio.CancelScope | None = field(default=None, repr=False)
+    #: The connection's socket, to shut down when it is closed for idleness.
+    sock: socket.socket | None = field(default=None, repr=False)
     timed_out: bool = False
 
 
@@ -221,28 +244,79 @@ class AgentServer:
         self.socket_path = socket_path
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
+        #: The pool size of each socket kind, set by :meth:`serve`.
+        self.connection_caps: dict[str, int] = {}
         self.stats = ServerStats()
         self._uid = os.getuid()
-        self._clients: set[Client] = set()
+        #: The connections being served, by socket kind.
+        self._clients: dict[str, set[Client]] = {}
         self._client_arrived = anyio.Event()
 
     async def serve(self, bound: list[BoundSocket], ready: anyio.Event | None = None) -> None:
         """Accept connections on every socket in ``bound`` until cancelled."""
+        self.connection_caps = self._caps_for({item.kind for item in bound})
         async with anyio.create_task_group() as group:
             group.start_soon(self._close_idle_connections)
             for item in bound:
                 listener = await anyio.abc.SocketListener.from_socket(item.sock)
-                kind = item.kind
-                group.start_soon(listener.serve, self._handler_for(kind), group)
+                group.start_soon(self._accept_loop, listener, item.path, item.kind, group)
             if ready is not None:
                 ready.set()
 
-    def _handler_for(self, kind: str) -> Any:
-        async def handle(stream: anyio.abc.SocketStream) -> None:
+    def _caps_for(self, kinds: set[str]) -> dict[str, int]:
+        """``max_connections`` per kind, or less where the open-file limit cannot hold them."""
+        cap = self.max_connections
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and kinds:
+            fitting = max(8, (soft - RESERVED_DESCRIPTORS) // len(kinds))
+            if fitting < cap:
+                log.warning("serving at most %d connections per socket: the open-file limit "
+                            "is %d", fitting, soft)
+                cap = fitting
+        return dict.fromkeys(kinds, cap)
+
+    async def _accept_loop(self, listener: anyio.abc.SocketListener, path: str, kind: str,
+                           group: anyio.abc.TaskGroup) -> None:
+        """Accept connections until the listener is closed; accept errors never end it.
+
+        anyio's ``listener.serve`` lets an accept error (EMFILE when the agent is
+        out of descriptors, ENOBUFS, ENOMEM) end the task group, and with it the
+        agent. Here it waits, 10 ms and doubling up to 1 s, and tries again: the
+        pending connections stay queued in the kernel until descriptors are free.
+        """
+        retry_delay = 0.0
+        while True:
+            try:
+                stream = await listener.accept()
+            except anyio.ClosedResourceError:
+                return
+            except (anyio.BrokenResourceError, OSError) as exc:
+                cause = exc.__cause__ if isinstance(exc, anyio.BrokenResourceError) else exc
+                code = cause.errno if isinstance(cause, OSError) else None
+                if code in _ACCEPT_ERRORS_OF_ONE_PEER:
+                    continue
+                if retry_delay == 0.0:  # once per burst, not once per retry
+                    log.warning("cannot accept connections on %s (%s); retrying", path,
+                                os.strerror(code) if code else type(cause).__name__)
+                retry_delay = min(max(retry_delay * 2, ACCEPT_RETRY_FIRST), ACCEPT_RETRY_MAX)
+                await anyio.sleep(retry_delay)
+                continue
+            if retry_delay:
+                log.info("accepting connections on %s again", path)
+                retry_delay = 0.0
+            group.start_soon(self._serve_connection, stream, kind)
+
+    async def _serve_connection(self, stream: anyio.abc.SocketStream, kind: str) -> None:
+        """Serve one connection; whatever goes wrong in it ends it, never the agent."""
+        try:
             async with stream:
                 await self.handle_connection(stream, kind)
-
-        return handle
+        except Exception as exc:
+            # The last resort. Only the exception's type and where it was raised
+            # are logged: its message may quote a request, and requests carry secrets.
+            where = "".join(traceback.format_tb(exc.__traceback__)).rstrip()
+            log.error("closed a connection after an unexpected %s:\n%s",
+                      type(exc).__name__, where)
 
     async def handle_connection(self, stream: anyio.abc.SocketStream, kind: str = "full") -> None:
         raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
@@ -257,18 +331,53 @@ class AgentServer:
                         peer.uid, peer.pid)
             self.stats.refused_peers += 1
             return
-        if self.stats.connections_open >= self.max_connections:
+        client = Client(peer, kind)
+        if not self._admit(client, raw):
             await self._send_error(stream, None, ErrorCode.BUSY,
-                                   "the agent is serving too many connections; try again")
+                                   "every connection to the agent has a request in flight; "
+                                   "try again")
             return
         self.stats.connections_open += 1
         self.stats.connections_total += 1
         try:
-            await self._serve_lines(stream, Client(peer, kind))
+            await self._serve_lines(stream, client)
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
         finally:
             self.stats.connections_open -= 1
+
+    def _admit(self, client: Client, sock: socket.socket) -> bool:
+        """Give ``client`` a place in its kind's pool, closing the longest-idle one if full.
+
+        False when the pool is full of connections with a request in flight.
+        """
+        pool = self._clients.setdefault(client.kind, set())
+        if len(pool) >= self.connection_caps.get(client.kind, self.max_connections):
+            idle = [other for other in pool if other.waiting_since is not None]
+            if not idle:
+                return False
+            oldest = min(idle, key=lambda other: other.waiting_since or 0.0)
+            log.debug("the %s socket is full: closing the connection idle for %.1f s", client.kind,
+                      time.monotonic() - (oldest.waiting_since or 0.0))
+            self._close_idle(oldest)
+        client.sock = sock
+        client.waiting_since = time.monotonic()  # idle from the start: a request is awaited
+        pool.add(client)
+        self._client_arrived.set()
+        return True
+
+    def _close_idle(self, client: Client) -> None:
+        """Close an idle connection: its handler sees the end of the stream and returns.
+
+        A shutdown rather than a cancelled scope: cancelling a read that the
+        peer's bytes complete in the same loop iteration makes anyio set the
+        result of a cancelled future, which asyncio logs as an error.
+        """
+        client.timed_out = True
+        if client.sock is not None:
+            with contextlib.suppress(OSError):
+                client.sock.shutdown(socket.SHUT_RDWR)
+        self._clients.get(client.kind, set()).discard(client)
 
     async def _close_idle_connections(self) -> None:
         """Close connections that sent nothing for ``idle_timeout`` seconds.
@@ -279,40 +388,34 @@ class AgentServer:
         while there are none.
         """
         while True:
-            if not self._clients:
+            if not any(self._clients.values()):
                 self._client_arrived = anyio.Event()
                 await self._client_arrived.wait()
                 continue
             now = time.monotonic()
             next_check = now + self.idle_timeout
-            for client in list(self._clients):
+            for client in [c for pool in self._clients.values() for c in pool]:
                 since = client.waiting_since
                 if since is None:
                     continue
-                if now - since >= self.idle_timeout and client.scope is not None:
-                    client.timed_out = True
-                    client.scope.cancel()
+                if now - since >= self.idle_timeout:
+                    log.debug("closing a connection idle for %.0f s", now - since)
+                    self._close_idle(client)
                 else:
                     next_check = min(next_check, since + self.idle_timeout)
             await anyio.sleep(max(next_check - now, 0.01))
 
     async def _serve_lines(self, stream: anyio.abc.SocketStream, client: Client) -> None:
         reader = BufferedByteReceiveStream(stream)
-        with anyio.CancelScope() as client.scope:
-            self._clients.add(client)
-            self._client_arrived.set()
-            try:
-                await self._serve_lines_until_closed(stream, reader, client)
-            finally:
-                self._clients.discard(client)
-        if client.timed_out:
-            log.debug("closed a connection idle for %.0f s", self.idle_timeout)
+        try:
+            await self._serve_lines_until_closed(stream, reader, client)
+        finally:
+            self._clients.get(client.kind, set()).discard(client)
 
     async def _serve_lines_until_closed(
         self, stream: anyio.abc.SocketStream, reader: BufferedByteReceiveStream, client: Client
     ) -> None:
         while True:
-            client.waiting_since = time.monotonic()
             try:
                 line = await reader.receive_until(b"\n", p.MAX_LINE_BYTES)
             except anyio.DelimiterNotFound:
@@ -323,12 +426,17 @@ class AgentServer:
                 return
             except anyio.IncompleteRead:
                 return  # the client left mid-line
-            client.waiting_since = None
+            if client.timed_out:
+                return  # closed for idleness: lines still buffered are not served
             line = line.rstrip(b"\r")
             if not line.strip():
-                continue
+                continue  # not a request: the idle timer keeps running
+            client.waiting_since = None
             self.stats.requests += 1
             response = await self.respond(line, client)
+            # Idle again: writing the answer waits on the client reading it, and a
+            # client that never reads must not hold its place as if it were busy.
+            client.waiting_since = time.monotonic()
             await stream.send(p.encode(response))
 
     async def respond(self, line: bytes, client: Client) -> p.Response:
@@ -338,6 +446,9 @@ class AgentServer:
             request = p.decode_request(line)
         except p.ProtocolError as exc:
             return self._error(exc.request_id, exc.code, str(exc))
+        except Exception as exc:  # decode_request promises ProtocolError only; belt and braces
+            log.error("a request line could not be decoded (%s)", type(exc).__name__)
+            return self._error(None, ErrorCode.BAD_REQUEST, "request could not be decoded")
         op: str = request.__struct_config__.tag  # type: ignore[assignment]
         if kind != "full":
             refusal = self._forward_refusal(request, op)

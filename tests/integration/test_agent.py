@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import select
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -150,19 +154,168 @@ def test_idle_connections_are_closed(agent_env: AgentEnv) -> None:
         process.stop()
 
 
-def test_connection_cap_answers_busy(agent_env: AgentEnv) -> None:
+def test_a_full_socket_closes_its_longest_idle_connection(agent_env: AgentEnv) -> None:
+    """Not `busy` for the newcomer: `busy` is only for a pool whose every connection has a
+    request in flight (tests/agent/test_server.py)."""
     process = start_agent(agent_env, "--max-connections", "2")
     try:
         held = [LineClient(process.socket) for _ in range(2)]
         for client in held:
             assert client.ask({"id": 1, "op": "hello"})["ok"] is True
         extra = LineClient(process.socket)
-        response = extra.read()
-        extra.close()
-        assert response is not None and response["error"]["code"] == "busy"
-        held[0].close()
-        assert held[1].ask({"id": 2, "op": "hello"})["ok"] is True
-        held[1].close()
+        assert extra.ask({"id": 2, "op": "hello"})["ok"] is True
+        assert held[0].read() is None  # the longest idle made room
+        assert held[1].ask({"id": 3, "op": "hello"})["ok"] is True
+        for client in (*held, extra):
+            client.close()
+    finally:
+        process.stop()
+
+
+def test_blank_lines_do_not_keep_a_connection_open(agent_env: AgentEnv) -> None:
+    """Found by the issue: each blank line restarted the idle timer, so a connection
+    sending nothing else held its place (and a descriptor) forever."""
+    process = start_agent(agent_env, "--idle-timeout", "0.5")
+    try:
+        client = LineClient(process.socket)
+        assert client.ask({"id": 1, "op": "hello"})["ok"] is True
+        deadline = time.monotonic() + 10.0
+        closed = False
+        while not closed and time.monotonic() < deadline:
+            try:
+                client.send(b"\n" * 16)
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            # Wait (at most 50 ms at a time) for the agent to hang up, sending all along.
+            readable, _, _ = select.select([client.sock], [], [], 0.05)
+            closed = bool(readable) and client.read() is None
+        client.close()
+        assert closed, "a connection sending only blank lines outlived the idle timeout"
+        assert ask_once(process.socket, {"id": 2, "op": "hello"})["ok"] is True
+    finally:
+        process.stop()
+
+
+def _hold_idle_connections(path: str, count: int) -> list[LineClient]:
+    """``count`` connections, each having asked one `hello` (so each was accepted), left idle."""
+    held = []
+    for n in range(count):
+        client = LineClient(path)
+        held.append(client)
+        answer = client.ask({"id": n, "op": "hello"})
+        assert answer["ok"] is True, (n, answer)
+    return held
+
+
+def test_idle_connections_on_the_forwarding_socket_leave_the_main_one_alone(
+    agent_env: AgentEnv,
+) -> None:
+    """Found by the issue: 256 idle connections on forward.sock (a remote host can open
+    them through ssh -R) made `compozy auth token` on the main socket fail with `busy`."""
+    forward = str(agent_env.root / "fwd" / "forward.sock")
+    process = start_agent(agent_env, "--forward-socket", forward)
+    held: list[LineClient] = []
+    try:
+        stored = ask_once(process.socket, {"id": 1, "op": "store_api_key", "profile": "dev",
+                                           "api_key": "key-dev"})
+        assert stored["ok"] is True, stored
+        held = _hold_idle_connections(forward, 300)
+        token = run_cli(agent_env, "auth", "token", "--profile", "dev")
+        assert (token.returncode, token.stdout) == (0, "key-dev\n"), token.stderr
+        status = run_cli(agent_env, "auth", "status", "--json")
+        assert json.loads(status.stdout)["agent"]["pid"] == process.pid, status.stderr
+        assert held[-1].ask({"id": 2, "op": "hello"})["ok"] is True
+    finally:
+        for client in held:
+            client.close()
+        process.stop()
+
+
+def test_idle_connections_on_the_main_socket_do_not_lock_out_the_cli(
+    agent_env: AgentEnv,
+) -> None:
+    """Found by the issue: 300 idle connections on the main socket locked out the CLI."""
+    process = start_agent(agent_env)
+    held: list[LineClient] = []
+    try:
+        held = _hold_idle_connections(process.socket, 300)
+        status = run_cli(agent_env, "auth", "status", "--json")
+        assert json.loads(status.stdout)["agent"]["pid"] == process.pid, status.stderr
+        stored = ask_once(process.socket, {"id": 1, "op": "store_api_key", "api_key": "k-1"})
+        assert stored["ok"] is True, stored
+        token = run_cli(agent_env, "auth", "token")
+        assert (token.returncode, token.stdout) == (0, "k-1\n"), token.stderr
+        assert held[0].read() is None  # the longest idle were closed to make room
+        assert held[-1].ask({"id": 2, "op": "hello"})["ok"] is True
+        assert "Traceback" not in process.log()
+    finally:
+        for client in held:
+            client.close()
+        process.stop()
+
+
+def test_a_deeply_nested_line_is_a_bad_request_on_both_sockets(agent_env: AgentEnv) -> None:
+    """Found by the issue: this 2 KB line raised RecursionError and ended the agent."""
+    forward = str(agent_env.root / "fwd" / "forward.sock")
+    process = start_agent(agent_env, "--forward-socket", forward)
+    try:
+        for path in (process.socket, forward):
+            client = LineClient(path)
+            client.send(b'{"id":1,"op":"hello","x":' + b"[" * 1000 + b"]" * 1000 + b"}\n")
+            answer = client.read()
+            assert answer is not None, "the agent hung up (or died)"
+            assert (answer["id"], answer["error"]["code"]) == (1, "bad_request")
+            assert client.ask({"id": 2, "op": "hello"})["ok"] is True
+            client.close()
+        assert process.proc.poll() is None
+    finally:
+        process.stop()
+
+
+def test_running_out_of_descriptors_does_not_end_the_agent(agent_env: AgentEnv) -> None:
+    """accept() failing with EMFILE ended the agent (anyio's listener.serve re-raises it)."""
+    process = start_agent(agent_env)
+    held: list[LineClient] = []
+    pending: list[LineClient] = []
+    try:
+        spare = 6
+        in_use = len(os.listdir(f"/proc/{process.pid}/fd"))
+        resource.prlimit(process.pid, resource.RLIMIT_NOFILE, (in_use + spare, in_use + spare))
+        held = _hold_idle_connections(process.socket, spare)
+        # The kernel queues these; the agent has no descriptor left to accept them with.
+        pending = [LineClient(process.socket) for _ in range(5)]
+        for n, client in enumerate(pending):
+            client.send(json.dumps({"id": n, "op": "hello"}).encode() + b"\n")
+        assert process.wait_for_log("cannot accept connections"), process.log()
+        assert process.proc.poll() is None
+        for client in held:
+            client.close()
+        for n, client in enumerate(pending):  # accepted once descriptors are free again
+            answer = client.read()
+            assert answer is not None and answer["id"] == n and answer["ok"] is True
+        assert process.wait_for_log("accepting connections")
+        assert process.log().count("cannot accept connections") == 1  # once per burst
+    finally:
+        for client in (*held, *pending):
+            client.close()
+        process.stop()
+
+
+def test_the_open_file_limit_is_raised_to_the_hard_limit(agent_env: AgentEnv) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard limit ({hard}) leaves nothing to raise")
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    process = start_agent(agent_env, preexec_fn=low_soft_limit)
+    try:
+        limits = Path(f"/proc/{process.pid}/limits").read_text()
+        [row] = [line for line in limits.splitlines() if line.startswith("Max open files")]
+        soft_now, hard_now = row.split()[3:5]
+        assert soft_now == hard_now == str(hard), row
     finally:
         process.stop()
 

@@ -1,11 +1,13 @@
-"""Property-based fuzzing of a real agent's socket (hypothesis).
+"""Property-based fuzzing of a real agent's sockets (hypothesis).
 
 Thousands of malformed requests: JSON that is not a request, known ops with
 fields of the wrong type, huge numbers, unknown ops, binary garbage, lines
-over the limit, half-written lines and disconnects, many idle connections.
-Each line gets exactly one typed error (or, for a line over the limit, a
-typed error and a closed connection), the agent keeps serving every other
-client, and its memory stays bounded.
+over the limit, half-written lines and disconnects, many idle connections;
+and, on the main and the forwarding socket alike, nesting 100 to 100,000
+levels deep in any field, numbers no type holds (10**5000, 1e999, NaN),
+invalid UTF-8, NULs and lone surrogates. Each line gets exactly one typed
+error (or, for a line over the limit, a typed error and a closed connection),
+the agent keeps serving every other client, and its memory stays bounded.
 
 Ops that would change the agent's state when given well-typed values (login,
 lock, storing a key) are fuzzed only with ill-typed ones, so one example
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from compozy_client import protocol as p
@@ -55,7 +57,8 @@ def fuzzed_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProc
     prepare_dirs(env)
     env.config.parent.mkdir(parents=True)
     env.config.write_text("storage: memory\n")
-    agent = start_agent(env, "--max-connections", str(CAP))
+    agent = start_agent(env, "--max-connections", str(CAP),
+                        "--forward-socket", str(short / "fwd" / "forward.sock"))
     RSS_AT_START[agent.pid] = rss_kib(agent.pid)
     try:
         yield agent
@@ -125,13 +128,18 @@ def strict_json(data: bytes) -> Any:
     return json.loads(data, parse_constant=_no_constants)
 
 
-def exchange(agent: AgentProcess, payload: bytes) -> tuple[list[dict[str, Any]], bool]:
+def forward_socket(agent: AgentProcess) -> str:
+    return str(agent.agent_env.root / "fwd" / "forward.sock")
+
+
+def exchange(agent: AgentProcess, payload: bytes,
+             path: str | None = None) -> tuple[list[dict[str, Any]], bool]:
     """Send the payload and a sync hello; every response before the sync's.
 
     Writing happens in a thread while this one reads, as a pipelining client
     must: the agent stops reading while its answers are not being read.
     """
-    with Conversation(agent.socket) as talk:
+    with Conversation(path or agent.socket) as talk:
         writer = threading.Thread(target=_send_all, args=(talk.sock, payload + b"\n" + SYNC))
         writer.start()
         try:
@@ -286,21 +294,170 @@ def test_many_idle_connections_then_the_cap_then_recovery(fuzzed_agent: AgentPro
         [answer], _ = exchange(fuzzed_agent, b'{"id": 4, "op": "hello"}')  # the last free slot
         assert answer["ok"] is True
         idle.append(Conversation(fuzzed_agent.socket))  # fills the cap
-        with Conversation(fuzzed_agent.socket) as surplus:
-            responses, closed = surplus.responses_until_sync()
-        assert closed and [r["error"]["code"] for r in responses] == ["busy"]
+        # One more: the longest-idle connection (half-open) is closed to make room.
+        [answer], closed = exchange(fuzzed_agent, b'{"id": 5, "op": "hello"}')
+        assert answer["ok"] is True and not closed
+        _, oldest_closed = idle[0].responses_until_sync()
+        assert oldest_closed
+        # A full forwarding socket takes no place on the main one, nor the reverse.
+        [answer], _ = exchange(fuzzed_agent, b'{"id": 6, "op": "hello"}',
+                               forward_socket(fuzzed_agent))
+        assert answer["ok"] is True and answer["result"]["socket_kind"] == "forward"
     finally:
         for talk in idle:
             talk.sock.close()
-    answers: list[dict[str, Any]] = []
-    for _ in range(200):  # the agent notices the closed connections at its own pace
-        try:
-            answers, _ = exchange(fuzzed_agent, b'{"id": 5, "op": "hello"}')
-        except (ConnectionResetError, BrokenPipeError):
-            continue
-        if answers and answers[0]["ok"]:
-            break
-    assert answers and answers[0]["ok"] is True
+    [answer], _ = exchange(fuzzed_agent, b'{"id": 7, "op": "hello"}')
+    assert answer["ok"] is True
+
+
+# --------------------------------------------------------------------------
+# Input built to break decoders: depth, numbers, text that is not UTF-8.
+# Each runs on the main or the forwarding socket.
+
+SOCKETS = st.sampled_from(["main", "forward"])
+DEEP = settings(max_examples=300, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+#: Fields whose deep or odd value is tried: the envelope, typed fields, an unknown one.
+FIELDS = ("id", "op", "v", "profile", "scope", "min_valid", "limit", "x")
+FORWARD_CODES = ("forbidden",)
+
+
+def nested(depth: int, shape: str) -> bytes:
+    if shape == "array":
+        return b"[" * depth + b"0" + b"]" * depth
+    if shape == "object":
+        return b'{"a":' * depth + b"0" + b"}" * depth
+    half = max(depth // 2, 1)
+    return b'[{"a":' * half + b"0" + b"}]" * half
+
+
+def request_line(members: dict[str, bytes], id_first: bool) -> bytes:
+    items = list(members.items())
+    if not id_first:
+        items.reverse()
+    return b"{" + b",".join(json.dumps(k).encode() + b":" + v for k, v in items) + b"}"
+
+
+def path_of(agent: AgentProcess, which: str) -> str:
+    return agent.socket if which == "main" else forward_socket(agent)
+
+
+class Huge:
+    """An integer too long for Python's int() (and msgspec): no type holds it."""
+
+
+def _parse_int(text: str) -> object:
+    return Huge() if len(text.lstrip("-")) >= 4300 else int(text)
+
+
+def _has_lone_surrogate(value: object) -> bool:
+    if isinstance(value, str):
+        return any("\ud800" <= char <= "\udfff" for char in value)
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(item) for item in value)
+    return False
+
+
+def json_text(line: bytes) -> object | None:
+    """The line as RFC 8259 JSON text (UTF-8, no NaN, no lone surrogates), else None."""
+    try:
+        value = json.loads(line.decode("utf-8"), parse_constant=_no_constants,
+                           parse_int=_parse_int)
+    except (ValueError, RecursionError):
+        return None
+    return None if _has_lone_surrogate(value) else value
+
+
+def check_one_line(agent: AgentProcess, which: str, line: bytes,
+                   request: object | None, id_readable: bool = True) -> dict[str, Any] | None:
+    """Send ``line`` on socket ``which``: one typed answer (or line_too_long and a close),
+    and the agent still serves the sync hello after it."""
+    responses, closed = exchange(agent, line, path_of(agent, which))
+    event("over the line limit" if len(line) + 1 > p.MAX_LINE_BYTES else
+          "answered ok" if responses and responses[0]["ok"] else
+          f"error: {responses[0]['error']['message'][:40]}" if responses else "no answer")
+    if len(line) + 1 > p.MAX_LINE_BYTES:
+        assert closed and [r["error"]["code"] for r in responses] in (["line_too_long"], [])
+        [answer], _ = exchange(agent, b'{"id": "up", "op": "hello"}', path_of(agent, which))
+        assert answer["ok"] is True
+        return None
+    assert not closed
+    [response] = responses
+    if response["ok"]:
+        assert isinstance(request, dict) and response["id"] == request["id"]
+        assert "access_token" not in json.dumps(response)
+    elif id_readable:
+        check_error(response, request)
+    else:  # an id after a value too deep to decode is looked for within a budget only
+        assert response["id"] in (None, request.get("id") if isinstance(request, dict) else None)
+        assert response["error"]["code"] in KNOWN_CODES
+    return response
+
+
+@DEEP
+@given(depth=st.integers(100, 30_000) | st.integers(30_000, 100_000),
+       shape=st.sampled_from(["array", "object", "mixed"]), field=st.sampled_from(FIELDS),
+       op=st.sampled_from(["hello", "status", "token", "list"]), id_first=st.booleans(),
+       which=SOCKETS)
+def test_nesting_of_any_depth_in_any_field(fuzzed_agent: AgentProcess, depth: int, shape: str,
+                                           field: str, op: str, id_first: bool,
+                                           which: str) -> None:
+    """Found by the issue: 1,000 levels of `[` raised RecursionError and ended the agent."""
+    members = {"id": b"7", "op": json.dumps(op).encode()}
+    members[field] = nested(depth, shape)
+    line = request_line(members, id_first or field == "id")
+    request = {"id": None if field == "id" else 7, "op": op}
+    response = check_one_line(fuzzed_agent, which, line, request,
+                              id_readable=id_first or shape == "array" or field == "id")
+    if response is not None and not response["ok"]:
+        allowed = ("bad_request", *FORWARD_CODES, "not_logged_in")
+        assert response["error"]["code"] in allowed, response
+
+
+NUMBERS = (b"1" + b"0" * 5000, b"-" + b"9" * 5000, b"9" * 4299, b"1e999", b"-1e999", b"1e-999",
+           b"-0", b"-0.0", b"0e0", b"NaN", b"-NaN", b"Infinity", b"-Infinity",
+           b"123456789012345678901234567890", b"1.7976931348623157e309", b"[1e999]")
+
+
+@DEEP
+@given(number=st.sampled_from(NUMBERS), field=st.sampled_from(FIELDS),
+       op=st.sampled_from(HARMLESS_OPS), id_first=st.booleans(), which=SOCKETS)
+def test_numbers_no_type_holds_in_any_field(fuzzed_agent: AgentProcess, number: bytes,
+                                            field: str, op: str, id_first: bool,
+                                            which: str) -> None:
+    members = {"id": b"7", "op": json.dumps(op).encode()}
+    if op == "login_wait":
+        members["timeout"] = b"0"
+    members[field] = number
+    line = request_line(members, id_first)
+    check_one_line(fuzzed_agent, which, line, json_text(line))
+
+
+BAD_TEXT = (b"\xff", b"\xc3", b"\xc3(", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xc0\xaf",
+            b"\xf0\x9f\x98", b"\x00", b"\x01", b"\\ud800", b"\\udfff", b"\\udc00\\ud800",
+            b"\\ud800\\u0041", b"\\u0000")
+
+
+@DEEP
+@given(bad=st.sampled_from(BAD_TEXT), around=st.text(max_size=8).map(
+           lambda t: json.dumps(t)[1:-1].encode()),
+       field=st.sampled_from(("op", "profile", "audience", "x", "id")),
+       op=st.sampled_from(["hello", "status", "token"]), in_key=st.booleans(),
+       which=SOCKETS)
+def test_text_that_is_not_utf8_nuls_and_lone_surrogates(fuzzed_agent: AgentProcess, bad: bytes,
+                                                        around: bytes, field: str, op: str,
+                                                        in_key: bool, which: str) -> None:
+    text = b'"' + around + bad + around + b'"'
+    members = {"id": b"7", "op": json.dumps(op).encode()}
+    line = request_line(members, True)
+    if in_key:
+        line = line[:-1] + b"," + text + b":1}"
+    else:
+        members[field] = text
+        line = request_line(members, True)
+    check_one_line(fuzzed_agent, which, line, json_text(line))
 
 
 def test_memory_stays_bounded(fuzzed_agent: AgentProcess) -> None:

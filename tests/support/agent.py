@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +94,8 @@ class AgentProcess:
         self.agent_env = agent_env
         self.lines: list[str] = []
         self.ready = threading.Event()
+        self._new_line = threading.Condition()
+        self._output_ended = False
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -101,10 +103,23 @@ class AgentProcess:
         assert self.proc.stdout is not None
         for raw in self.proc.stdout:
             line = raw.decode(errors="replace").rstrip("\n")
-            self.lines.append(line)
+            with self._new_line:
+                self.lines.append(line)
+                self._new_line.notify_all()
             if " serving " in line:
                 self.ready.set()
         self.ready.set()  # exited: wake the waiter, which then sees the exit
+        with self._new_line:
+            self._output_ended = True
+            self._new_line.notify_all()
+
+    def wait_for_log(self, fragment: str, timeout: float = START_TIMEOUT) -> bool:
+        """Whether a line containing ``fragment`` was logged within ``timeout`` seconds."""
+        with self._new_line:
+            self._new_line.wait_for(
+                lambda: self._output_ended or any(fragment in line for line in self.lines),
+                timeout)
+            return any(fragment in line for line in self.lines)
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         if not self.ready.wait(timeout) or self.proc.poll() is not None:
@@ -142,7 +157,8 @@ def prepare_dirs(agent_env: AgentEnv) -> None:
         directory.chmod(0o700)
 
 
-def start_agent(agent_env: AgentEnv, *args: str, wait: bool = True, **env: str) -> AgentProcess:
+def start_agent(agent_env: AgentEnv, *args: str, wait: bool = True,
+                preexec_fn: Callable[[], object] | None = None, **env: str) -> AgentProcess:
     """Start `python -m compozy_agent` in the foreground; wait for its "serving" line."""
     prepare_dirs(agent_env)
     proc = subprocess.Popen(
@@ -151,6 +167,7 @@ def start_agent(agent_env: AgentEnv, *args: str, wait: bool = True, **env: str) 
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env=agent_env.env(**env),
+        preexec_fn=preexec_fn,
     )
     agent = AgentProcess(proc, agent_env)
     agent_env.agents.append(agent)
