@@ -197,14 +197,19 @@ def test_blank_lines_do_not_keep_a_connection_open(agent_env: AgentEnv) -> None:
         process.stop()
 
 
-def _hold_idle_connections(path: str, count: int) -> list[LineClient]:
-    """``count`` connections, each having asked one `hello` (so each was accepted), left idle."""
+def _hold_idle_connections(path: str, count: int, *, all_served: bool = True) -> list[LineClient]:
+    """``count`` connections, each having asked one `hello` (so each was accepted), left idle.
+
+    With ``all_served`` False, connections answered `busy` are kept too (closed by the agent).
+    """
     held = []
     for n in range(count):
         client = LineClient(path)
         held.append(client)
-        answer = client.ask({"id": n, "op": "hello"})
-        assert answer["ok"] is True, (n, answer)
+        client.send(json.dumps({"id": n, "op": "hello"}).encode() + b"\n")
+        answer = client.read()
+        if all_served or answer is None or answer["id"] is not None:
+            assert answer is not None and answer["ok"] is True, (n, answer)
     return held
 
 
@@ -220,12 +225,12 @@ def test_idle_connections_on_the_forwarding_socket_leave_the_main_one_alone(
         stored = ask_once(process.socket, {"id": 1, "op": "store_api_key", "profile": "dev",
                                            "api_key": "key-dev"})
         assert stored["ok"] is True, stored
-        held = _hold_idle_connections(forward, 300)
+        held = _hold_idle_connections(forward, 300, all_served=False)
         token = run_cli(agent_env, "auth", "token", "--profile", "dev")
         assert (token.returncode, token.stdout) == (0, "key-dev\n"), token.stderr
         status = run_cli(agent_env, "auth", "status", "--json")
         assert json.loads(status.stdout)["agent"]["pid"] == process.pid, status.stderr
-        assert held[-1].ask({"id": 2, "op": "hello"})["ok"] is True
+        assert held[-1].ask({"id": 2, "op": "hello"})["ok"] is True  # served, not `busy`
     finally:
         for client in held:
             client.close()
