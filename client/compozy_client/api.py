@@ -89,7 +89,8 @@ async def async_get_token(
     if problem is not None:
         raise UnsafeAgentSocket(problem)
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), timeout)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(path, limit=protocol.MAX_RESPONSE_BYTES), timeout)
     except (OSError, TimeoutError) as exc:
         raise AgentUnavailable(f"no agent answers on {path} ({exc.__class__.__name__})") from None
     problem = peer_problem(writer.get_extra_info("socket"), path)
@@ -103,6 +104,8 @@ async def async_get_token(
     except (OSError, TimeoutError) as exc:
         raise AgentUnavailable(f"the agent on {path} did not answer ({exc.__class__.__name__})") \
             from None
+    except ValueError:  # asyncio's LimitOverrunError: no newline within the limit
+        raise AgentUnavailable("the agent sent a line longer than the protocol allows") from None
     finally:
         writer.close()
     if not line:

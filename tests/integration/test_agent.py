@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -11,6 +13,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +21,18 @@ from typing import Any
 
 import pytest
 
-from support.agent import AgentEnv, AgentProcess, agent_pids, can_connect, run_cli, start_agent
+from compozy_client import AgentUnavailable
+from compozy_client import protocol as p
+from compozy_client.api import async_get_token, get_token
+from support.agent import (
+    AgentEnv,
+    AgentProcess,
+    agent_pids,
+    can_connect,
+    prepare_dirs,
+    run_cli,
+    start_agent,
+)
 from support.other_user import answer_to_another_user
 
 
@@ -529,3 +543,76 @@ def test_a_listing_longer_than_a_request_line_reaches_the_cli(agent: AgentProces
     assert listing.returncode == 0, listing.stderr
     assert len(listing.stdout) > 64 * 1024
     assert len(json.loads(listing.stdout)["sessions"]) == 500
+
+
+DEEP_ANSWER = b'{"id":1,"ok":true,"result":' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"
+
+
+def _serve_answers(path: str, stop: threading.Event, answer: bytes) -> threading.Thread:
+    """A fake agent that answers every line with ``answer``."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    os.chmod(path, 0o600)
+    listener.listen(16)
+    listener.settimeout(0.05)
+
+    def serve() -> None:
+        with listener:
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    continue  # look at the stop flag again
+                with conn:
+                    conn.settimeout(10)
+                    with contextlib.suppress(OSError):
+                        if conn.recv(65536):
+                            conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_an_answer_nested_too_deep_cannot_crash_a_client(
+    agent_env: AgentEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client decoded answers with msgspec and json unguarded: a deep one raised
+    RecursionError out of the CLI, the token fast path and get_token()."""
+    prepare_dirs(agent_env)
+    stop = threading.Event()
+    server = _serve_answers(agent_env.socket, stop, DEEP_ANSWER)
+    try:
+        for command in (["auth", "status"], ["auth", "token"], ["auth", "list"]):
+            result = run_cli(agent_env, *command, COMPOZY_AGENT_AUTOSTART="0")
+            output = result.stdout + result.stderr
+            assert result.returncode == 1, (command, output)
+            assert "Traceback" not in output and "RecursionError" not in output
+            assert "nested too deep" in output, output
+        for key, value in agent_env.env(COMPOZY_AGENT_AUTOSTART="0").items():
+            monkeypatch.setenv(key, value)
+        with pytest.raises(AgentUnavailable, match="nested too deep"):
+            get_token()
+        with pytest.raises(AgentUnavailable, match="nested too deep"):
+            asyncio.run(async_get_token())
+    finally:
+        stop.set()
+        server.join(10)
+
+
+def test_an_answer_longer_than_the_protocol_allows_is_refused_by_async_get_token(
+    agent_env: AgentEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asyncio's readline raised ValueError past its 64 KiB default limit."""
+    prepare_dirs(agent_env)
+    stop = threading.Event()
+    server = _serve_answers(agent_env.socket, stop, b"[" * (p.MAX_RESPONSE_BYTES + 1) + b"\n")
+    try:
+        for key, value in agent_env.env(COMPOZY_AGENT_AUTOSTART="0").items():
+            monkeypatch.setenv(key, value)
+        with pytest.raises(AgentUnavailable, match="longer than the protocol allows"):
+            asyncio.run(async_get_token())
+    finally:
+        stop.set()
+        server.join(10)
