@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,10 +50,9 @@ RSS_AT_START: dict[int, int] = {}
 
 
 @pytest.fixture(scope="module")
-def fuzzed_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
-    root = Path(tmp_path_factory.mktemp("fz", numbered=True))
-    short = Path("/tmp") / f"czf-{root.name}"  # AF_UNIX paths are short
-    short.mkdir()
+def fuzzed_agent() -> Iterator[AgentProcess]:
+    # AF_UNIX paths are short; a unique name, as other runs may share /tmp.
+    short = Path(tempfile.mkdtemp(prefix="czf-", dir="/tmp"))
     env = AgentEnv(short)
     prepare_dirs(env)
     env.config.parent.mkdir(parents=True)
