@@ -418,6 +418,10 @@ class AgentServer:
         while True:
             try:
                 line = await reader.receive_until(b"\n", p.MAX_LINE_BYTES)
+                if len(line) >= p.MAX_LINE_BYTES:
+                    # receive_until checks its limit only while the newline is missing:
+                    # a line whose end arrives in one read with its newline passes it.
+                    raise anyio.DelimiterNotFound(p.MAX_LINE_BYTES)
             except anyio.DelimiterNotFound:
                 await self._send_error(
                     stream, None, ErrorCode.LINE_TOO_LONG,

@@ -149,6 +149,20 @@ def test_a_line_over_the_limit_is_refused_and_closed(agent: AgentProcess) -> Non
     assert ask_once(agent.socket, {"id": 1, "op": "hello"})["ok"] is True
 
 
+def test_a_line_over_the_limit_is_refused_however_it_arrives(agent: AgentProcess) -> None:
+    """The limit held only when the agent's buffer filled before the newline came: a
+    line whose end arrived in one read with its newline got through up to 128 KiB."""
+    client = LineClient(agent.socket)
+    start = b'{"id": 1, "op": "hello", "pad": "' + b"x" * 1000
+    client.send(b'{"id": 0, "op": "hello"}\n' + start)  # read together with the hello
+    assert client.read()["id"] == 0  # so the agent holds the start of the next line
+    client.send(b"x" * (p.MAX_LINE_BYTES - 100) + b'"}\n')  # its end, in one read
+    response = client.read()
+    assert response is not None and response["error"]["code"] == "line_too_long", response
+    assert client.read() is None
+    client.close()
+
+
 def test_a_client_leaving_mid_line_does_not_hurt(agent: AgentProcess) -> None:
     for _ in range(20):
         client = LineClient(agent.socket)
