@@ -117,10 +117,15 @@ takes ``now`` (wall-clock epoch seconds) and answers with what the driver
 # answered with the cached token (the one the force produced, or newer), and
 # a ``rejected_token`` naming it fails with refresh_failed and a time to ask
 # again; the token is kept, or a plain request would refresh in its place.
-# Asking for ever new slots is the other way to refresh at will (the cache
-# holds MAX_NARROWER_SLOTS; cycling through more refetches each): new slots
-# are made at most MAX_NARROWER_SLOTS per NEW_SLOT_WINDOW seconds, one per
-# RECENT seconds on average; beyond that, refresh_failed with a time.
+# Many slots are the other way to refresh at will: each slot alone is spaced,
+# but forcing each granted (scopes, audience) in turn (four scopes and one API
+# make 31 slots) or cycling through more slots than the cache holds (each
+# refetched) added up to a refresh per request. So refreshes of narrower slots,
+# new or cached, forced or not, are at most MAX_NARROWER_SLOTS per
+# NEW_SLOT_WINDOW seconds for the whole session, one per RECENT seconds on
+# average; beyond that, refresh_failed with a time (and no background refresh).
+# The default token is not counted: it has its own spacing, and callers of
+# narrower tokens must not be able to starve it.
 #
 # Rule 8, failures: a transient failure (network, 5xx, 429, timeouts) backs
 # off exponentially with jitter from FIRST_BACKOFF to MAX_BACKOFF, or longer
@@ -229,7 +234,7 @@ MAX_RETRY_AFTER: Final = 600.0
 REFUSAL_TTL: Final = 60.0
 #: Narrower slots kept per session; the least recently used one goes first.
 MAX_NARROWER_SLOTS: Final = 64
-#: Rule 7: at most MAX_NARROWER_SLOTS new narrower slots in this many seconds.
+#: Rule 7: at most MAX_NARROWER_SLOTS refreshes of narrower slots in this many seconds.
 NEW_SLOT_WINDOW: Final = MAX_NARROWER_SLOTS * RECENT
 
 #: (scopes, audience) of a cached access token; (None, None) is the default token.
@@ -580,8 +585,8 @@ class SessionLifecycle:
         self._refresh_token = Secret(refresh_token) if refresh_token is not None else None
         self._default = AccessTokenSlot(DEFAULT_SLOT)
         self._narrower: OrderedDict[SlotKey, AccessTokenSlot] = OrderedDict()
-        #: Rule 7: when the latest narrower slots were made (first fetch, or after eviction).
-        self._new_slot_times: deque[float] = deque(maxlen=MAX_NARROWER_SLOTS)
+        #: Rule 7: when the latest refreshes of narrower slots started (any slot, any cause).
+        self._narrower_refresh_times: deque[float] = deque(maxlen=MAX_NARROWER_SLOTS)
         self._last_op_id = 0
         self._flight: _Flight | None = None
         #: The operation in flight when the session was revoked; its answer is absorbed.
@@ -743,7 +748,8 @@ class SessionLifecycle:
                 if slot != DEFAULT_SLOT:
                     self._narrower.move_to_end(slot)  # least recently used goes first
                 due = cache.refresh_due_at
-                if due is not None and now >= due and self._may_start_refresh(now, cache):
+                if due is not None and now >= due and self._may_start_refresh(now, cache) \
+                        and (slot == DEFAULT_SLOT or self._narrower_wait(now) is None):
                     return Ready(token, self._start_refresh(now, slot))  # rule 5
                 return Ready(token)
         if self._refresh_token is None:
@@ -767,13 +773,12 @@ class SessionLifecycle:
             return Fail(ErrorCode.REFRESH_FAILED,
                         f"could not refresh the token ({self._last_error or 'provider error'}); "
                         + _retry_hint(slot, self._retry_at - now))
-        if slot != DEFAULT_SLOT and slot not in self._narrower:
-            made = self._new_slot_times
-            if len(made) == made.maxlen and 0.0 <= now - made[0] < NEW_SLOT_WINDOW:  # rule 7
-                return Fail(ErrorCode.REFRESH_FAILED, (
-                    f"this session made {MAX_NARROWER_SLOTS} different narrower tokens in "
-                    f"the last {NEW_SLOT_WINDOW:.0f} s, the most it makes; ask again in "
-                    f"{math.ceil(made[0] + NEW_SLOT_WINDOW - now):.0f} s"))
+        wait = self._narrower_wait(now) if slot != DEFAULT_SLOT else None
+        if wait is not None:  # rule 7, across slots
+            return Fail(ErrorCode.REFRESH_FAILED, (
+                f"this session fetched narrower tokens {MAX_NARROWER_SLOTS} times in the "
+                f"last {NEW_SLOT_WINDOW:.0f} s, the most it does; ask again in "
+                f"{math.ceil(wait):.0f} s"))
         return self._start_refresh(now, slot, forced=forced)
 
     def tick(self, now: float) -> list[Action]:
@@ -993,6 +998,13 @@ class SessionLifecycle:
             return True
         return False
 
+    def _narrower_wait(self, now: float) -> float | None:
+        """Rule 7: seconds until a narrower slot may be refreshed, or None if it may now."""
+        started = self._narrower_refresh_times
+        if len(started) == started.maxlen and 0.0 <= now - started[0] < NEW_SLOT_WINDOW:
+            return started[0] + NEW_SLOT_WINDOW - now
+        return None
+
     def _may_start_refresh(self, now: float, cache: AccessTokenSlot) -> bool:
         return (self._phase is Phase.IDLE
                 and (self._retry_at is None or now >= self._retry_at)
@@ -1003,10 +1015,11 @@ class SessionLifecycle:
         self._fire(Event.START_REFRESH)
         self._last_op_id += 1
         self._flight = _Flight(self._last_op_id, slot, forced)
-        if slot != DEFAULT_SLOT and slot not in self._narrower:
-            self._narrower[slot] = AccessTokenSlot(slot)
-            self._new_slot_times.append(now)
-            self._evict()
+        if slot != DEFAULT_SLOT:
+            self._narrower_refresh_times.append(now)
+            if slot not in self._narrower:
+                self._narrower[slot] = AccessTokenSlot(slot)
+                self._evict()
         if forced:
             self._cache_for(self._flight).forced_at = now
         return StartRefresh(self._last_op_id, slot, self._refresh_token)

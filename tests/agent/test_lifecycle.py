@@ -246,6 +246,50 @@ def test_cycling_through_more_slots_than_the_cache_holds_cannot_refresh_at_will(
                                             slot_key(None, "https://api/64")), StartRefresh)
 
 
+def test_forcing_every_granted_slot_in_turn_cannot_refresh_at_will() -> None:
+    """Rule 7, across slots: a login granted four scopes and one API has 31 narrower
+    slots. Forcing each in turn (force_new, a huge min_valid, or naming its token as
+    rejected), each slot on its own stays RECENT seconds apart, yet together they made
+    31 refreshes (31 rotations, 31 secret-store writes) every 5 s, forever. Refreshes of
+    narrower slots are at most MAX_NARROWER_SLOTS per NEW_SLOT_WINDOW seconds in all;
+    the default token is not held back by them."""
+    grant = Grant.of(["openid", "profile", "email", "offline_access"], ["https://api"])
+    scopes = sorted(grant.scopes or ())
+    subsets = [frozenset(s for bit, s in enumerate(scopes) if mask >> bit & 1)
+               for mask in range(1, 16)]
+    slots = [slot_key(subset, None) for subset in subsets] + [slot_key(None, "https://api")] \
+        + [slot_key(subset, "https://api") for subset in subsets]
+    assert len(set(slots)) == 31
+    machine = logged_in()
+    now, narrower_refreshes, issued = T0, [], 0
+    for turn in range(3000):  # 3 requests a second for 1,000 s
+        now += 1 / 3
+        slot = slots[turn % len(slots)]
+        cached = machine._narrower.get(slot)
+        token = cached.token.value.reveal() if cached is not None and cached.token else None
+        how = turn % 3
+        decision = machine.request_token(
+            now, slot, grant=grant, force_new=how == 0, min_valid=HOUR * 24 if how == 1 else 0,
+            rejected_token=token if how == 2 else None)
+        if isinstance(decision, StartRefresh):
+            narrower_refreshes.append(now)
+            issued += 1
+            machine.refresh_succeeded(now, decision.refresh_id, f"at-{issued}", now + HOUR)
+        else:
+            assert isinstance(decision, Ready | Fail), decision
+            if isinstance(decision, Fail):
+                assert decision.code == ErrorCode.REFRESH_FAILED
+                assert "ask again in" in decision.message
+    busiest = max(sum(1 for t in narrower_refreshes if start <= t < start + NEW_SLOT_WINDOW)
+                  for start in narrower_refreshes)
+    assert busiest <= MAX_NARROWER_SLOTS, f"{busiest} narrower refreshes in one window"
+    assert len(narrower_refreshes) <= MAX_NARROWER_SLOTS * (1000 // NEW_SLOT_WINDOW + 1)
+    # The default token is refreshed as usual while the narrower budget is spent.
+    refresh = start(machine.request_token(now, force_new=True))
+    machine.refresh_succeeded(now, refresh.refresh_id, "at-default", now + HOUR)
+    assert ready_value(machine.request_token(now)) == "at-default"
+
+
 def test_slot_keys() -> None:
     assert slot_key() == slot_key([], "") == DEFAULT_SLOT
     assert slot_key(["b", "a"], "aud") == slot_key(("a", "b"), "aud")
