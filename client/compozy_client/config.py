@@ -14,7 +14,9 @@ Shape (every key optional)::
 
 Unknown keys are errors, so typos surface. A file owned by another uid or
 writable by others is refused, never used (it could set the issuer or the
-key). PyYAML is imported only when the file exists: the token fast path never
+key), and so is anything but a regular file (a planted FIFO would hang every
+command); more than 1 MiB or nesting too deep for the parser is an error.
+PyYAML is imported only when the file exists: the token fast path never
 pays for it otherwise.
 """
 
@@ -27,7 +29,12 @@ from typing import Final, Literal
 import msgspec
 
 from compozy_client.errors import ConfigError, UnsafeConfigFile
-from compozy_client.paths import config_file_problem, config_path
+from compozy_client.paths import (
+    MAX_CONFIG_BYTES,
+    config_file_problem,
+    config_path,
+    open_config_file,
+)
 
 DEFAULT_ISSUER: Final = "https://auth.compozy.dev"
 DEFAULT_CLIENT_ID: Final = "compozy-cli"
@@ -69,12 +76,15 @@ def load_config(path: str | None = None) -> Config:
     """
     path = path or config_path()
     try:
-        with open(path, encoding="utf-8") as file:
+        with open(open_config_file(path), "rb") as file:
             info = os.fstat(file.fileno())  # the file read, not whatever the path names later
             problem = config_file_problem(path, info)
             if problem is not None:
                 raise UnsafeConfigFile(problem)
-            text = file.read()
+            raw = file.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is larger than 1 MiB; is it the right file?")
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         return Config()
     except (OSError, UnicodeDecodeError) as exc:
@@ -89,6 +99,8 @@ def load_config(path: str | None = None) -> Config:
         raise ConfigError(
             f"config file {path} is not valid YAML{where}; fix or remove it"
         ) from None
+    except RecursionError:  # PyYAML composes nested nodes recursively
+        raise ConfigError(f"config file {path} is nested too deeply; fix or remove it") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -17,7 +17,13 @@ from __future__ import annotations
 import _socket
 import os
 
-from compozy_client.paths import config_file_problem, config_path, socket_path
+from compozy_client.paths import (
+    MAX_CONFIG_BYTES,
+    config_file_problem,
+    config_path,
+    open_config_file,
+    socket_path,
+)
 from compozy_client.peercheck import peer_problem, socket_path_problem
 
 # msgspec writes the struct's fields in order, so a token response starts so.
@@ -93,10 +99,11 @@ def _config_needs_full_cli() -> bool:
     """
     path = config_path()
     try:
-        with open(path, "rb") as file:
+        with open(open_config_file(path), "rb") as file:
             if config_file_problem(path, os.fstat(file.fileno())) is not None:
                 return True
-            return b"api_key" in file.read()
+            text = file.read(MAX_CONFIG_BYTES + 1)
+            return len(text) > MAX_CONFIG_BYTES or b"api_key" in text
     except FileNotFoundError:
         return False
     except OSError:

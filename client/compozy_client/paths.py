@@ -122,6 +122,21 @@ def absolute_path_variables(environ: MutableMapping[str, str]) -> None:
             environ[name] = os.path.abspath(value)
 
 
+#: The most of a config file read; a few KiB is a large one.
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def open_config_file(path: str) -> int:
+    """Open the config file for reading; raises ``OSError`` (``FileNotFoundError`` if missing).
+
+    Without blocking: a FIFO someone planted at the path would otherwise hold
+    the open until a writer came, before :func:`config_file_problem` could
+    refuse it (and with it every command). ``O_NOCTTY``: a terminal named
+    there does not become ours.
+    """
+    return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+
+
 def config_file_problem(path: str, info: os.stat_result) -> str | None:
     """Why the config file at ``path`` (with ``fstat`` result ``info``) must not be used, or None.
 
@@ -129,7 +144,8 @@ def config_file_problem(path: str, info: os.stat_result) -> str | None:
     tool sends), so as ssh does with its config and keys it must belong to you
     (or root, who can change what you run anyway) and be writable by nobody
     else. Its directory is not checked: a file put there by someone else would
-    be theirs, and refused.
+    be theirs, and refused. It must be a regular file (a FIFO, device or
+    directory there is refused; see :func:`open_config_file`).
     """
     uid = os.getuid()
     if info.st_uid not in (uid, 0):
@@ -140,4 +156,7 @@ def config_file_problem(path: str, info: os.stat_result) -> str | None:
         return (f"config file {path} is writable by group or others "
                 f"(mode {stat.S_IMODE(info.st_mode):03o}); whoever can write it could set "
                 f"your issuer or API key, so it is not used; run: chmod 600 {path}")
+    if not stat.S_ISREG(info.st_mode):
+        return (f"config file {path} is not a regular file; it is not used. "
+                "Put your settings in a plain file there, or remove it")
     return None

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 
 from compozy_client import get_token
 from compozy_client.config import load_config
-from compozy_client.errors import UnsafeConfigFile
+from compozy_client.errors import ConfigError, UnsafeConfigFile
 
 NOBODY = 65534
 LAUNCHER = Path(__file__).resolve().parents[2] / "client" / "bin" / "compozy"
@@ -117,3 +119,53 @@ def test_an_untrusted_config_is_refused_even_when_the_environment_holds_a_key(
                                 capture_output=True, text=True, timeout=30)
         assert result.returncode == 1 and result.stdout == "", args
         assert f"config file {config} is writable by group or others" in result.stderr
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another uid")
+def test_a_fifo_planted_as_the_config_cannot_hang_any_command(tmp_path: Path) -> None:
+    """Where others can create files (a sticky shared directory), uid 65534 plants a FIFO at
+    the config path. Opening it for reading used to block until someone opened it for
+    writing, before the owner check could run: every command, `compozy auth token` (a git or
+    kubectl helper) first, hung for ever. Now it is opened without blocking and refused."""
+    shared = Path(tempfile.mkdtemp(prefix="cz-shared-", dir="/tmp"))  # reachable by uid 65534
+    shared.chmod(0o1777)
+    planted = shared / "config.yaml"
+    try:
+        subprocess.run(["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY),
+                        "--clear-groups", "mkfifo", "-m", "644", str(planted)], check=True)
+        check_a_planted_fifo_is_refused(tmp_path, planted)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def check_a_planted_fifo_is_refused(tmp_path: Path, planted: Path) -> None:
+    mine = tmp_path / "mine.yaml"
+    os.mkfifo(mine, 0o600)
+    env = {"COMPOZY_CONFIG": str(planted), "COMPOZY_AGENT_AUTOSTART": "0",
+           "COMPOZY_AGENT_SOCK": str(tmp_path / "none.sock"), "HOME": str(tmp_path),
+           "PATH": "/usr/bin", "NO_COLOR": "1"}
+    for args in (["auth", "token"], ["auth", "status"]):
+        result = subprocess.run([sys.executable, str(LAUNCHER), *args], env=env,
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 1 and result.stdout == "", (args, result.stderr)
+        assert f"config file {planted} belongs to uid {NOBODY}" in result.stderr, args
+    with pytest.raises(UnsafeConfigFile, match=f"config file {mine} is not a regular file"):
+        load_config(str(mine))
+
+
+def test_a_config_nested_too_deeply_or_too_large_is_a_clear_error(tmp_path: Path) -> None:
+    """A clear ConfigError naming the file, not a RecursionError's traceback or a read of
+    a file that never ends."""
+    deep = write(tmp_path / "deep.yaml", "profiles: " + "[" * 5000 + "]" * 5000 + "\n", 0o600)
+    with pytest.raises(ConfigError, match=f"config file {deep} is nested too deeply"):
+        load_config(str(deep))
+    huge = write(tmp_path / "huge.yaml", "# " + "x" * (2 << 20) + "\nstorage: file\n", 0o600)
+    with pytest.raises(ConfigError, match=f"config file {huge} is larger than 1 MiB"):
+        load_config(str(huge))
+    env = {"COMPOZY_CONFIG": str(deep), "COMPOZY_AGENT_AUTOSTART": "0",
+           "COMPOZY_AGENT_SOCK": str(tmp_path / "none.sock"), "HOME": str(tmp_path),
+           "PATH": "/usr/bin", "NO_COLOR": "1"}
+    result = subprocess.run([sys.executable, str(LAUNCHER), "auth", "status"], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"config file {deep} is nested too deeply" in result.stderr
