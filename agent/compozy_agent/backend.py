@@ -2,8 +2,10 @@
 
 The server owns framing, peers and dispatch; a :class:`Backend` owns what each
 op does. Ops that fail raise :class:`OpError` with a wire code from
-:class:`compozy_client.errors.ErrorCode`; its message goes to the client as is,
-so it must never contain a token or key.
+:class:`compozy_client.errors.ErrorCode`; its message goes to the client, so it
+must never contain a token or key. It is made one printable line (control
+characters escaped, ``safetext.one_line``) whatever went into it: messages
+quote provider text, and the client prints them on a terminal.
 """
 
 from __future__ import annotations
@@ -13,16 +15,22 @@ from typing import Protocol
 from compozy_agent.peer import Peer
 from compozy_client import protocol as p
 from compozy_client.errors import ErrorCode
+from compozy_client.safetext import one_line
+
+#: The longest message sent to a client (a revocation names each session's reason).
+MESSAGE_LIMIT = 4000
 
 
 class OpError(Exception):
     """An op failed in a way the client should be told about."""
 
     def __init__(self, code: str, message: str, details: dict[str, str] | None = None) -> None:
+        message = one_line(message, MESSAGE_LIMIT)
         super().__init__(message)
         self.code = code
         self.message = message
-        self.details = details or {}
+        self.details = {key: one_line(value, MESSAGE_LIMIT)
+                        for key, value in (details or {}).items()}
 
 
 def not_implemented(op: str) -> OpError:
@@ -50,13 +58,21 @@ class Backend(Protocol):
 
     async def logout(self, request: p.Logout) -> p.RevokeResult: ...
 
-    async def login_start(self, request: p.LoginStart) -> p.LoginStartResult: ...
+    async def login_start(
+        self, request: p.LoginStart, owner: object = None
+    ) -> p.LoginStartResult:
+        """Start a login; ``owner`` is the connection that asked (see connection_closed)."""
+        ...
 
     async def login_wait(self, request: p.LoginWait) -> p.LoginWaitResult: ...
 
     async def login_cancel(self, request: p.LoginCancel) -> p.Empty: ...
 
     async def store_api_key(self, request: p.StoreApiKey) -> p.SessionInfo: ...
+
+    def connection_closed(self, owner: object) -> None:
+        """The connection ``owner`` has closed: end what it started and no one else can finish."""
+        ...
 
 
 class EmptyBackend:
@@ -92,7 +108,9 @@ class EmptyBackend:
     async def logout(self, request: p.Logout) -> p.RevokeResult:
         raise not_implemented("logout")
 
-    async def login_start(self, request: p.LoginStart) -> p.LoginStartResult:
+    async def login_start(
+        self, request: p.LoginStart, owner: object = None
+    ) -> p.LoginStartResult:
         raise not_implemented("login_start")
 
     async def login_wait(self, request: p.LoginWait) -> p.LoginWaitResult:
@@ -103,3 +121,6 @@ class EmptyBackend:
 
     async def store_api_key(self, request: p.StoreApiKey) -> p.SessionInfo:
         raise not_implemented("store_api_key")
+
+    def connection_closed(self, owner: object) -> None:
+        pass

@@ -25,6 +25,7 @@ import httpx
 from compozy_agent import oidc
 from compozy_agent.oidc import ProviderUnreachable
 from compozy_client import __version__
+from compozy_client.safetext import one_line
 
 __all__ = [
     "CONNECT_TIMEOUT",
@@ -94,7 +95,8 @@ def _host(url: str) -> str:
     if not host:
         return "the provider"
     host = f"[{host}]" if ":" in host else host
-    return f"{host}:{port}" if port else host
+    # A provider's metadata names the host: it goes into logs and messages as one line.
+    return one_line(f"{host}:{port}" if port else host, 300)
 
 
 def _map_httpx_error(exc: Exception, url: str) -> oidc.OAuthFailure:
@@ -194,8 +196,9 @@ class ProviderClient:
         skew = oidc.clock_skew(response.headers.get("date"), received_at)
         if skew is not None:
             self.last_clock_skew = skew
+        # The path comes from the provider's metadata: one printable line in the log.
         log.debug("%s %s%s -> %d", request.method, _host(request.url),
-                  urlsplit(request.url).path, response.status_code)
+                  one_line(urlsplit(request.url).path, 200), response.status_code)
         return HttpResponse(
             status=response.status_code,
             headers={k.lower(): v for k, v in response.headers.items()},

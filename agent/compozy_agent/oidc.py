@@ -46,6 +46,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import msgspec
 
+from compozy_client.safetext import one_line
+
 __all__ = [
     "DEFAULT_LIFETIME",
     "DEVICE_GRANT",
@@ -173,12 +175,12 @@ _TOKEN_LIKE: Final = re.compile(r"[A-Za-z0-9._~+/=-]{16,}")
 
 
 def _safe_text(value: str, limit: int) -> str:
-    """Provider text fit for a message: printable, no token-like runs, at most ``limit``."""
-    text = "".join(ch if ch.isprintable() else " " for ch in value)
+    """Provider text fit for a message: no token-like runs, one line with every control
+    character escaped (``safetext.one_line``), at most ``limit``."""
     text = _TOKEN_LIKE.sub(
-        lambda m: REDACTED if len(m[0]) >= 32 or any(c.isdigit() for c in m[0]) else m[0], text
+        lambda m: REDACTED if len(m[0]) >= 32 or any(c.isdigit() for c in m[0]) else m[0], value
     )
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return one_line(text, limit)
 
 
 def _redacted(value: str | None) -> str | None:
