@@ -339,12 +339,15 @@ class AgentServer:
             return
         self.stats.connections_open += 1
         self.stats.connections_total += 1
+        client = Client(peer, kind)
         try:
             await self._serve_lines(stream, client)
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
         finally:
             self.stats.connections_open -= 1
+            # A login dies with the connection that started it (its loopback listener too).
+            self.backend.connection_closed(client)
 
     def _admit(self, client: Client, sock: socket.socket) -> bool:
         """Give ``client`` a place in its kind's pool, closing the longest-idle one if full.
@@ -521,7 +524,7 @@ class AgentServer:
             case p.Logout():
                 return await backend.logout(request)
             case p.LoginStart():
-                return await backend.login_start(request)
+                return await backend.login_start(request, client)
             case p.LoginWait():
                 return await backend.login_wait(request)
             case p.LoginCancel():

@@ -65,6 +65,7 @@ from compozy_client.config import (
     load_config,
 )
 from compozy_client.errors import ConfigError, ErrorCode
+from compozy_client.safetext import one_line
 
 if TYPE_CHECKING:
     from compozy_agent.loopback import LoopbackRedirect
@@ -72,6 +73,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("compozy_agent.sessions")
 
 LOGIN_TTL: Final = 600.0
+#: Logins held at once (pending, or finished and not yet collected by login_wait): each
+#: pending browser login holds a loopback listener, each device login a polling task.
+MAX_LOGINS: Final = 8
+#: The longest account name (a provider claim) shown in messages and logs.
+ACCOUNT_LIMIT: Final = 200
 #: How long a token request may wait for someone else's refresh (seconds of real time).
 WAIT_LIMIT: Final = 60.0
 #: How long a revocation waits for a refresh in flight, so it revokes the newest token.
@@ -102,7 +108,7 @@ class Session:
         self.changed = anyio.Event()
 
 
-@dataclass
+@dataclass(eq=False)
 class Login:
     login_id: str
     profile: str
@@ -111,10 +117,16 @@ class Login:
     scopes: list[str]
     resources: list[str]
     expires_at: float
+    #: The connection that started it: the login ends when that connection closes.
+    owner: object = None
+    #: The OIDC nonce of a browser login's authentication request (OIDC Core 3.1.2.1).
+    nonce: str | None = field(default=None, repr=False)
     done: anyio.Event = field(default_factory=anyio.Event)
     session: Session | None = None
     error: OpError | None = None
     cancel_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    #: Set once its flow has ended and let go of its listener or polling.
+    released: anyio.Event = field(default_factory=anyio.Event)
 
 
 def _new_id() -> str:
@@ -639,7 +651,43 @@ class SessionManager:
         resources = (profile.resources if profile and profile.resources else [])
         return issuer.rstrip("/"), client_id, list(scopes), list(resources)
 
-    async def login_start(self, request: p.LoginStart) -> p.LoginStartResult:
+    def _hold_login(self, login: Login) -> None:
+        """Hold a new login: it replaces the profile's pending one, and at most MAX_LOGINS
+        are held (finished ones nobody collected make room first; else ``busy``).
+
+        Synchronous, so concurrent login_start requests cannot all pass the check.
+        """
+        for old in [held for held in self.logins.values() if held.profile == login.profile]:
+            self._end_login(old, ErrorCode.LOGIN_FAILED,
+                            f"a newer login for profile {login.profile!r} replaced this one")
+        for finished in [held for held in self.logins.values() if held.done.is_set()]:
+            if len(self.logins) < MAX_LOGINS:
+                break
+            del self.logins[finished.login_id]
+        if len(self.logins) >= MAX_LOGINS:
+            profiles = ", ".join(sorted(held.profile for held in self.logins.values()))
+            raise OpError(ErrorCode.BUSY,
+                          f"{len(self.logins)} logins are already in progress (profiles "
+                          f"{profiles}); finish or cancel one of them (Ctrl-C where it runs) "
+                          "and try again")
+        self.logins[login.login_id] = login
+
+    def _end_login(self, login: Login, code: str, message: str) -> None:
+        """Stop a login that has not finished (its listener or polling ends) and forget it."""
+        self.logins.pop(login.login_id, None)
+        login.cancel_scope.cancel()
+        if not login.done.is_set():
+            self._fail_login(login, code, message)
+
+    def connection_closed(self, owner: object) -> None:
+        """End the logins the closed connection started: nobody is left to wait for them."""
+        for login in [held for held in self.logins.values() if held.owner is owner]:
+            self._end_login(login, ErrorCode.LOGIN_FAILED,
+                            "cancelled: the connection that started it closed")
+
+    async def login_start(
+        self, request: p.LoginStart, owner: object = None
+    ) -> p.LoginStartResult:
         issuer, client_id, scopes, resources = self._login_settings(request)
         try:
             metadata = await self.provider.discover(issuer)
@@ -649,8 +697,8 @@ class SessionManager:
         except oidc.OAuthFailure as exc:
             raise OpError(ErrorCode.PROVIDER_ERROR, str(exc)) from None
         login = Login(_new_id(), request.profile, issuer, client_id, scopes, resources,
-                      self.now() + LOGIN_TTL)
-        self.logins[login.login_id] = login
+                      self.now() + LOGIN_TTL, owner=owner)
+        self._hold_login(login)
         if request.flow == "device":
             try:
                 device = await self.provider.device_authorize(oidc.device_authorization_request(
@@ -662,24 +710,32 @@ class SessionManager:
             self._spawn(self._device_flow, login, metadata, device)
             return p.LoginStartResult(
                 login_id=login.login_id, flow="device", issuer=issuer,
-                verification_uri=device.verification_uri,
-                verification_uri_complete=device.verification_uri_complete,
-                user_code=device.user_code, interval=device.interval,
+                verification_uri=one_line(device.verification_uri, 2000),
+                verification_uri_complete=one_line(device.verification_uri_complete, 2000)
+                if device.verification_uri_complete else None,
+                user_code=one_line(device.user_code, 64), interval=device.interval,
                 expires_in=device.expires_in,
             )
         pkce = oidc.new_pkce()
         state = oidc.new_state()
+        login.nonce = oidc.new_nonce()
         # aiohttp (about 10 MiB) is imported only by an agent that does a browser login.
         from compozy_agent.loopback import LoopbackRedirect
 
-        listener = LoopbackRedirect(state)
-        await listener.start()
+        # RFC 9207 section 2.4: the response's iss must name the issuer this request went
+        # to (mix-up defence); required when the provider says it sends one.
+        listener = LoopbackRedirect(
+            state, issuer=metadata.issuer,
+            issuer_required=metadata.authorization_response_iss_parameter_supported)
         try:
+            await listener.start()
             url = oidc.authorization_url(metadata, client_id=client_id,
                                          redirect_uri=listener.redirect_uri, scopes=scopes,
-                                         state=state, pkce=pkce, resources=resources)
-        except oidc.OAuthFailure as exc:
-            await listener.close()
+                                         state=state, pkce=pkce, nonce=login.nonce,
+                                         resources=resources)
+        except (oidc.OAuthFailure, OSError) as exc:
+            with anyio.CancelScope(shield=True):
+                await listener.close()
             self.logins.pop(login.login_id, None)
             raise OpError(ErrorCode.LOGIN_FAILED, str(exc)) from None
         self._spawn(self._browser_flow, login, metadata, listener, pkce)
@@ -688,32 +744,49 @@ class SessionManager:
 
     async def _browser_flow(self, login: Login, metadata: oidc.ProviderMetadata,
                             listener: LoopbackRedirect, pkce: oidc.Pkce) -> None:
+        try:
+            await self._browser_login(login, metadata, listener, pkce)
+        finally:
+            login.released.set()
+
+    async def _browser_login(self, login: Login, metadata: oidc.ProviderMetadata,
+                             listener: LoopbackRedirect, pkce: oidc.Pkce) -> None:
         with login.cancel_scope:
             try:
                 with anyio.fail_after(LOGIN_TTL):
-                    query = await listener.wait()
+                    code = await listener.wait()
             except TimeoutError:
                 self._fail_login(login, ErrorCode.LOGIN_TIMEOUT,
                                  "nobody completed the browser login in time")
                 return
+            except oidc.OAuthError as exc:  # RFC 6749 4.1.2.1: error= on the redirect
+                self._fail_login(login, ErrorCode.ACCESS_DENIED if exc.error == "access_denied"
+                                 else ErrorCode.LOGIN_FAILED, f"the provider said {exc}")
+                return
+            except oidc.CallbackError as exc:  # another issuer (RFC 9207), no code
+                self._fail_login(login, ErrorCode.LOGIN_FAILED,
+                                 f"refused the login response: {exc}; no code was exchanged")
+                return
             finally:
-                await listener.close()
-            if "error" in query:
-                code = ErrorCode.ACCESS_DENIED if query["error"] == "access_denied" \
-                    else ErrorCode.LOGIN_FAILED
-                description = query.get("error_description")
-                self._fail_login(login, code, f"the provider said {query['error']}"
-                                 + (f": {description}" if description else ""))
-                return
-            if "code" not in query:
-                self._fail_login(login, ErrorCode.LOGIN_FAILED, "the callback carried no code")
-                return
+                # Shielded: a cancelled login (replaced, its connection closed) must still
+                # close its port rather than be interrupted halfway.
+                with anyio.CancelScope(shield=True):
+                    await listener.close()
+                log.debug("login %s: stopped listening on 127.0.0.1:%d",
+                          login.login_id, listener.port)
             await self._exchange(login, metadata, oidc.code_exchange_request(
-                metadata, client_id=login.client_id, code=query["code"],
+                metadata, client_id=login.client_id, code=code,
                 redirect_uri=listener.redirect_uri, pkce=pkce))
 
     async def _device_flow(self, login: Login, metadata: oidc.ProviderMetadata,
                            device: oidc.DeviceAuthorization) -> None:
+        try:
+            await self._device_login(login, metadata, device)
+        finally:
+            login.released.set()
+
+    async def _device_login(self, login: Login, metadata: oidc.ProviderMetadata,
+                            device: oidc.DeviceAuthorization) -> None:
         interval = max(device.interval, 1.0)
         with login.cancel_scope:
             while True:
@@ -765,25 +838,41 @@ class SessionManager:
 
     async def _finish(self, login: Login, metadata: oidc.ProviderMetadata,
                       response: oidc.TokenResponse, received_at: float) -> None:
+        # The provider has issued the tokens: a login cancelled now (its connection
+        # closed) still stores them rather than stopping halfway through the writes.
+        with anyio.CancelScope(shield=True):
+            await self._adopt_login(login, metadata, response, received_at)
+
+    async def _adopt_login(self, login: Login, metadata: oidc.ProviderMetadata,
+                           response: oidc.TokenResponse, received_at: float) -> None:
         claims: dict[str, object] = {}
         if response.id_token:
             claims = oidc.decode_jwt_claims(response.id_token)
             try:
+                # The nonce (browser logins) ties the ID token to this login's request
+                # (OIDC Core 3.1.3.7 item 11).
                 oidc.validate_id_token_claims(claims, issuer=login.issuer,
-                                              client_id=login.client_id, now=received_at)
+                                              client_id=login.client_id, now=received_at,
+                                              nonce=login.nonce)
             except oidc.MalformedResponse as exc:
                 self._fail_login(login, ErrorCode.LOGIN_FAILED, str(exc))
                 return
-        if oidc.account_from_claims(claims) in (None, claims.get("sub")) and \
-                metadata.userinfo_endpoint:
-            with contextlib.suppress(oidc.OAuthFailure):  # a nicety; the login stands
+        subject = claims.get("sub")
+        if oidc.account_from_claims(claims) in (None, subject) and metadata.userinfo_endpoint:
+            try:  # a nicety; the login stands without it
+                # OIDC Core 5.3.2: an answer about another sub than the ID token's
+                # MUST NOT be used.
                 claims = {**claims, **await self.provider.userinfo(
-                    oidc.userinfo_request(metadata, response.access_token))}
+                    oidc.userinfo_request(metadata, response.access_token),
+                    subject=subject if isinstance(subject, str) else None)}
+            except oidc.OAuthFailure as exc:
+                log.warning("login %s: userinfo not used: %s", login.login_id, exc)
+        account = oidc.account_from_claims(claims)
         meta = StoredSession(
             token_id=_new_id(), profile=login.profile, kind="oidc", issuer=login.issuer,
             client_id=login.client_id,
             subject=str(claims["sub"]) if "sub" in claims else None,
-            account=oidc.account_from_claims(claims),
+            account=one_line(account, ACCOUNT_LIMIT) if account is not None else None,
             scopes=response.scope or login.scopes, resources=login.resources,
             created_at=received_at,
         )
@@ -840,8 +929,11 @@ class SessionManager:
         self._reschedule(session)
 
     def _fail_login(self, login: Login, code: str, message: str) -> None:
-        log.warning("login %s (profile %s) failed: %s", login.login_id, login.profile, message)
-        login.error = OpError(code, message)
+        if login.done.is_set():
+            return  # ended already (cancelled, replaced): the first outcome stands
+        login.error = OpError(code, message)  # one printable line: it quotes provider text
+        log.warning("login %s (profile %s) failed: %s", login.login_id, login.profile,
+                    login.error.message)
         login.done.set()
 
     async def login_wait(self, request: p.LoginWait) -> p.LoginWaitResult:
@@ -859,10 +951,10 @@ class SessionManager:
         return p.LoginWaitResult(state="done", session=self._info(login.session, self.now()))
 
     async def login_cancel(self, request: p.LoginCancel) -> p.Empty:
-        login = self.logins.pop(request.login_id, None)
+        login = self.logins.get(request.login_id)
         if login is None:
             raise OpError(ErrorCode.UNKNOWN_LOGIN, f"no login {request.login_id!r} in progress")
-        login.cancel_scope.cancel()
+        self._end_login(login, ErrorCode.LOGIN_FAILED, "cancelled")
         return p.Empty()
 
     async def store_api_key(self, request: p.StoreApiKey) -> p.SessionInfo:

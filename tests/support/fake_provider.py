@@ -17,7 +17,16 @@ any endpoint), or a normal answer when nothing is scripted:
 ============  ================================================================
 
 Any behaviour may also set a ``Date`` header (clock-skew tests), a ``delay``
-before answering, or a raw ``body``. Every request is recorded (method, path,
+before answering, or a raw ``body``.
+
+It also plays a malicious or broken provider where a test asks it to:
+:attr:`FakeProvider.callback_overrides` changes the authorization response
+(another issuer's ``iss``, an ``error_description`` with control characters),
+:attr:`FakeProvider.relay_authorization_to` sends the browser on to another
+provider's authorization endpoint with the same query (the mix-up attacker of
+RFC 9207), :attr:`FakeProvider.userinfo_claims` answers userinfo about someone
+else, and :attr:`FakeProvider.advertises_iss` drops
+``authorization_response_iss_parameter_supported`` from the metadata. Every request is recorded (method, path,
 query, form fields, headers) before it is answered. The fake is used beside the
 real provider (tests/provider), never instead of it.
 
@@ -165,6 +174,14 @@ class FakeProvider:
         self.user_code = "WDJB-MJHT"
         #: Requests now waiting in a ``hold`` behaviour.
         self.holding = 0
+        #: Parameters of the authorization response to change (a value of None removes it).
+        self.callback_overrides: dict[str, str | None] = {}
+        #: Where a mix-up attacker sends the browser on to, query and all.
+        self.relay_authorization_to: str | None = None
+        #: What userinfo answers, when not :attr:`claims`.
+        self.userinfo_claims: dict[str, Any] | None = None
+        #: Say in the metadata that authorization responses carry ``iss`` (RFC 9207).
+        self.advertises_iss = True
         self._tokens = itertools.count(1)  # numbers the ok token answers
         self._codes = itertools.count(1)
         self._nonces: dict[str, str | None] = {}
@@ -350,7 +367,7 @@ class FakeProvider:
             "code_challenge_methods_supported": ["S256"],
             "token_endpoint_auth_methods_supported": ["none"],
             "scopes_supported": ["openid", "profile", "email", "offline_access"],
-            "authorization_response_iss_parameter_supported": True,
+            "authorization_response_iss_parameter_supported": self.advertises_iss,
         }
 
     async def _authorize(self, request: web.Request) -> web.StreamResponse:
@@ -358,13 +375,18 @@ class FakeProvider:
         recorded = await self._record(request)
 
         def ok(_: Behaviour) -> web.StreamResponse:
+            if self.relay_authorization_to is not None:
+                location = f"{self.relay_authorization_to}?{request.query_string}"
+                return web.Response(status=302, headers={"Location": location})
             query = recorded.query
             code = f"fake-code-{next(self._codes)}"
             self._nonces[code] = query.get("nonce")
-            params = {"code": code, "iss": self.base_url}
+            params: dict[str, str | None] = {"code": code, "iss": self.base_url}
             if "state" in query:
                 params["state"] = query["state"]
-            location = f"{query['redirect_uri']}?{urlencode(params)}"
+            params.update(self.callback_overrides)
+            sent = {key: value for key, value in params.items() if value is not None}
+            location = f"{query['redirect_uri']}?{urlencode(sent)}"
             return web.Response(status=302, headers={"Location": location})
 
         return await self._answer(request, ok)
@@ -438,7 +460,8 @@ class FakeProvider:
 
     async def _userinfo(self, request: web.Request) -> web.StreamResponse:
         await self._record(request)
-        return await self._answer(request, lambda _: web.json_response(self.claims))
+        claims = self.claims if self.userinfo_claims is None else self.userinfo_claims
+        return await self._answer(request, lambda _: web.json_response(claims))
 
 
 @pytest.fixture

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 
 import httpx
+import pytest
 
 from support.agent import AgentEnv
 from support.provider import (
@@ -20,6 +23,38 @@ from support.provider import (
 )
 
 CLI = [sys.executable, "-c", "from compozy_client.cli import main; main()"]
+#: The other user on the machine (nobody).
+NOBODY = 65534
+
+_GET = (
+    "import sys, urllib.request, urllib.error\n"
+    "try:\n"
+    "    status = urllib.request.urlopen(sys.argv[1], timeout=20).status\n"
+    "except urllib.error.HTTPError as exc:\n"
+    "    status = exc.code\n"
+    "print(status)\n"
+)
+
+
+def get_as_another_user(url: str) -> int:
+    """GET ``url`` from a process of uid 65534 (``setpriv``); the HTTP status it got.
+
+    The attacker of a browser login is another user on the same machine who
+    learned a login's ``state`` and loopback port.
+    """
+    if os.getuid() != 0:
+        pytest.skip("needs root to act as another user (uid 65534, nobody)")
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    setpriv = shutil.which("setpriv", path="/usr/bin:/bin")
+    if python is None or setpriv is None:
+        pytest.skip("needs setpriv and a system python3 that uid 65534 may run")
+    out = subprocess.run(
+        [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         python, "-c", _GET, url],
+        capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin"}, cwd="/",
+    )
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout)
 
 
 def configure(
