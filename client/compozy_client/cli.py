@@ -269,16 +269,28 @@ def _color(code: str, text: str, stream: Any) -> str:
     return f"\033[{code}m{text}\033[0m"
 
 
+#: The longest message printed; a login URL of many scopes still fits.
+MESSAGE_LIMIT = 16384
+
+
+def _one_line(message: str) -> str:
+    """Agent messages quote provider text: print none of its control characters raw
+    (a newline would forge a line, an escape sequence would drive the terminal)."""
+    from compozy_client.safetext import one_line
+
+    return one_line(message, MESSAGE_LIMIT)
+
+
 def _error(message: str) -> None:
-    print(f"{_color('31;1', 'error:', sys.stderr)} {message}", file=sys.stderr)
+    print(f"{_color('31;1', 'error:', sys.stderr)} {_one_line(message)}", file=sys.stderr)
 
 
 def _warn(message: str) -> None:
-    print(f"{_color('33', 'warning:', sys.stderr)} {message}", file=sys.stderr)
+    print(f"{_color('33', 'warning:', sys.stderr)} {_one_line(message)}", file=sys.stderr)
 
 
 def _info(message: str) -> None:
-    print(message, file=sys.stderr)
+    print(_one_line(message), file=sys.stderr)
 
 
 def _report(exc: Exception) -> None:
@@ -749,23 +761,31 @@ def cmd_login(options: argparse.Namespace) -> int:
         client_id=options.client_id or os.environ.get("COMPOZY_CLIENT_ID") or None,
         scope=_split_scopes(options.scope),
     )
-    with _connect() as conn:
-        started = conn.call(request, LoginStartResult)
-        if started.flow == "browser":
-            assert started.authorization_url is not None
-            opened = False
-            if not options.no_browser:
-                _info(f"Opening your browser to log in to {started.issuer} ...")
-                opened = _open_browser(started.authorization_url)
-            if not opened:
-                _info("Open this URL in a browser to log in:")
-            _info(f"  {started.authorization_url}")
-        else:
-            _info(f"To log in to {started.issuer}, open {started.verification_uri} and enter "
-                  f"the code {started.user_code}")
-            if started.verification_uri_complete:
-                _info(f"  or open: {started.verification_uri_complete}")
-        session = _wait_for_login(conn, started.login_id, options.timeout)
+    launcher: str | None = None  # the private directory of the page the browser opens
+    try:
+        with _connect() as conn:
+            started = conn.call(request, LoginStartResult)
+            if started.flow == "browser":
+                assert started.authorization_url is not None
+                opened = False
+                if not options.no_browser:
+                    _info(f"Opening your browser to log in to {started.issuer} ...")
+                    launcher = _browser_launcher(started.authorization_url)
+                    opened = launcher is not None and _open_browser(launcher)
+                if not opened:
+                    _info("Open this URL in a browser to log in:")
+                _info(f"  {started.authorization_url}")
+            else:
+                _info(f"To log in to {started.issuer}, open {started.verification_uri} and "
+                      f"enter the code {started.user_code}")
+                if started.verification_uri_complete:
+                    _info(f"  or open: {started.verification_uri_complete}")
+            session = _wait_for_login(conn, started.login_id, options.timeout)
+    finally:
+        if launcher is not None:
+            import shutil
+
+            shutil.rmtree(launcher, ignore_errors=True)
     account = f" as {session.account}" if session.account else ""
     _info(f"Logged in to {session.issuer}{account} (profile {session.profile})")
     return EXIT_OK
@@ -803,11 +823,58 @@ def _can_open_browser() -> bool:
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
-def _open_browser(url: str) -> bool:
+#: The page the browser opens: it sends the browser on to the authorization URL.
+_LAUNCH_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="referrer" content="no-referrer">
+<meta http-equiv="refresh" content="0; url={attribute}">
+<title>Compozy login</title>
+<script>window.location.replace({script});</script>
+</head><body><p>Opening the login page&hellip; <a href="{attribute}">continue</a></p></body>
+</html>
+"""
+LAUNCH_PAGE_NAME = "login.html"
+
+
+def _browser_launcher(url: str) -> str | None:
+    """A private directory holding a page that redirects to ``url``; None if ``url`` is
+    not a web address.
+
+    The browser is given this page's path, never the authorization URL: a process's
+    argv is readable by every user of the machine (/proc/<pid>/cmdline), and the URL
+    holds the login's ``state`` and loopback port, which another user could use to
+    complete the login with their own account. The directory is 0700 (``mkdtemp``),
+    under the runtime directory when there is one; the page is 0600; the caller
+    removes both when the login ends.
+    """
+    import html
+    import json
+    import tempfile
+
+    from compozy_client.paths import runtime_dir
+
+    if not url.startswith(("https://", "http://")):
+        return None
+    base = runtime_dir()
+    directory = tempfile.mkdtemp(prefix="compozy-login-",
+                                 dir=base if base and os.path.isdir(base) else None)
+    script = json.dumps(url).replace("<", "\\u003c").replace(">", "\\u003e") \
+        .replace("&", "\\u0026")
+    page = _LAUNCH_PAGE.format(attribute=html.escape(url, quote=True), script=script)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    with os.fdopen(os.open(os.path.join(directory, LAUNCH_PAGE_NAME), flags, 0o600), "w",
+                   encoding="utf-8") as file:
+        file.write(page)
+    return directory
+
+
+def _open_browser(launcher: str) -> bool:
+    """Open the launcher page (see _browser_launcher) in the person's browser."""
     import webbrowser
+    from urllib.parse import quote
 
     try:
-        return webbrowser.open(url, new=1)
+        return webbrowser.open("file://" + quote(os.path.join(launcher, LAUNCH_PAGE_NAME)),
+                               new=1)
     except webbrowser.Error:
         return False
 

@@ -370,7 +370,8 @@ def test_no_token_in_the_agent_log(logged_in: AgentProcess) -> None:
 def test_browser_login_completed_in_headless_chromium(
     agent_env: AgentEnv, oidc_provider: OidcTestProvider, chromium: Any, tmp_path: Any
 ) -> None:
-    """`compozy login` opens "the default browser" ($BROWSER); a real Chromium completes it."""
+    """`compozy login` opens "the default browser" ($BROWSER) on its private launch page;
+    a real Chromium follows it to the provider and completes the login."""
     configure(agent_env, oidc_provider)
     opened = tmp_path / "opened-url"
     browser_command = tmp_path / "browser"
@@ -394,9 +395,9 @@ def test_browser_login_completed_in_headless_chromium(
                 if line.startswith("  http"):
                     break
             assert "Opening your browser" in "".join(shown)
-            url = shown[-1].strip()
-            assert opened.read_text() == url  # the CLI handed the URL to the browser command
-            chromium.open(url)
+            launch_page = opened.read_text()  # what the CLI handed the browser command
+            assert launch_page.startswith("file://") and "state=" not in launch_page
+            chromium.open(launch_page)
             chromium.type("input[name=login]", "alice")
             chromium.type("input[name=password]", "test")
             chromium.click("button[type=submit]")

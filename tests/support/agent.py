@@ -113,13 +113,16 @@ class AgentProcess:
             self._output_ended = True
             self._new_line.notify_all()
 
-    def wait_for_log(self, fragment: str, timeout: float = START_TIMEOUT) -> bool:
-        """Whether a line containing ``fragment`` was logged within ``timeout`` seconds."""
+    def wait_for_log(self, fragment: str, timeout: float = START_TIMEOUT, *,
+                     count: int = 1) -> bool:
+        """Whether ``count`` lines containing ``fragment`` were logged within ``timeout``
+        seconds."""
+        def logged() -> bool:
+            return sum(fragment in line for line in self.lines) >= count
+
         with self._new_line:
-            self._new_line.wait_for(
-                lambda: self._output_ended or any(fragment in line for line in self.lines),
-                timeout)
-            return any(fragment in line for line in self.lines)
+            self._new_line.wait_for(lambda: self._output_ended or logged(), timeout)
+            return logged()
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         if not self.ready.wait(timeout) or self.proc.poll() is not None:

@@ -17,7 +17,9 @@ any endpoint), or a normal answer when nothing is scripted:
 ============  ================================================================
 
 Any behaviour may also set a ``Date`` header (clock-skew tests), a ``delay``
-before answering, or a raw ``body``.
+before answering, or a raw ``body``. Every request is recorded (method, path,
+query, form fields, headers) before it is answered. The fake is used beside the
+real provider (tests/provider), never instead of it.
 
 It also plays a malicious or broken provider where a test asks it to:
 :attr:`FakeProvider.callback_overrides` changes the authorization response
@@ -26,9 +28,7 @@ It also plays a malicious or broken provider where a test asks it to:
 provider's authorization endpoint with the same query (the mix-up attacker of
 RFC 9207), :attr:`FakeProvider.userinfo_claims` answers userinfo about someone
 else, and :attr:`FakeProvider.advertises_iss` drops
-``authorization_response_iss_parameter_supported`` from the metadata. Every request is recorded (method, path,
-query, form fields, headers) before it is answered. The fake is used beside the
-real provider (tests/provider), never instead of it.
+``authorization_response_iss_parameter_supported`` from the metadata.
 
 Three ways in: ``async with FakeProvider() as fake`` in async code; the
 ``fake_provider`` fixture in anyio tests (asyncio backend: aiohttp is
