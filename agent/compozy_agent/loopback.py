@@ -4,7 +4,7 @@ One listener per login, on ``127.0.0.1`` and a port the kernel picks (never
 ``localhost``, which may resolve elsewhere; RFC 8252 section 8.3). It serves
 ``/callback`` only, and accepts exactly one callback, checked in this order:
 
-1. On Linux, the TCP peer must be a socket of our own uid, found in
+1. On Linux (with /proc), the TCP peer must be a socket of our own uid, found in
    ``/proc/net/tcp`` (and ``tcp6``, for a client that reaches 127.0.0.1 through
    an IPv4-mapped address). Another user on the machine can reach 127.0.0.1
    too; if they learn the ``state`` they could otherwise finish the login with
@@ -47,8 +47,10 @@ log = logging.getLogger("compozy_agent.loopback")
 CALLBACK_PATH: Final = "/callback"
 #: Where the kernel lists TCP sockets with their owners' uids (Linux only).
 PROC_NET_TCP: Final = ("/proc/net/tcp", "/proc/net/tcp6")
-#: Whether callbacks are checked against the peer socket's uid.
-CHECKS_PEER_UID: Final = sys.platform.startswith("linux")
+#: Whether callbacks are checked against the peer socket's uid: where the kernel lists
+#: sockets with their owners (Linux with /proc). Where it does, a peer it does not list
+#: is refused.
+CHECKS_PEER_UID: Final = sys.platform.startswith("linux") and os.path.exists(PROC_NET_TCP[0])
 
 _PAGE: Final = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
