@@ -339,7 +339,6 @@ class AgentServer:
             return
         self.stats.connections_open += 1
         self.stats.connections_total += 1
-        client = Client(peer, kind)
         try:
             await self._serve_lines(stream, client)
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
