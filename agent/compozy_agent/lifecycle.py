@@ -117,6 +117,8 @@ takes ``now`` (wall-clock epoch seconds) and answers with what the driver
 # answered with the cached token (the one the force produced, or newer), and
 # a ``rejected_token`` naming it fails with refresh_failed and a time to ask
 # again; the token is kept, or a plain request would refresh in its place.
+# Only a rejection empties a slot; the refresh that refills it counts as that
+# force's refresh, whoever's request starts it and however late.
 # Many slots are the other way to refresh at will: each slot alone is spaced,
 # but forcing each granted (scopes, audience) in turn (four scopes and one API
 # make 31 slots) or cycling through more slots than the cache holds (each
@@ -779,6 +781,8 @@ class SessionLifecycle:
                 f"this session fetched narrower tokens {MAX_NARROWER_SLOTS} times in the "
                 f"last {NEW_SLOT_WINDOW:.0f} s, the most it does; ask again in "
                 f"{math.ceil(wait):.0f} s"))
+        if cache is not None and token is None and cache.forced_at is not None:
+            forced = True  # rule 7: only a rejection empties a slot; this refills it
         return self._start_refresh(now, slot, forced=forced)
 
     def tick(self, now: float) -> list[Action]:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -454,6 +454,16 @@ FORCED_KINDS = st.sampled_from(["force_new", "reject_current", "reject_stale", "
 @settings(max_examples=200, deadline=None, database=None)
 @given(steps=st.lists(st.tuples(st.floats(0, 3), st.sampled_from([DEFAULT_SLOT, READ, API]),
                                 FORCED_KINDS, st.floats(0, 2)), max_size=80))
+# Found by random runs: a rejection empties the slot (rule 9 answers the rejecting caller
+# with a failure), then a later request refills it; that refill is the force's refresh.
+@example(steps=[(0.0, READ, "reject_current", 0.0), (0.0, READ, "force_new", 0.0),
+                (0.0, READ, "reject_current", 0.0), (1.0, READ, "reject_stale", 0.0)])
+@example(steps=[(0.0, READ, "reject_current", 0.0), (0.0, READ, "force_new", 0.0),
+                (0.0, READ, "reject_current", 0.0), (1.0, READ, "reject_current", 1.0),
+                (3.0, READ, "force_new", 0.0)])
+@example(steps=[(0.0, READ, "reject_current", 0.0), (0.0, READ, "force_new", 0.0),
+                (0.0, READ, "reject_current", 0.0), (5.0, READ, "reject_current", 0.0),
+                (1.0, READ, "force_new", 0.0)])
 def test_forced_refreshes_of_any_slot_start_at_least_recent_apart(
     steps: list[tuple[float, SlotKey, str, float]],
 ) -> None:
@@ -465,10 +475,14 @@ def test_forced_refreshes_of_any_slot_start_at_least_recent_apart(
     now = T0
     issued = 0
     handed: dict[SlotKey, str] = {DEFAULT_SLOT: "at-0"}
-    issued_at: dict[SlotKey, float] = {DEFAULT_SLOT: T0}
+    current: dict[SlotKey, str] = {DEFAULT_SLOT: "at-0"}  # the last token issued per slot
     forced_at: dict[SlotKey, float] = {}
     for pause, slot, kind, latency in steps:
         now += pause
+        # A rejection can drop a slot's token without a refresh (rule 7, then rule 9
+        # answers with the failure): such a slot holds no token any more.
+        held = {token.value.reveal() for token in machine.access_tokens()}
+        holding = slot in current and current[slot] in held
         decision = machine.request_token(
             now, slot, force_new=kind == "force_new", recent=0.0,
             rejected_token=handed.get(slot) if kind == "reject_current"
@@ -479,14 +493,14 @@ def test_forced_refreshes_of_any_slot_start_at_least_recent_apart(
         if not isinstance(decision, StartRefresh):
             continue
         forcing = kind == "force_new" or (kind == "reject_current" and slot in handed)
-        if slot in issued_at:  # only forced requests may refresh a slot holding a token
+        if holding:  # only forced requests may refresh a slot holding a token
             assert forcing, kind
         if forcing and slot in forced_at:
             assert now - forced_at[slot] >= RECENT, (slot, kind, now - forced_at[slot])
         issued += 1
         now += latency
         machine.refresh_succeeded(now, decision.refresh_id, f"at-{issued}", now + HOUR)
-        issued_at[slot] = now
+        current[slot] = f"at-{issued}"
         if forcing:
             forced_at[slot] = now
 
