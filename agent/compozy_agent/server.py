@@ -50,6 +50,7 @@ from typing import Any, Final, assert_never
 import anyio
 import anyio.abc
 import anyio.lowlevel
+import msgspec
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from compozy_agent.agent_lock import AgentLock
@@ -87,6 +88,24 @@ def _readable_id(line: bytes) -> int | str | None:
         return p.decode_request(line).id
     except p.ProtocolError as exc:
         return exc.request_id
+
+
+#: Room for a listing in a response line: the rest (an id as long as a request line, a
+#: path) fits in what is left of MAX_RESPONSE_BYTES.
+_LISTING_BYTES: Final = p.MAX_RESPONSE_BYTES - 2 * p.MAX_LINE_BYTES
+_entry_encoder = msgspec.json.Encoder()
+
+
+def _newest_that_fit(entries: list[p.AuditEntry]) -> list[p.AuditEntry]:
+    """The newest of ``entries`` that fit in a response line, since a client refuses a
+    longer one: each entry holds what a caller asked for (a profile, scopes), and a host
+    on the forwarding socket may ask for what it likes."""
+    total = 0
+    for index in range(len(entries) - 1, -1, -1):
+        total += len(_entry_encoder.encode(entries[index])) + 1  # and its comma
+        if total > _LISTING_BYTES:
+            return entries[index + 1:]
+    return entries
 
 
 class AgentAlreadyRunning(Exception):
@@ -567,9 +586,8 @@ class AgentServer:
                 log.info("unlocked by pid %s", client.peer.pid)
                 return p.Empty()
             case p.AuditLog():
-                return p.AuditLogResult(
-                    entries=self.audit.recent(min(request.limit, 1000), request.profile),
-                    path=self.audit.path)
+                entries = self.audit.recent(min(request.limit, 1000), request.profile)
+                return p.AuditLogResult(entries=_newest_that_fit(entries), path=self.audit.path)
             case _:
                 assert_never(request)
 

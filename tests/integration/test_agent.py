@@ -354,6 +354,35 @@ def test_blank_lines_on_the_forwarding_socket_do_not_starve_the_main_one(
         process.stop()
 
 
+def test_a_forwarded_host_cannot_make_the_audit_log_unreadable(agent_env: AgentEnv) -> None:
+    """Found by red-teaming: each audit entry holds the profile and scopes a caller asked
+    for, and a host on forward.sock may ask for what it likes. After 1,000 such requests
+    `compozy auth log --limit 1000` failed ("the agent sent a line longer than the
+    protocol allows"): the agent answered with a line its clients refuse. It now answers
+    with the newest entries that fit."""
+    forward = str(agent_env.root / "fwd" / "forward.sock")
+    process = start_agent(agent_env, "--forward-socket", forward)
+    escaped = "\x01" * 200  # six bytes each in JSON
+    client = LineClient(forward)
+    try:
+        for n in range(1000):
+            answer = client.ask({"id": n, "op": "token", "profile": escaped,
+                                 "scope": [escaped] * 30})
+            assert answer["error"]["code"] == "not_logged_in", answer
+        answer = client.ask({"id": "last", "op": "token", "profile": "the-last"})
+        assert answer["error"]["code"] == "not_logged_in", answer
+    finally:
+        client.close()
+    try:
+        shown = run_cli(agent_env, "auth", "log", "--limit", "1000", "--json")
+        assert shown.returncode == 0, shown.stderr
+        entries = json.loads(shown.stdout)["entries"]
+        assert 100 < len(entries) < 1000 and entries[-1]["profile"] == "the-last"
+        assert ask_once(process.socket, {"id": 1, "op": "hello"})["ok"] is True
+    finally:
+        process.stop()
+
+
 def test_a_deeply_nested_line_is_a_bad_request_on_both_sockets(agent_env: AgentEnv) -> None:
     """Found by the issue: this 2 KB line raised RecursionError and ended the agent."""
     forward = str(agent_env.root / "fwd" / "forward.sock")
