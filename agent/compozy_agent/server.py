@@ -13,13 +13,16 @@ Rules, after ssh-agent (``ssh-agent.c``):
 * Lines are at most ``MAX_LINE_BYTES``; a longer one gets ``line_too_long``
   and the connection is closed (its framing cannot be trusted any more).
   Malformed requests, whatever they hold, get a typed error and the connection
-  stays open.
+  stays open. A line the client ends by closing its side for writing, without
+  its newline, is not served (it may be cut short) but answered ``bad_request``.
 * No input ends the agent: a connection whose handling fails in a way nobody
   foresaw is logged (without its contents) and closed alone, and a failing
   ``accept`` (out of descriptors, say) is retried with backoff.
 * A connection is idle while the agent waits for its next request or for it
   to read an answer; blank lines are not requests. A connection idle longer
   than ``idle_timeout`` is closed.
+* Every line, blank or not, gives the other connections a turn: a connection
+  whose buffer holds many lines cannot keep the event loop to itself.
 * Each socket kind (main, forwarding) has its own pool of at most
   ``max_connections``, lowered to fit the open-file limit: a full forwarding
   socket never takes a place on the main one. A new connection to a full pool
@@ -46,6 +49,8 @@ from typing import Any, Final, assert_never
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
+import msgspec
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from compozy_agent.agent_lock import AgentLock
@@ -75,6 +80,32 @@ _ACCEPT_ERRORS_OF_ONE_PEER: Final = frozenset({errno.ECONNABORTED, errno.EPROTO,
 FORWARD_OPS: Final = frozenset({"hello", "status", "token"})
 #: Ops served while the agent is locked (as ssh-agent serves only "unlock").
 LOCKED_OPS: Final = frozenset({"hello", "status", "unlock"})
+
+
+def _readable_id(line: bytes) -> int | str | None:
+    """The ``id`` of a request line, when it can be read (for an error about the line)."""
+    try:
+        return p.decode_request(line).id
+    except p.ProtocolError as exc:
+        return exc.request_id
+
+
+#: Room for a listing in a response line: the rest (an id as long as a request line, a
+#: path) fits in what is left of MAX_RESPONSE_BYTES.
+_LISTING_BYTES: Final = p.MAX_RESPONSE_BYTES - 2 * p.MAX_LINE_BYTES
+_entry_encoder = msgspec.json.Encoder()
+
+
+def _newest_that_fit(entries: list[p.AuditEntry]) -> list[p.AuditEntry]:
+    """The newest of ``entries`` that fit in a response line, since a client refuses a
+    longer one: each entry holds what a caller asked for (a profile, scopes), and a host
+    on the forwarding socket may ask for what it likes."""
+    total = 0
+    for index in range(len(entries) - 1, -1, -1):
+        total += len(_entry_encoder.encode(entries[index])) + 1  # and its comma
+        if total > _LISTING_BYTES:
+            return entries[index + 1:]
+    return entries
 
 
 class AgentAlreadyRunning(Exception):
@@ -431,12 +462,24 @@ class AgentServer:
                 )
                 return
             except anyio.IncompleteRead:
-                return  # the client left mid-line
+                # The client left, or shut its side for writing, mid-line. The line may
+                # be cut short, so it is not served; a client still reading is told why.
+                if reader.buffer.strip() and not client.timed_out:
+                    await self._send_error(
+                        stream, _readable_id(reader.buffer), ErrorCode.BAD_REQUEST,
+                        "the connection was closed for writing in the middle of a request "
+                        "line; it was not served (end every request with a newline)",
+                    )
+                return
             if client.timed_out:
                 return  # closed for idleness: lines still buffered are not served
             line = line.rstrip(b"\r")
             if not line.strip():
-                continue  # not a request: the idle timer keeps running
+                # Not a request: the idle timer keeps running. Yield, as answering a request
+                # does: skipping a read's worth of newlines (64 Ki of them) at once held the
+                # event loop, and a few connections sending nothing else starved every other.
+                await anyio.lowlevel.checkpoint()
+                continue
             client.waiting_since = None
             self.stats.requests += 1
             response = await self.respond(line, client)
@@ -543,9 +586,8 @@ class AgentServer:
                 log.info("unlocked by pid %s", client.peer.pid)
                 return p.Empty()
             case p.AuditLog():
-                return p.AuditLogResult(
-                    entries=self.audit.recent(min(request.limit, 1000), request.profile),
-                    path=self.audit.path)
+                entries = self.audit.recent(min(request.limit, 1000), request.profile)
+                return p.AuditLogResult(entries=_newest_that_fit(entries), path=self.audit.path)
             case _:
                 assert_never(request)
 

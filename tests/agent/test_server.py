@@ -244,6 +244,33 @@ async def test_a_client_that_never_reads_its_answers_is_idle() -> None:
         assert await (await served.connect()).hello()
 
 
+async def test_blank_lines_do_not_hold_the_event_loop() -> None:
+    """Found by red-teaming: a blank line was skipped without yielding, so a connection
+    sending only newlines held the agent for a whole read (64 Ki lines) at a time, and
+    eight of them on the forwarding socket made each request on the main socket wait
+    two seconds. Each blank line now gives the other tasks a turn, as an answer does."""
+    blank_lines = 16 * 1024
+    async with serving(max_connections=4) as served:
+        flooder = await served.connect(served.forward)
+        turns = 0
+        answered = anyio.Event()
+
+        async def count_turns() -> None:
+            nonlocal turns
+            while not answered.is_set():
+                turns += 1
+                await anyio.lowlevel.checkpoint()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(count_turns)
+            await flooder.stream.send(b"\n" * blank_lines + b'{"id": "after", "op": "hello"}\n')
+            answer = await flooder.read()
+            answered.set()
+        assert answer is not None and answer["id"] == "after"
+        # Without a turn per blank line, the other task ran a handful of times in all.
+        assert turns >= blank_lines // 2, f"other tasks ran {turns} times in {blank_lines} lines"
+
+
 async def test_an_unexpected_failure_closes_only_that_connection(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -171,6 +171,27 @@ def test_a_client_leaving_mid_line_does_not_hurt(agent: AgentProcess) -> None:
     assert ask_once(agent.socket, {"id": 1, "op": "hello"})["ok"] is True
 
 
+def test_a_request_cut_short_by_a_half_close_gets_an_error(agent: AgentProcess) -> None:
+    """Found by red-teaming: `printf '{"id":1,"op":"hello"}' | nc -U` got no answer at all,
+    the agent dropping the line without a word. A line the client ends by shutting its side
+    for writing is not served (it may be cut short), and the client is told why."""
+    for sent, expected_id in ((b'{"id": 7, "op": "lock", "passphrase": "p"}', 7),
+                              (b'{"id": 8, "op": "lock", "passph', None)):
+        client = LineClient(agent.socket)
+        try:
+            client.send(b'{"id": 6, "op": "hello"}\n' + sent)
+            client.sock.shutdown(socket.SHUT_WR)
+            assert client.read()["id"] == 6  # the whole line before it is served as ever
+            answer = client.read()
+            assert answer is not None, "no answer to a request line cut short by a half-close"
+            assert (answer["id"], answer["error"]["code"]) == (expected_id, "bad_request")
+            assert "newline" in answer["error"]["message"]
+            assert client.read() is None
+        finally:
+            client.close()
+    assert ask_once(agent.socket, {"id": 9, "op": "status"})["result"]["locked"] is False
+
+
 def test_idle_connections_are_closed(agent_env: AgentEnv) -> None:
     process = start_agent(agent_env, "--idle-timeout", "0.3")
     try:
@@ -285,6 +306,80 @@ def test_idle_connections_on_the_main_socket_do_not_lock_out_the_cli(
     finally:
         for client in held:
             client.close()
+        process.stop()
+
+
+def test_blank_lines_on_the_forwarding_socket_do_not_starve_the_main_one(
+    agent_env: AgentEnv,
+) -> None:
+    """Found by red-teaming: a blank line was skipped without yielding, so a connection
+    sending only newlines held the agent's event loop for 64 Ki lines at a time; 16 such
+    connections on forward.sock (a remote host can open them through ssh -R) made every
+    request on the main socket wait about 3 s, and the 256 a pool allows, about a minute."""
+    forward = str(agent_env.root / "fwd" / "forward.sock")
+    process = start_agent(agent_env, "--forward-socket", forward)
+    stop = threading.Event()
+    flooders = [LineClient(forward, timeout=60.0) for _ in range(24)]
+    flooding = [threading.Event() for _ in flooders]
+
+    def flood(client: LineClient, began: threading.Event) -> None:
+        newlines = b"\n" * 65536
+        deadline = time.monotonic() + 60.0  # bounds the flood should the test fail early
+        with contextlib.suppress(OSError):
+            while not stop.is_set() and time.monotonic() < deadline:
+                client.send(newlines)
+                began.set()  # a read's worth of newlines waits for the agent
+
+    threads = [threading.Thread(target=flood, args=pair)
+               for pair in zip(flooders, flooding, strict=True)]
+    try:
+        for client in flooders:
+            assert client.ask({"id": 0, "op": "hello"})["ok"] is True
+        for thread in threads:
+            thread.start()
+        for began in flooding:
+            assert began.wait(30.0), "a flood did not get going"
+        latencies = []
+        for n in range(5):
+            started = time.monotonic()
+            assert ask_once(process.socket, {"id": n, "op": "hello"})["ok"] is True
+            latencies.append(time.monotonic() - started)
+        assert max(latencies) < 1.0, f"main-socket round trips took {latencies} s"
+    finally:
+        stop.set()
+        for client in flooders:
+            client.close()
+        for thread in threads:
+            thread.join(10.0)
+        process.stop()
+
+
+def test_a_forwarded_host_cannot_make_the_audit_log_unreadable(agent_env: AgentEnv) -> None:
+    """Found by red-teaming: each audit entry holds the profile and scopes a caller asked
+    for, and a host on forward.sock may ask for what it likes. After 1,000 such requests
+    `compozy auth log --limit 1000` failed ("the agent sent a line longer than the
+    protocol allows"): the agent answered with a line its clients refuse. It now answers
+    with the newest entries that fit."""
+    forward = str(agent_env.root / "fwd" / "forward.sock")
+    process = start_agent(agent_env, "--forward-socket", forward)
+    escaped = "\x01" * 200  # six bytes each in JSON
+    client = LineClient(forward)
+    try:
+        for n in range(1000):
+            answer = client.ask({"id": n, "op": "token", "profile": escaped,
+                                 "scope": [escaped] * 30})
+            assert answer["error"]["code"] == "not_logged_in", answer
+        answer = client.ask({"id": "last", "op": "token", "profile": "the-last"})
+        assert answer["error"]["code"] == "not_logged_in", answer
+    finally:
+        client.close()
+    try:
+        shown = run_cli(agent_env, "auth", "log", "--limit", "1000", "--json")
+        assert shown.returncode == 0, shown.stderr
+        entries = json.loads(shown.stdout)["entries"]
+        assert 100 < len(entries) < 1000 and entries[-1]["profile"] == "the-last"
+        assert ask_once(process.socket, {"id": 1, "op": "hello"})["ok"] is True
+    finally:
         process.stop()
 
 
