@@ -1,10 +1,14 @@
-"""safetext.one_line: untrusted text becomes one printable line, capped."""
+"""safetext: untrusted text becomes one printable line (one_line), a safe table cell
+(for_terminal) or JSON without raw controls (json_bytes)."""
 
 from __future__ import annotations
 
+import json
+
+import msgspec
 import pytest
 
-from compozy_client.safetext import ELLIPSIS, one_line
+from compozy_client.safetext import ELLIPSIS, for_terminal, json_bytes, one_line
 
 
 def test_plain_text_is_left_alone() -> None:
@@ -37,3 +41,36 @@ def test_length_is_capped_after_escaping() -> None:
     escaped = one_line("\x1b" * 100, 20)
     assert len(escaped) == 20 and escaped.endswith(ELLIPSIS) and "\x1b" not in escaped
     assert one_line("short", 5) == "short"
+
+
+UNSAFE = ["\n", "\r", "\t", "\x00", "\x07", "\x1b", "\x7f", "\x85", "\x9b", "\u061c", "\u200b",
+          "\u200e", "\u200f", "\u2028", "\u2029", "\u202a", "\u202e", "\u2066", "\u2069",
+          "\ufeff"]
+
+
+@pytest.mark.parametrize("char", UNSAFE, ids=[f"U+{ord(c):04X}" for c in UNSAFE])
+def test_every_unsafe_character_is_escaped_for_a_terminal(char: str) -> None:
+    printed = for_terminal(f"a{char}b")
+    assert char not in printed
+    assert printed.isprintable() and printed.startswith("a\\") and printed.endswith("b")
+
+
+def test_escapes_are_readable_and_unambiguous() -> None:
+    assert for_terminal("a\nb") == "a\\nb"
+    assert for_terminal("\x1b[2J") == "\\x1b[2J"
+    assert for_terminal("\u202eevil") == "\\u202eevil"
+    # A literal backslash cannot pass for an escaped character.
+    assert for_terminal("\\x1b") == "\\\\x1b" != for_terminal("\x1b")
+    assert for_terminal("plain text, é, 名前, emoji 🙂") == "plain text, é, 名前, emoji 🙂"
+
+
+def test_json_keeps_its_meaning_and_loses_its_raw_controls() -> None:
+    value = {"argv": ["t\n\x1b[2J\x7f\x9b\u202eevil\u2028é\U000e0001"]}
+    for encoded in (msgspec.json.encode(value), msgspec.json.format(msgspec.json.encode(value))):
+        safe = json_bytes(encoded)
+        assert json.loads(safe) == value
+        text = safe.decode()
+        for char in ("\x1b", "\x7f", "\x9b", "\u202e", "\u2028", "\U000e0001"):
+            assert char not in text
+        assert "é" in text  # printable text stays as it is
+    assert json_bytes(b'{"a": "plain"}') == b'{"a": "plain"}'
