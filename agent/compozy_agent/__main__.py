@@ -47,6 +47,8 @@ log = logging.getLogger("compozy_agent")
 EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
 EXIT_USAGE: Final = 2
+#: The detached agent's log, in the state directory.
+LOG_FILE: Final = "agent.log"
 
 _EPILOG = """commands:
   compozy-agent install-service [--now]   let your login session start the agent (systemd/launchd)
@@ -115,7 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     detach = options.daemon or options.autostarted
     _disable_core_dumps()
     _raise_open_file_limit()
-    _setup_logging(options.verbose, options.log_file or (_default_log_file() if detach else None))
+    try:
+        _setup_logging(options.verbose,
+                       options.log_file or (_default_log_file() if detach else None))
+    except LogFileError as exc:
+        print(f"compozy-agent: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     try:
         bound = _open_sockets(options)
     except AgentAlreadyRunning as exc:
@@ -124,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compozy-agent: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except (SocketSetupError, ActivationError, OSError) as exc:
+        log.error("%s", exc)  # a detached agent's stderr goes nowhere
         print(f"compozy-agent: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     path = next(b.path for b in bound if b.kind == "full")
@@ -216,7 +224,9 @@ def _also_default_path(bound: list[BoundSocket]) -> list[BoundSocket]:
 
 
 async def _serve(options: argparse.Namespace, bound: list[BoundSocket], path: str) -> None:
-    from compozy_agent.audit import AUDIT_FILE, AuditLog
+    from compozy_agent.agent_lock import LOCK_FILE, AgentLock, describe_locked_at
+    from compozy_agent.audit import AuditLog
+    from compozy_agent.clock import SystemClock
     from compozy_agent.http import ProviderClient
     from compozy_agent.sessions import SessionManager
     from compozy_agent.store import (
@@ -245,19 +255,31 @@ async def _serve(options: argparse.Namespace, bound: list[BoundSocket], path: st
     provider = ProviderClient(now=time.time)
     backend = SessionManager(store, provider)
     forwarded = frozenset(options.forward_profile) if options.forward_profile else None
-    audit = AuditLog(os.path.join(store.state_dir, AUDIT_FILE))
+    clock = SystemClock()
+    # Before anything is served: a lock left by an earlier agent holds for this one.
+    agent_lock = AgentLock.load(clock, os.path.join(store.state_dir, LOCK_FILE))
+    if agent_lock.unusable is not None:
+        log.error("%s", agent_lock.unusable)
+    elif agent_lock.locked:
+        log.warning("starting locked: the agent was locked%s (%d wrong passphrase(s) since); "
+                    "`compozy auth unlock` unlocks it", describe_locked_at(agent_lock),
+                    agent_lock.failures)
+    audit = AuditLog(store.state_dir)
+    audit.open()
     server = AgentServer(backend, socket_path=path, idle_timeout=options.idle_timeout,
                          max_connections=options.max_connections, forward_profiles=forwarded,
-                         audit=audit)
+                         audit=audit, clock=clock, lock=agent_lock)
     try:
         async with anyio.create_task_group() as group:
             group.start_soon(_stop_on_signal, group.cancel_scope)
+            group.start_soon(audit.run, clock)
             await group.start(backend.run)
             ready = anyio.Event()
             group.start_soon(server.serve, bound, ready)
             await ready.wait()
             log.info("compozy-agent %s (pid %d) serving %s", __version__, os.getpid(), path)
     finally:
+        audit.close()
         with anyio.CancelScope(shield=True):
             await provider.aclose()
 
@@ -320,14 +342,36 @@ def state_dir() -> str:
 
 
 def _default_log_file() -> str:
-    return os.path.join(state_dir(), "agent.log")
+    return os.path.join(state_dir(), LOG_FILE)
+
+
+class LogFileError(Exception):
+    """The log file, or the state directory it would go in, cannot be used safely."""
 
 
 def _setup_logging(verbose: bool, log_file: str | None) -> None:
+    """Log to ``log_file`` (a private file, see ``audit.open_private_log``), else stderr.
+
+    The default log file is in the state directory, which is checked (ours, not
+    writable by others; made 0700 if missing) before anything is written into it.
+    """
+    from compozy_agent.audit import open_private_log
+    from compozy_agent.store import StoreError, prepare_state_dir
+
     handler: logging.Handler
     if log_file:
-        os.makedirs(os.path.dirname(os.path.abspath(log_file)), mode=0o700, exist_ok=True)
-        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        log_file = os.path.abspath(log_file)
+        directory = os.path.dirname(log_file)
+        try:
+            if directory == os.path.abspath(state_dir()):
+                prepare_state_dir(directory)
+            else:  # a place the person chose with --log-file: created if missing, as before
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+            fd = open_private_log(log_file)
+        except StoreError as exc:
+            raise LogFileError(f"not logging to {log_file}: {exc}") from None
+        except OSError as exc:
+            raise LogFileError(f"cannot log to {log_file}: {exc.strerror or exc}") from None
         handler = logging.StreamHandler(os.fdopen(fd, "a", buffering=1, encoding="utf-8"))
     else:
         handler = logging.StreamHandler(sys.stderr)

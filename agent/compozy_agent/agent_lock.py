@@ -6,54 +6,160 @@ refreshed, so unlocking is instant. The passphrase is kept only as a salted
 scrypt hash. Each wrong passphrase doubles the delay before the next attempt
 is even checked (0.5 s, 1 s, 2 s ... at most :data:`MAX_DELAY`), and attempts
 are checked one at a time, so parallel guessing gains nothing.
+
+The lock outlives the agent. Locking writes :data:`LOCK_FILE` in the state
+directory (salt, scrypt hash and parameters, wrong attempts so far; 0600,
+written atomically by ``store.atomic_write``) and unlocking removes it; an
+agent that finds it at start starts locked, with the same count of wrong
+attempts. Rules:
+
+* The file is written before ``lock`` is answered, and each wrong attempt is
+  counted in it before ``wrong_passphrase`` is answered: killing the agent
+  (SIGTERM, SIGKILL, a crash, a service manager's restart) neither unlocks it
+  nor resets the delay.
+* The delay runs from each attempt's arrival, so the count alone carries it
+  across a restart; no "next attempt at" time is stored (a wall clock can be
+  stepped, and a stored time would allow nothing the count does not).
+* Fail closed: a lock file that cannot be read (corrupt, a symbolic link,
+  another user's, from a newer agent) keeps the agent locked, and no passphrase
+  can unlock it, because there is no hash to check against. The log and
+  ``status`` name the file and the way out: look at it, delete it, restart the
+  agent.
+* A lock that cannot be written still locks the agent in memory (locking more
+  is never unsafe); the log and ``status`` say it will not survive a restart.
+
+What it does not stop: anyone running as you can delete the file and restart
+the agent, just as they can read the keyring directly (``docs/security.md``).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
+import logging
+import os
 import secrets
+import stat
+import time
 from typing import Final
 
 import anyio
+import anyio.to_thread
+import msgspec
 
 from compozy_agent.backend import OpError
 from compozy_agent.clock import Clock
+from compozy_agent.store import atomic_write, remove_interrupted_writes
 from compozy_client.errors import ErrorCode
+
+log = logging.getLogger("compozy_agent.lock")
 
 FIRST_DELAY: Final = 0.5
 MAX_DELAY: Final = 30.0
 #: scrypt cost (RFC 7914): about 16 MiB and a few tens of milliseconds per check.
-_SCRYPT: Final[dict[str, int]] = {
-    "n": 2**14, "r": 8, "p": 1, "maxmem": 64 * 1024 * 1024, "dklen": 32}
+SCRYPT_N: Final = 2**14
+SCRYPT_R: Final = 8
+SCRYPT_P: Final = 1
+_MAXMEM: Final = 64 * 1024 * 1024
+SALT_BYTES: Final = 16
+HASH_BYTES: Final = 32
 MIN_PASSPHRASE: Final = 1
+#: The lock's file in the state directory; present exactly while the agent is locked.
+LOCK_FILE: Final = "agent-lock.json"
+LOCK_FILE_VERSION: Final = 1
+#: A lock file is a few hundred bytes; anything much larger is not one.
+_MAX_FILE_BYTES: Final = 4096
 
 
-def _hash(passphrase: str, salt: bytes) -> bytes:
-    return hashlib.scrypt(passphrase.encode(), salt=salt, **_SCRYPT)
+class _LockFile(msgspec.Struct, forbid_unknown_fields=False):
+    """What :data:`LOCK_FILE` holds. Never the passphrase."""
+
+    version: int
+    salt: str  # hex
+    hash: str  # hex, scrypt(passphrase, salt, n, r, p)
+    n: int
+    r: int
+    p: int
+    failures: int = 0
+    locked_at: float | None = None
+
+
+def _hash(passphrase: str, salt: bytes, n: int = SCRYPT_N, r: int = SCRYPT_R,
+          p: int = SCRYPT_P) -> bytes:
+    return hashlib.scrypt(passphrase.encode(), salt=salt, n=n, r=r, p=p, maxmem=_MAXMEM,
+                          dklen=HASH_BYTES)
+
+
+class LockFileUnreadable(Exception):
+    """The lock file exists but cannot be used; the agent stays locked."""
 
 
 class AgentLock:
-    """The agent's lock: locked or not, the passphrase hash, the wrong-attempt delay."""
+    """The agent's lock: locked or not, the passphrase hash, the wrong-attempt delay.
 
-    def __init__(self, clock: Clock) -> None:
+    ``path`` is where the lock is kept while locked (None: in memory only).
+    Build it with :meth:`load` to pick up a lock an earlier agent left.
+    """
+
+    def __init__(self, clock: Clock, path: str | None = None) -> None:
         self._clock = clock
+        self.path = path
         self._salt: bytes | None = None
         self._hash: bytes | None = None
+        self._cost = (SCRYPT_N, SCRYPT_R, SCRYPT_P)
         self._failures = 0
+        self._locked_at: float | None = None
+        #: Why the lock cannot be opened (an unreadable lock file); None when it can.
+        self.unusable: str | None = None
+        #: Why the lock is not on disk although the agent is locked; None otherwise.
+        self.not_saved: str | None = None
         self._checking = anyio.Lock()
 
     def __repr__(self) -> str:
         return f"AgentLock(locked={self.locked}, failures={self._failures})"
 
+    @classmethod
+    def load(cls, clock: Clock, path: str) -> AgentLock:
+        """The lock as an earlier agent left it at ``path``: unlocked when there is no file.
+
+        Blocking (reads a small file); call it before serving, as it also removes the
+        temp file of a write a crash interrupted.
+        """
+        remove_interrupted_writes(os.path.dirname(path) or ".", (os.path.basename(path),))
+        lock = cls(clock, path)
+        try:
+            document = _read_lock_file(path)
+        except LockFileUnreadable as exc:
+            lock.unusable = (
+                f"the lock file {path} cannot be used ({exc}), so the agent stays locked and "
+                "no passphrase can unlock it; if you did not expect it, look at the file, "
+                "then delete it and restart the agent")
+            return lock
+        if document is not None:
+            lock._salt = bytes.fromhex(document.salt)
+            lock._hash = bytes.fromhex(document.hash)
+            lock._cost = (document.n, document.r, document.p)
+            lock._failures = document.failures
+            lock._locked_at = document.locked_at
+        return lock
+
     @property
     def locked(self) -> bool:
-        return self._hash is not None
+        return self._hash is not None or self.unusable is not None
 
     @property
     def failures(self) -> int:
         """Wrong passphrases since the last lock or unlock."""
         return self._failures
+
+    @property
+    def locked_at(self) -> float | None:
+        return self._locked_at
+
+    def warnings(self) -> list[str]:
+        """What ``status`` should say about the lock, if anything is wrong with it."""
+        return [w for w in (self.unusable, self.not_saved) if w is not None]
 
     def delay(self) -> float:
         """How long the next attempt waits before it is checked."""
@@ -66,24 +172,115 @@ class AgentLock:
             raise OpError(ErrorCode.LOCKED, "the agent is already locked")
         if len(passphrase) < MIN_PASSPHRASE:
             raise OpError(ErrorCode.BAD_REQUEST, "the passphrase must not be empty")
-        salt = secrets.token_bytes(16)
+        salt = secrets.token_bytes(SALT_BYTES)
         digest = await anyio.to_thread.run_sync(_hash, passphrase, salt)
         if self.locked:  # locked by someone else meanwhile
             raise OpError(ErrorCode.LOCKED, "the agent is already locked")
+        # Locked in memory first: no token goes out while the file is being written.
         self._salt, self._hash, self._failures = salt, digest, 0
+        self._cost = (SCRYPT_N, SCRYPT_R, SCRYPT_P)
+        self._locked_at = self._clock.now()
+        await self._save()
 
     async def unlock(self, passphrase: str) -> None:
         async with self._checking:  # one attempt at a time: the delay holds for all
+            if self.unusable is not None:
+                raise OpError(ErrorCode.LOCKED, self.unusable)
             if not self.locked:
                 raise OpError(ErrorCode.BAD_REQUEST, "the agent is not locked")
             await self._clock.sleep_until(self._clock.now() + self.delay())
             assert self._salt is not None and self._hash is not None
-            digest = await anyio.to_thread.run_sync(_hash, passphrase, self._salt)
+            digest = await anyio.to_thread.run_sync(_hash, passphrase, self._salt, *self._cost)
             if not hmac.compare_digest(digest, self._hash):
                 self._failures += 1
+                await self._save()  # counted on disk before anyone hears of it
                 raise OpError(
                     ErrorCode.WRONG_PASSPHRASE,
                     f"wrong passphrase ({self._failures} in a row; the next attempt waits "
                     f"{self.delay():g} s)")
-            self._salt = self._hash = None
+            await self._remove()
+            self._salt = self._hash = self._locked_at = None
             self._failures = 0
+            self.not_saved = None
+
+    async def _save(self) -> None:
+        if self.path is None:
+            return
+        assert self._salt is not None and self._hash is not None
+        n, r, p = self._cost
+        document = _LockFile(version=LOCK_FILE_VERSION, salt=self._salt.hex(),
+                             hash=self._hash.hex(), n=n, r=r, p=p, failures=self._failures,
+                             locked_at=self._locked_at)
+        try:
+            await anyio.to_thread.run_sync(atomic_write, self.path, msgspec.json.encode(document))
+        except OSError as exc:
+            self.not_saved = (f"the lock could not be saved to {self.path} "
+                              f"({exc.strerror or type(exc).__name__}): it will not survive a "
+                              "restart of the agent")
+            log.error("%s", self.not_saved)
+        else:
+            self.not_saved = None
+
+    async def _remove(self) -> None:
+        if self.path is None:
+            return
+        try:
+            await anyio.to_thread.run_sync(os.unlink, self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            # Unlocked now; an agent started later finds the file and starts locked (fail closed).
+            log.error("unlocked, but the lock file %s could not be removed (%s): the next agent "
+                      "will start locked", self.path, exc.strerror)
+
+
+def _read_lock_file(path: str) -> _LockFile | None:
+    """The lock file's contents; None when there is none. Raises :class:`LockFileUnreadable`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise LockFileUnreadable("it is a symbolic link") from None
+        raise LockFileUnreadable(exc.strerror or type(exc).__name__) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise LockFileUnreadable("it is not a regular file")
+        if info.st_uid != os.getuid():
+            raise LockFileUnreadable(f"it belongs to uid {info.st_uid}")
+        data = os.read(fd, _MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise LockFileUnreadable(exc.strerror or type(exc).__name__) from None
+    finally:
+        os.close(fd)
+    try:
+        document = msgspec.json.decode(data, type=_LockFile)
+    except msgspec.DecodeError:
+        raise LockFileUnreadable("it is corrupt") from None
+    if document.version != LOCK_FILE_VERSION:
+        raise LockFileUnreadable(f"version {document.version}, which this agent does not read")
+    if not _sane(document):
+        raise LockFileUnreadable("it is corrupt")
+    return document
+
+
+def _sane(document: _LockFile) -> bool:
+    try:
+        salt, digest = bytes.fromhex(document.salt), bytes.fromhex(document.hash)
+    except ValueError:
+        return False
+    # Bounds on the cost keep a planted file from making each check take minutes or GiB.
+    return (len(salt) == SALT_BYTES and len(digest) == HASH_BYTES
+            and document.failures >= 0
+            and 2 <= document.n <= 2**20 and document.n & (document.n - 1) == 0
+            and 1 <= document.r <= 32 and 1 <= document.p <= 16
+            and 128 * document.r * document.n <= _MAXMEM // 2)
+
+
+def describe_locked_at(lock: AgentLock) -> str:
+    """``since 2026-11-30 12:00:00 UTC`` for a log line, or empty when unknown."""
+    if lock.locked_at is None:
+        return ""
+    return " since " + time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(lock.locked_at))

@@ -9,7 +9,10 @@ Rules, after ssh-agent (``ssh-agent.c``):
   belongs to someone else (a systemd socket, say) and we refuse; one that does
   not answer is stale and is replaced.
 * Every accepted connection's peer uid (from the kernel) must be ours, else it
-  is closed at once and logged, with nothing sent.
+  is closed at once and logged, with nothing sent. Who connected (executable,
+  start time) is read then, before any line (``audit.capture``).
+* A ``token`` request is answered only if the agent is still unlocked when
+  its token is ready: a lock that came while it waited wins.
 * Lines are at most ``MAX_LINE_BYTES``; a longer one gets ``line_too_long``
   and the connection is closed (its framing cannot be trusted any more).
   Malformed requests, whatever they hold, get a typed error and the connection
@@ -54,7 +57,15 @@ import msgspec
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from compozy_agent.agent_lock import AgentLock
-from compozy_agent.audit import AuditLog, ProcessInfo, entry_for, process_info
+from compozy_agent.audit import (
+    AuditLog,
+    ConnectedProcess,
+    ProcessInfo,
+    UnsafeLogFile,
+    capture,
+    entry_for,
+    open_private_log,
+)
 from compozy_agent.backend import Backend, OpError
 from compozy_agent.clock import Clock, SystemClock
 from compozy_agent.peer import Peer, PeerCredentialsUnavailable, peer_of
@@ -153,7 +164,13 @@ def bind_socket(path: str, kind: str = "full") -> BoundSocket:
     except (OSError, UnsafePathError) as exc:
         raise SocketSetupError(f"cannot create socket directory {directory}: {exc}") from None
     lock_path = path + ".lock"
-    lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        # The same rules as a log file: never through a symbolic link, ours, 0600.
+        lock_fd = open_private_log(lock_path)
+    except OSError as exc:
+        message = exc.strerror if isinstance(exc, UnsafeLogFile) else (
+            f"cannot use the lock file {lock_path}: {exc.strerror}")
+        raise SocketSetupError(message) from None
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -232,8 +249,8 @@ class Client:
 
     peer: Peer
     kind: str = "full"
-    #: Read from /proc at the first token request (the client is connected and waiting).
-    process: ProcessInfo | None = None
+    #: Who connected, read when the connection was accepted (``audit.capture``).
+    process: ConnectedProcess = field(default_factory=lambda: ConnectedProcess(ProcessInfo()))
     #: Since when (time.monotonic()) this connection has been idle: the agent waiting for
     #: its next request, or for it to read an answer. None while a request is in flight.
     waiting_since: float | None = None
@@ -264,10 +281,12 @@ class AgentServer:
         forward_profiles: frozenset[str] | None = None,
         clock: Clock | None = None,
         audit: AuditLog | None = None,
+        lock: AgentLock | None = None,
     ) -> None:
         self.backend = backend
         self.clock: Clock = clock if clock is not None else SystemClock()
-        self.lock = AgentLock(self.clock)
+        #: Kept on disk when given one that was (``AgentLock.load``); else in memory only.
+        self.lock = lock if lock is not None else AgentLock(self.clock)
         #: Token requests, who made them and what they got (in memory only unless given).
         self.audit = audit if audit is not None else AuditLog(None)
         #: Profiles the forwarding socket may serve; None: all of them.
@@ -368,6 +387,9 @@ class AgentServer:
                                    "every connection to the agent has a request in flight; "
                                    "try again")
             return
+        # Who connected is read now, before a line is served: what runs later on this
+        # connection (after an exec, or in a child that inherited it) is not who connected.
+        client.process = capture(raw, peer.pid)
         self.stats.connections_open += 1
         self.stats.connections_total += 1
         try:
@@ -375,6 +397,7 @@ class AgentServer:
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
         finally:
+            client.process.close()
             self.stats.connections_open -= 1
             # A login dies with the connection that started it (its loopback listener too).
             self.backend.connection_closed(client)
@@ -550,7 +573,8 @@ class AgentServer:
                     storage=backend.storage_info(),
                     sessions=sessions,
                     clock_skew_seconds=backend.clock_skew(),
-                    warnings=backend.warnings() if kind == "full" else [],
+                    warnings=[*backend.warnings(), *self.lock.warnings(),
+                              *self.audit.warnings()] if kind == "full" else [],
                     locked=self.lock.locked,
                 )
             case p.List():
@@ -586,23 +610,30 @@ class AgentServer:
                 log.info("unlocked by pid %s", client.peer.pid)
                 return p.Empty()
             case p.AuditLog():
-                entries = self.audit.recent(min(request.limit, 1000), request.profile)
-                return p.AuditLogResult(entries=_newest_that_fit(entries), path=self.audit.path)
+                entries = self.audit.recent(min(request.limit, 1000), request.profile,
+                                            request.outcome)
+                return p.AuditLogResult(entries=_newest_that_fit(entries), path=self.audit.path,
+                                        failed_path=self.audit.failed_path)
             case _:
                 assert_never(request)
 
     async def _token(self, request: p.Token, client: Client) -> p.TokenResult:
         """Hand out a token, and write the audit line either way."""
-        if client.process is None:
-            client.process = process_info(client.peer.pid)
+        at_request = client.process.at_request()
         try:
             result = await self.backend.token(request, client.peer)
+            if self.lock.locked:
+                # Locked while the token was being fetched (a slow refresh): the lock
+                # wins over a request that arrived before it.
+                raise OpError(ErrorCode.LOCKED, "the agent was locked while this token was "
+                              "being fetched; unlock it with `compozy auth unlock`")
         except OpError as exc:
-            self.audit.record(entry_for(request, client.peer, client.process, client.kind,
-                                        self.clock.now(), error_code=exc.code))
+            self.audit.record(entry_for(request, client.peer, client.process.info, client.kind,
+                                        self.clock.now(), error_code=exc.code,
+                                        at_request=at_request))
             raise
-        self.audit.record(entry_for(request, client.peer, client.process, client.kind,
-                                    self.clock.now(), result=result))
+        self.audit.record(entry_for(request, client.peer, client.process.info, client.kind,
+                                    self.clock.now(), result=result, at_request=at_request))
         return result
 
     def _error(

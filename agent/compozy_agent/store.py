@@ -77,6 +77,7 @@ __all__ = [
     "StoredSession",
     "atomic_write",
     "open_store",
+    "prepare_state_dir",
 ]
 
 log = logging.getLogger("compozy_agent.store")
@@ -622,7 +623,7 @@ class SessionStore:
         Raises :class:`StateFileCorrupt` rather than overwrite a file that
         cannot be read. A state directory removed meanwhile is made again.
         """
-        _prepare_state_dir(self.state_dir)
+        prepare_state_dir(self.state_dir)
         try:
             self.load()
         except StateFileCorrupt as exc:
@@ -650,7 +651,7 @@ class SessionStore:
 # Opening: choosing and probing the secret store.
 
 
-def _prepare_state_dir(state_dir: str) -> None:
+def prepare_state_dir(state_dir: str) -> None:
     """Create the state directory 0700, or check that an existing one is private enough."""
     try:
         os.makedirs(state_dir, mode=0o700)
@@ -777,7 +778,7 @@ async def open_store(
     :class:`SecretStoreUnavailable`. Raises :class:`StoreError` for an unusable
     state directory.
     """
-    _prepare_state_dir(state_dir)
+    prepare_state_dir(state_dir)
     if choice == "memory":
         return SessionStore(state_dir, MemorySecrets(), "storage: memory in the config",
                             call_timeout=call_timeout)

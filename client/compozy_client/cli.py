@@ -120,6 +120,7 @@ _EXAMPLES = {
     "log": """examples:
   compozy auth log                       # the 20 most recent token requests
   compozy auth log --limit 100 --profile prod
+  compozy auth log --issued              # only tokens handed out (failures kept apart)
   compozy auth log --json | jq '.entries[] | select(.outcome != "issued")'""",
     "token": """examples:
   curl -H "Authorization: Bearer $(compozy auth token)" https://api.compozy.dev/v1/me
@@ -233,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     profile_option(audit)
     audit.add_argument("--limit", type=int, default=20, metavar="N",
                        help="show the N most recent (default 20, at most 1000)")
+    which = audit.add_mutually_exclusive_group()
+    which.add_argument("--issued", dest="outcome", action="store_const", const="issued",
+                       help="only requests that got a token")
+    which.add_argument("--failed", dest="outcome", action="store_const", const="failed",
+                       help="only requests that got none")
     audit.add_argument("--json", action="store_true", help="print JSON")
     audit.set_defaults(handler=cmd_log)
 
@@ -307,7 +313,11 @@ def _report(exc: Exception) -> None:
 def _print_json(value: Any) -> None:
     import msgspec
 
-    sys.stdout.write(msgspec.json.format(msgspec.json.encode(value), indent=2).decode() + "\n")
+    from compozy_client.safetext import json_bytes
+
+    # JSON leaves DEL, C1 and bidi overrides raw; escaped, they cannot drive a terminal.
+    encoded = json_bytes(msgspec.json.format(msgspec.json.encode(value), indent=2))
+    sys.stdout.write(encoded.decode() + "\n")
 
 
 def _when(epoch: float | None) -> str:
@@ -708,34 +718,53 @@ def cmd_unlock(options: argparse.Namespace) -> int:
 
 def cmd_log(options: argparse.Namespace) -> int:
     from compozy_client.protocol import AuditLog, AuditLogResult
+    from compozy_client.safetext import for_terminal
 
     with _connect() as conn:
         result = conn.call(AuditLog(id=0, limit=max(0, min(options.limit, 1000)),
-                                    profile=options.profile), AuditLogResult)
+                                    profile=options.profile, outcome=options.outcome),
+                           AuditLogResult)
     if options.json:
         _print_json(result)
         return EXIT_OK
     if not result.entries:
         _info("No token requests yet.")
         return EXIT_OK
+    import shlex
     import time
 
+    # PID and EXECUTABLE are what the kernel reported when the caller connected;
+    # ARGV is what the program says about itself.
     rows = [["TIME", "PROFILE", "OUTCOME", "TOKEN ID", "SCOPE/AUDIENCE", "PID", "EXECUTABLE",
-             "COMMAND"]]
+             "ARGV (SELF-REPORTED)"]]
     for e in result.entries:
         narrower = " ".join([*(e.scope or []), *([e.audience] if e.audience else [])])
-        command = " ".join(e.cmdline or [])
-        rows.append([
-            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time)), e.profile, e.outcome,
-            e.token_id or "-", narrower or "-", str(e.pid) if e.pid is not None else "-",
-            e.exe or "-", (command[:77] + "...") if len(command) > 80 else (command or "-"),
-        ])
+        argv = e.self_reported_argv if e.self_reported_argv is not None else e.cmdline
+        command = " ".join(shlex.quote(arg) for arg in argv or [])
+        outcome = e.outcome if e.count == 1 else f"{e.outcome} x{e.count}"
+        pid = "-" if e.pid is None else str(e.pid)
+        if e.process_at_request == "gone":
+            pid += " (gone)"
+        exe = e.exe or "-"
+        if e.process_at_request == "exec":
+            exe += f" (then exec'd {e.exe_at_request or '?'})"
+        cells = [
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time)), e.profile, outcome,
+            e.token_id or "-", narrower or "-", pid, exe, command or "-",
+        ]
+        # Every cell escaped before it is measured: a newline or an escape sequence in a
+        # command line (or a profile name) must neither forge a row nor reach the terminal.
+        cells = [for_terminal(cell) for cell in cells]
+        cells[-1] = (cells[-1][:77] + "...") if len(cells[-1]) > 80 else cells[-1]
+        rows.append(cells)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         sys.stdout.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
                          .rstrip() + "\n")
     if result.path:
-        _info(f"(the full log is {result.path})")
+        failed = f"; failed requests: {for_terminal(result.failed_path)}" \
+            if result.failed_path else ""
+        _info(f"(the full log is {for_terminal(result.path)}{failed})")
     return EXIT_OK
 
 

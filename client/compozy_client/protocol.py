@@ -188,6 +188,9 @@ class AuditLog(_Request, tag="audit_log"):
 
     limit: int = 50
     profile: str | None = None
+    #: Only issued tokens, or only failed requests (kept apart: a flood of one
+    #: cannot push the other out); None: both, merged by time.
+    outcome: Literal["issued", "failed"] | None = None
 
 
 Request = (
@@ -340,11 +343,18 @@ class LoginWaitResult(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class AuditEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One token request, as the agent saw it. Never the token.
+    """One token request (or ``count`` identical ones), as the agent saw it. Never the token.
 
-    ``pid``, ``uid``, ``exe`` and ``cmdline`` are what the kernel reports about
-    the connected process (peer credentials; ``/proc`` on Linux), never what the
-    client says about itself. ``outcome`` is ``issued`` or the error code.
+    Who asked, bound when the caller connected. What the kernel vouches for:
+    ``uid`` and ``pid`` (peer credentials), ``exe`` and ``start_time`` (from
+    ``/proc`` on Linux; ``exe`` from ``proc_pidpath`` on macOS), read at connect.
+    What the program says about itself: ``self_reported_argv`` (a process can
+    rewrite its own argv). ``process_at_request``: ``same`` (the connecting
+    process asked), ``exec`` (it had exec'd ``exe_at_request``) or ``gone`` (it
+    had exited: a process that inherited the connection asked); absent when it
+    cannot be told. ``outcome`` is ``issued`` or the error code. An entry with
+    ``count`` > 1 stands for that many identical requests from ``time`` to
+    ``last_time``.
     """
 
     time: float
@@ -358,13 +368,23 @@ class AuditEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
     uid: int | None = None
     pid: int | None = None
     exe: str | None = None
+    #: Clock ticks since boot (``/proc/<pid>/stat`` field 22): with ``pid``, names one process.
+    start_time: int | None = None
+    process_at_request: str | None = None
+    exe_at_request: str | None = None
+    self_reported_argv: list[str] | None = None
+    count: int = 1
+    last_time: float | None = None
+    #: The command line as older agents sent it (now ``self_reported_argv``); never sent.
     cmdline: list[str] | None = None
 
 
 class AuditLogResult(msgspec.Struct, kw_only=True):
     entries: list[AuditEntry]
-    #: Where the agent keeps the full log (JSON Lines), if it keeps one.
+    #: Where the agent keeps issued tokens' entries (JSON Lines), if it keeps them.
     path: str | None = None
+    #: Where it keeps the entries of failed requests.
+    failed_path: str | None = None
 
 
 class Empty(msgspec.Struct):

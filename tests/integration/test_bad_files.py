@@ -4,8 +4,12 @@ overwritten, the agent keeps serving."""
 from __future__ import annotations
 
 import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
 
-from support.agent import AgentEnv, run_cli, start_agent
+from support.agent import AgentEnv, can_connect, prepare_dirs, run_cli, start_agent
 from support.wire import ask
 
 KEY = "cpz_test_key_3b1f"
@@ -85,3 +89,132 @@ def test_storage_keyring_without_a_keyring_says_so_and_keeps_serving(
     finally:
         agent.stop()
     assert KEY not in agent.log()
+
+
+# --------------------------------------------------------------------------
+# The agent's own files: never through a planted link, always 0600, in a private directory.
+
+
+def _victim(agent_env: AgentEnv) -> Path:
+    victim = agent_env.root / "victim.txt"
+    victim.write_text("precious\n")
+    victim.chmod(0o644)
+    return victim
+
+
+def _unchanged(victim: Path) -> bool:
+    return victim.read_text() == "precious\n" and stat.S_IMODE(victim.stat().st_mode) == 0o644
+
+
+def _start_daemon(agent_env: AgentEnv) -> subprocess.CompletedProcess[str]:
+    """`compozy-agent --daemon`: it logs to agent.log in the state directory."""
+    prepare_dirs(agent_env)
+    return subprocess.run([sys.executable, "-m", "compozy_agent", "--daemon"],
+                          capture_output=True, text=True, timeout=60, env=agent_env.env(),
+                          stdin=subprocess.DEVNULL)
+
+
+def test_a_planted_agent_log_link_is_refused_and_its_target_untouched(
+    agent_env: AgentEnv,
+) -> None:
+    victim = _victim(agent_env)
+    agent_env.state_dir.mkdir(mode=0o700, parents=True)
+    (agent_env.state_dir / "agent.log").symlink_to(victim)
+    started = _start_daemon(agent_env)
+    assert started.returncode == 1, started.stderr
+    assert "agent.log is a symbolic link; refusing to follow it" in started.stderr
+    assert _unchanged(victim)
+    assert not can_connect(agent_env.socket)
+
+
+def test_a_state_directory_others_can_write_is_refused_before_anything_is_written(
+    agent_env: AgentEnv,
+) -> None:
+    agent_env.state_dir.mkdir(parents=True)
+    agent_env.state_dir.chmod(0o770)
+    started = _start_daemon(agent_env)
+    assert started.returncode == 1, started.stderr
+    assert "is writable by others; run: chmod 700" in started.stderr
+    assert str(agent_env.state_dir) in started.stderr
+    assert list(agent_env.state_dir.iterdir()) == []  # no agent.log, nothing
+
+
+def test_a_planted_audit_log_link_is_refused_and_its_target_untouched(
+    agent_env: AgentEnv,
+) -> None:
+    victim = _victim(agent_env)
+    agent_env.state_dir.mkdir(mode=0o700, parents=True)
+    (agent_env.state_dir / "audit.log").symlink_to(victim)
+    agent = start_agent(agent_env)
+    try:
+        assert run_cli(agent_env, "login", "--with-api-key", input=KEY + "\n").returncode == 0
+        assert run_cli(agent_env, "auth", "token").stdout.strip() == KEY
+        status = json.loads(run_cli(agent_env, "auth", "status", "--json").stdout)
+        assert any("audit.log is a symbolic link" in w for w in status["warnings"])
+        assert "audit.log is a symbolic link; refusing to follow it" in agent.log()
+        # The entry is kept in memory all the same.
+        log = json.loads(run_cli(agent_env, "auth", "log", "--json").stdout)
+        assert [e["outcome"] for e in log["entries"]] == ["issued"]
+    finally:
+        agent.stop()
+    assert _unchanged(victim)
+
+
+def test_a_planted_socket_lock_link_is_refused_and_its_target_untouched(
+    agent_env: AgentEnv,
+) -> None:
+    victim = _victim(agent_env)
+    socket_dir = Path(agent_env.socket).parent
+    socket_dir.mkdir(mode=0o700, parents=True)
+    Path(agent_env.socket + ".lock").symlink_to(victim)
+    agent = start_agent(agent_env, wait=False)
+    assert agent.proc.wait(30) == 1
+    agent.stop()
+    assert "agent.sock.lock is a symbolic link; refusing to follow it" in agent.log()
+    assert _unchanged(victim)
+
+
+def test_an_audit_log_others_can_read_is_made_private(agent_env: AgentEnv) -> None:
+    agent_env.state_dir.mkdir(mode=0o700, parents=True)
+    audit_log = agent_env.state_dir / "audit.log"
+    audit_log.write_text("")
+    audit_log.chmod(0o644)
+    lock_file = Path(agent_env.socket + ".lock")
+    lock_file.parent.mkdir(mode=0o700, parents=True)
+    lock_file.write_text("")
+    lock_file.chmod(0o644)
+    agent = start_agent(agent_env)
+    try:
+        assert stat.S_IMODE(audit_log.stat().st_mode) == 0o600
+        assert stat.S_IMODE(lock_file.stat().st_mode) == 0o600
+    finally:
+        agent.stop()
+
+
+def test_a_corrupt_lock_file_keeps_the_agent_locked_and_says_how_to_recover(
+    agent_env: AgentEnv,
+) -> None:
+    agent_env.state_dir.mkdir(mode=0o700, parents=True)
+    lock_file = agent_env.state_dir / "agent-lock.json"
+    lock_file.write_bytes(b'{"version": 1, "salt": "00')
+    agent = start_agent(agent_env)
+    try:
+        token = run_cli(agent_env, "auth", "token")
+        assert token.returncode == 1 and "locked" in token.stderr
+        assert f"the lock file {lock_file} cannot be used (it is corrupt)" in agent.log()
+        status = json.loads(run_cli(agent_env, "auth", "status", "--json").stdout)
+        assert status["agent"]["locked"] is True
+        assert any("delete it and restart the agent" in w for w in status["warnings"])
+        unlock = run_cli(agent_env, "auth", "unlock", "--passphrase-stdin", input="any\n")
+        assert unlock.returncode == 1 and "no passphrase can unlock it" in unlock.stderr
+        assert lock_file.read_bytes() == b'{"version": 1, "salt": "00'  # left to be looked at
+    finally:
+        agent.stop()
+    # The way out the message gives: delete the file, restart the agent.
+    lock_file.unlink()
+    agent = start_agent(agent_env)
+    try:
+        status = json.loads(run_cli(agent_env, "auth", "status", "--json").stdout)
+        assert status["agent"]["locked"] is False
+    finally:
+        agent.stop()
