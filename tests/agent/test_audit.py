@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -318,3 +319,47 @@ def test_the_pidfd_check_discards_what_was_read_if_the_connector_died_meanwhile(
         with conn:
             assert child.stdout.readline() == "connected\n"
             assert capture(conn, child.pid).info == ProcessInfo(gone=True)
+
+
+_REUSE_A_PID = """
+import json, os
+from compozy_agent.audit import _open_process, process_info
+release, hold = os.pipe()
+first = os.fork()
+if first == 0:
+    os.read(release, 1)
+    os._exit(0)
+connected = _open_process(first)
+before = connected.at_request()
+os.write(hold, b"x")
+os.waitpid(first, 0)
+with open("/proc/sys/kernel/ns_last_pid", "w") as file:
+    file.write(str(first - 1))  # the next fork gets the first one's pid
+execd, exec_done = os.pipe2(os.O_CLOEXEC)
+second = os.fork()
+if second == 0:
+    os.execv("/bin/sleep", ["sleep", "60"])
+os.close(exec_done)
+os.read(execd, 1)  # EOF: the second process has exec'd
+print(json.dumps({"first": first, "second": second, "before": before,
+                  "after": connected.at_request(), "kept": connected.info.exe,
+                  "pid_now_runs": process_info(second).exe}))
+os.kill(second, 9)
+os.waitpid(second, 0)
+"""
+
+
+@linux_only
+@pytest.mark.skipif(os.getuid() != 0 or shutil.which("unshare") is None,
+                    reason="needs root and unshare(1) for a pid namespace")
+def test_a_reused_pid_is_never_attributed_to_the_new_process() -> None:
+    # In a pid namespace of its own, a process exits and the next fork is given its pid.
+    done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c",
+                           _REUSE_A_PID], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["second"] == seen["first"]  # the pid was reused
+    assert seen["pid_now_runs"] == os.path.realpath("/bin/sleep")
+    assert seen["before"] == ["same", None]
+    assert seen["after"] == ["gone", None]  # not "exec", not the sleeper
+    assert seen["kept"] == os.path.realpath(sys.executable)
