@@ -230,8 +230,11 @@ def _open_process(pid: int) -> ConnectedProcess:
     """``/proc/<pid>`` opened, and read through that one handle (so all from one process)."""
     try:
         procfd = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
+    except (FileNotFoundError, ProcessLookupError):
         return ConnectedProcess(ProcessInfo(gone=True))
+    except OSError as exc:  # out of descriptors, say: unknown, which is not the same as gone
+        log.debug("cannot look at pid %d: %s", pid, exc.strerror)
+        return ConnectedProcess(ProcessInfo())
     info = _linux_process(procfd)
     if info.gone:
         os.close(procfd)
@@ -249,7 +252,10 @@ def _linux_process(procfd: int) -> ProcessInfo:
         with open(fd, "rb") as file:
             raw = file.read(MAX_CMDLINE_CHARS * 4)
         cmdline = _cap([arg.decode(errors="replace") for arg in raw.split(b"\0")[:-1]])
-    start_time = _start_time(procfd)
+    try:
+        start_time = _start_time(procfd)
+    except OSError:  # out of descriptors, say: what was read stands, the start time is unknown
+        return ProcessInfo(exe=exe, cmdline=cmdline)
     if start_time is None:
         return ProcessInfo(gone=True)
     return ProcessInfo(exe=exe, cmdline=cmdline, start_time=start_time)
@@ -258,7 +264,8 @@ def _linux_process(procfd: int) -> ProcessInfo:
 def _start_time(procfd: int) -> int | None:
     """Field 22 of ``stat``: when the process started, in clock ticks since boot.
 
-    None when the process has exited (reaped, or a zombie not yet reaped).
+    None when the process has exited (reaped, or a zombie not yet reaped); other
+    failures (out of descriptors) raise ``OSError``.
     """
     try:
         fd = os.open("stat", os.O_RDONLY | os.O_CLOEXEC, dir_fd=procfd)
@@ -266,7 +273,7 @@ def _start_time(procfd: int) -> int | None:
             raw = os.read(fd, 4096)
         finally:
             os.close(fd)
-    except OSError:
+    except (FileNotFoundError, ProcessLookupError):
         return None
     # The command name (field 2) is in parentheses and may hold spaces and ')'.
     fields = raw[raw.rfind(b")") + 2:].split()

@@ -82,6 +82,8 @@ DEFAULT_MAX_CONNECTIONS: Final = 256
 #: Descriptors kept for the agent itself (logs, keyring bus, provider connections,
 #: login listeners, state files) when sizing the pools against RLIMIT_NOFILE.
 RESERVED_DESCRIPTORS: Final = 128
+#: A connection holds its socket and, on Linux, a ``/proc/<pid>`` fd of who connected (audit).
+DESCRIPTORS_PER_CONNECTION: Final = 2
 #: Backoff of a failing accept(): the first retry, and the longest wait between two.
 ACCEPT_RETRY_FIRST: Final = 0.01
 ACCEPT_RETRY_MAX: Final = 1.0
@@ -318,7 +320,8 @@ class AgentServer:
         cap = self.max_connections
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != resource.RLIM_INFINITY and kinds:
-            fitting = max(8, (soft - RESERVED_DESCRIPTORS) // len(kinds))
+            fitting = max(8, (soft - RESERVED_DESCRIPTORS)
+                          // (len(kinds) * DESCRIPTORS_PER_CONNECTION))
             if fitting < cap:
                 log.warning("serving at most %d connections per socket: the open-file limit "
                             "is %d", fitting, soft)

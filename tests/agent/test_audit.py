@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -363,3 +364,22 @@ def test_a_reused_pid_is_never_attributed_to_the_new_process() -> None:
     assert seen["before"] == ["same", None]
     assert seen["after"] == ["gone", None]  # not "exec", not the sleeper
     assert seen["kept"] == os.path.realpath(sys.executable)
+
+
+@linux_only
+@pytest.mark.parametrize("failing", ["/proc/", "stat"], ids=["the-process", "its-stat"])
+def test_running_out_of_descriptors_is_unknown_not_gone(
+    monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    real_open = os.open
+
+    def out_of_descriptors(path: str, *args: object, **kwargs: object) -> int:
+        if path.startswith(failing):
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", out_of_descriptors)
+    info = process_info(os.getpid())
+    monkeypatch.undo()
+    assert not info.gone and info.start_time is None
+    assert info.exe == (None if failing == "/proc/" else os.path.realpath(sys.executable))
