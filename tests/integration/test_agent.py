@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from compozy_agent.server import DESCRIPTORS_PER_CONNECTION
 from compozy_client import AgentUnavailable
 from compozy_client import protocol as p
 from compozy_client.api import async_get_token, get_token
@@ -409,7 +410,8 @@ def test_running_out_of_descriptors_does_not_end_the_agent(agent_env: AgentEnv) 
     try:
         spare = 6
         in_use = len(os.listdir(f"/proc/{process.pid}/fd"))
-        resource.prlimit(process.pid, resource.RLIMIT_NOFILE, (in_use + spare, in_use + spare))
+        limit = in_use + spare * DESCRIPTORS_PER_CONNECTION  # room for `spare` connections
+        resource.prlimit(process.pid, resource.RLIMIT_NOFILE, (limit, limit))
         held = _hold_idle_connections(process.socket, spare)
         # The kernel queues these; the agent has no descriptor left to accept them with.
         pending = [LineClient(process.socket) for _ in range(5)]
