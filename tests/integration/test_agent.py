@@ -355,21 +355,45 @@ def test_blank_lines_on_the_forwarding_socket_do_not_starve_the_main_one(
         process.stop()
 
 
+_ASK_FROM_MANY_PROCESSES = """
+import json, os, socket, sys
+path, count = sys.argv[1], int(sys.argv[2])
+escaped = "\\x01" * 200  # six bytes each in JSON
+request = json.dumps({"id": 1, "op": "token", "profile": escaped,
+                      "scope": [escaped] * 30}).encode() + b"\\n"
+failed = 0
+for _ in range(count):
+    child = os.fork()
+    if child == 0:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(path)
+        sock.sendall(request)
+        answer = b""
+        while not answer.endswith(b"\\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        os._exit(0 if b'"not_logged_in"' in answer else 1)
+    failed += os.waitpid(child, 0)[1] != 0
+sys.exit(1 if failed else 0)
+"""
+
+
 def test_a_forwarded_host_cannot_make_the_audit_log_unreadable(agent_env: AgentEnv) -> None:
     """Found by red-teaming: each audit entry holds the profile and scopes a caller asked
     for, and a host on forward.sock may ask for what it likes. After 1,000 such requests
     `compozy auth log --limit 1000` failed ("the agent sent a line longer than the
     protocol allows"): the agent answered with a line its clients refuse. It now answers
-    with the newest entries that fit."""
+    with the newest entries that fit. (The requests come from 1,000 processes: the audit
+    log counts one process's repeated failures into one entry.)"""
     forward = str(agent_env.root / "fwd" / "forward.sock")
     process = start_agent(agent_env, "--forward-socket", forward)
-    escaped = "\x01" * 200  # six bytes each in JSON
+    asked = subprocess.run([sys.executable, "-c", _ASK_FROM_MANY_PROCESSES, forward, "1000"],
+                           capture_output=True, text=True, timeout=300)
+    assert asked.returncode == 0, asked.stderr
     client = LineClient(forward)
     try:
-        for n in range(1000):
-            answer = client.ask({"id": n, "op": "token", "profile": escaped,
-                                 "scope": [escaped] * 30})
-            assert answer["error"]["code"] == "not_logged_in", answer
         answer = client.ask({"id": "last", "op": "token", "profile": "the-last"})
         assert answer["error"]["code"] == "not_logged_in", answer
     finally:
