@@ -3,9 +3,13 @@
 While locked the agent hands out no token and runs no operation but
 ``hello``, ``status`` and ``unlock``; sessions stay in memory and keep being
 refreshed, so unlocking is instant. The passphrase is kept only as a salted
-scrypt hash. Each wrong passphrase doubles the delay before the next attempt
-is even checked (0.5 s, 1 s, 2 s ... at most :data:`MAX_DELAY`), and attempts
-are checked one at a time, so parallel guessing gains nothing.
+scrypt hash. Each wrong passphrase doubles the time before the next attempt
+is even checked (0.5 s, 1 s, 2 s ... at most :data:`MAX_DELAY`); an attempt
+that comes sooner is refused at once with ``busy`` and the time left, and
+attempts are checked one at a time, so parallel guessing gains nothing. Early
+attempts are refused rather than queued: a queue of them (a retry loop, many
+guessers at once) would make the owner's right passphrase wait out every
+delay ahead of it, where now it waits for one at most.
 
 The lock outlives the agent. Locking writes :data:`LOCK_FILE` in the state
 directory (salt, scrypt hash and parameters, wrong attempts so far; 0600,
@@ -17,9 +21,10 @@ attempts. Rules:
   counted in it before ``wrong_passphrase`` is answered: killing the agent
   (SIGTERM, SIGKILL, a crash, a service manager's restart) neither unlocks it
   nor resets the delay.
-* The delay runs from each attempt's arrival, so the count alone carries it
-  across a restart; no "next attempt at" time is stored (a wall clock can be
-  stepped, and a stored time would allow nothing the count does not).
+* The delay runs from the last wrong attempt, and from the start of an agent
+  that found wrong attempts on disk, so the count alone carries it across a
+  restart; no "next attempt at" time is stored (a wall clock can be stepped,
+  and a stored time would allow nothing the count does not).
 * Fail closed: a lock file that cannot be read (corrupt, a symbolic link,
   another user's, from a newer agent) keeps the agent locked, and no passphrase
   can unlock it, because there is no hash to check against. The log and
@@ -38,6 +43,7 @@ import errno
 import hashlib
 import hmac
 import logging
+import math
 import os
 import secrets
 import stat
@@ -109,6 +115,8 @@ class AgentLock:
         self._hash: bytes | None = None
         self._cost = (SCRYPT_N, SCRYPT_R, SCRYPT_P)
         self._failures = 0
+        #: When the next attempt may be checked (clock.now()); None: at once.
+        self._next_check_at: float | None = None
         self._locked_at: float | None = None
         #: Why the lock cannot be opened (an unreadable lock file); None when it can.
         self.unusable: str | None = None
@@ -141,6 +149,8 @@ class AgentLock:
             lock._hash = bytes.fromhex(document.hash)
             lock._cost = (document.n, document.r, document.p)
             lock._failures = document.failures
+            if lock._failures:
+                lock._next_check_at = clock.now() + lock.delay()
             lock._locked_at = document.locked_at
         return lock
 
@@ -162,7 +172,7 @@ class AgentLock:
         return [w for w in (self.unusable, self.not_saved) if w is not None]
 
     def delay(self) -> float:
-        """How long the next attempt waits before it is checked."""
+        """How long after a wrong attempt the next one is checked."""
         if self._failures == 0:
             return 0.0
         return min(MAX_DELAY, FIRST_DELAY * 2.0 ** min(self._failures - 1, 16))
@@ -178,6 +188,7 @@ class AgentLock:
             raise OpError(ErrorCode.LOCKED, "the agent is already locked")
         # Locked in memory first: no token goes out while the file is being written.
         self._salt, self._hash, self._failures = salt, digest, 0
+        self._next_check_at = None
         self._cost = (SCRYPT_N, SCRYPT_R, SCRYPT_P)
         self._locked_at = self._clock.now()
         await self._save()
@@ -188,20 +199,34 @@ class AgentLock:
                 raise OpError(ErrorCode.LOCKED, self.unusable)
             if not self.locked:
                 raise OpError(ErrorCode.BAD_REQUEST, "the agent is not locked")
-            await self._clock.sleep_until(self._clock.now() + self.delay())
+            now = self._clock.now()
+            left = self._check_wait(now)
+            if left > 0:
+                raise OpError(ErrorCode.BUSY, (
+                    f"not checked: after {self._failures} wrong passphrase(s) the next attempt "
+                    f"is checked only {self.delay():g} s after the last; try again in "
+                    f"{math.ceil(left):.0f} s"), {"retry_after_seconds": f"{left:.3f}"})
             assert self._salt is not None and self._hash is not None
             digest = await anyio.to_thread.run_sync(_hash, passphrase, self._salt, *self._cost)
             if not hmac.compare_digest(digest, self._hash):
                 self._failures += 1
+                self._next_check_at = self._clock.now() + self.delay()
                 await self._save()  # counted on disk before anyone hears of it
                 raise OpError(
                     ErrorCode.WRONG_PASSPHRASE,
-                    f"wrong passphrase ({self._failures} in a row; the next attempt waits "
-                    f"{self.delay():g} s)")
+                    f"wrong passphrase ({self._failures} in a row; the next attempt is checked "
+                    f"in {self.delay():g} s at the earliest)")
             await self._remove()
-            self._salt = self._hash = self._locked_at = None
+            self._salt = self._hash = self._locked_at = self._next_check_at = None
             self._failures = 0
             self.not_saved = None
+
+    def _check_wait(self, now: float) -> float:
+        """Seconds until an attempt may be checked; never more than the current delay,
+        so a wall clock stepped back cannot stretch it."""
+        if self._next_check_at is None:
+            return 0.0
+        return min(self._next_check_at - now, self.delay())
 
     async def _save(self) -> None:
         if self.path is None:

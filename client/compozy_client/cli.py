@@ -707,13 +707,37 @@ def cmd_lock(options: argparse.Namespace) -> int:
 
 
 def cmd_unlock(options: argparse.Namespace) -> int:
+    import time
+
+    from compozy_client.errors import AgentBusy
     from compozy_client.protocol import Empty, Unlock
 
     passphrase = _read_passphrase(options.passphrase_stdin, confirm=False)
     with _connect(autostart=False) as conn:
-        conn.call(Unlock(id=0, passphrase=passphrase), Empty)
+        for attempt in range(3):
+            try:
+                conn.call(Unlock(id=0, passphrase=passphrase), Empty)
+                break
+            except AgentBusy as exc:
+                # After a wrong passphrase the agent checks the next attempt only after a
+                # delay, and refuses earlier ones unchecked: wait it out here, not there.
+                wait = _retry_after(exc.details)
+                if wait is None or attempt == 2:
+                    raise
+                _info(f"A wrong passphrase was given before: the agent checks this one in "
+                      f"{wait:.1f} s; waiting")
+                time.sleep(wait)
     _info("Agent unlocked")
     return EXIT_OK
+
+
+def _retry_after(details: dict[str, str]) -> float | None:
+    """The agent's ``retry_after_seconds`` when it is a sane wait (at most a minute)."""
+    try:
+        wait = float(details.get("retry_after_seconds", ""))
+    except ValueError:
+        return None
+    return wait if 0.0 <= wait <= 60.0 else None
 
 
 def cmd_log(options: argparse.Namespace) -> int:

@@ -61,55 +61,53 @@ async def test_wrong_passphrases_double_the_wait_before_the_next_check() -> None
     assert "right" not in caught.value.message and "wrong" in caught.value.message
     assert lock.delay() == FIRST_DELAY
 
-    outcome: list[str] = []
-
-    async def attempt(passphrase: str) -> None:
-        try:
-            await lock.unlock(passphrase)
-            outcome.append("unlocked")
-        except OpError as exc:
-            outcome.append(exc.code)
-
-    async with anyio.create_task_group() as group:
-        group.start_soon(attempt, "right")
-        await clock.wait_for_sleepers()
-        clock.advance(FIRST_DELAY / 2)
-        await anyio.wait_all_tasks_blocked()
-        assert outcome == []  # still waiting: not even checked before the delay ends
-        clock.advance(FIRST_DELAY / 2)
-    assert outcome == ["unlocked"]
+    # Sooner than the delay, even the right passphrase is not checked: refused, not queued.
+    clock.advance(FIRST_DELAY / 2)
+    with pytest.raises(OpError) as early:
+        await lock.unlock("right")
+    assert early.value.code == "busy" and "try again in 1 s" in early.value.message
+    assert lock.locked and lock.failures == 1  # an unchecked attempt counts for nothing
+    clock.advance(FIRST_DELAY / 2)
+    await lock.unlock("right")
     assert lock.failures == 0 and not lock.locked
 
 
-async def test_the_delay_grows_to_its_cap_and_holds_for_parallel_guessers() -> None:
+async def test_the_delay_grows_to_its_cap() -> None:
     clock = FakeClock()
     lock = AgentLock(clock)
     await lock.lock("right")
     delays = []
     for _ in range(9):
-        async with anyio.create_task_group() as group:
-            group.start_soon(_expect_wrong, lock)
-            if lock.delay():
-                await clock.wait_for_sleepers()
-                clock.advance(lock.delay())
+        clock.advance(lock.delay())
+        await _expect_wrong(lock)
         delays.append(lock.delay())
     assert delays == [0.5, 1, 2, 4, 8, 16, MAX_DELAY, MAX_DELAY, MAX_DELAY]
 
-    # Two guessers at once: the second waits for the first's delay *and* its own.
-    checked: list[float] = []
+
+async def test_parallel_guessers_get_one_check_and_the_owner_waits_one_delay_at_most() -> None:
+    # A queue of early attempts would make the right passphrase wait out every delay
+    # ahead of it (six wrong attempts at once once held the owner for 31.8 s).
+    clock = FakeClock()
+    lock = AgentLock(clock)
+    await lock.lock("right")
+    codes: list[str] = []
 
     async def guess() -> None:
-        await _expect_wrong(lock)
-        checked.append(clock.monotonic)
+        try:
+            await lock.unlock("wrong")
+        except OpError as exc:
+            codes.append(exc.code)
 
+    with anyio.fail_after(10):  # queued attempts would wait on the fake clock for ever
+        async with anyio.create_task_group() as group:
+            for _ in range(50):
+                group.start_soon(guess)
+    assert sorted(codes) == ["busy"] * 49 + ["wrong_passphrase"]
+    assert lock.failures == 1
     start = clock.monotonic
-    async with anyio.create_task_group() as group:
-        group.start_soon(guess)
-        group.start_soon(guess)
-        for _ in range(2):
-            await clock.wait_for_sleepers()
-            clock.advance(MAX_DELAY)
-    assert checked == [start + MAX_DELAY, start + 2 * MAX_DELAY]
+    clock.advance(lock.delay())
+    await lock.unlock("right")  # checked at once, whatever was refused before
+    assert not lock.locked and clock.monotonic - start == FIRST_DELAY
 
 
 async def _expect_wrong(lock: AgentLock) -> None:
@@ -137,10 +135,11 @@ async def test_the_lock_is_kept_on_disk_until_unlocked(tmp_path: Path) -> None:
     await _expect_wrong(second)
     third = AgentLock.load(clock, path)
     assert third.failures == 1 and third.delay() == FIRST_DELAY
-    async with anyio.create_task_group() as group:
-        group.start_soon(third.unlock, "correct horse")
-        await clock.wait_for_sleepers()  # the delay holds across the restart
-        clock.advance(FIRST_DELAY)
+    with pytest.raises(OpError) as early:  # the delay holds across the restart
+        await third.unlock("correct horse")
+    assert early.value.code == "busy"
+    clock.advance(FIRST_DELAY)
+    await third.unlock("correct horse")
     assert not third.locked and not os.path.exists(path)
     assert not AgentLock.load(clock, path).locked
 

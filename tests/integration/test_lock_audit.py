@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -48,6 +49,28 @@ def test_a_locked_agent_hands_out_nothing_until_unlocked(agent: AgentProcess) ->
     assert right.returncode == 0, right.stderr
     assert run_cli(env, "auth", "token").stdout.strip() == KEY
     assert "s3cret" not in agent.log() and "guess" not in agent.log()
+
+
+def test_guessers_in_parallel_cannot_keep_the_owner_waiting(agent: AgentProcess) -> None:
+    # Early attempts used to queue, each waiting out the doubling delay: six wrong
+    # passphrases at once held the owner's right one for 31.8 s. Now one is checked,
+    # the rest are refused unchecked with the time left, and the owner waits one delay.
+    env = agent.agent_env
+    store_key(agent)
+    assert run_cli(env, "auth", "lock", "--passphrase-stdin",
+                   input="s3cret phrase\n").returncode == 0
+    def guess(number: int) -> str:
+        answer = ask(agent.socket, {"id": number, "op": "unlock", "passphrase": f"guess {number}"},
+                     timeout=5.0)
+        return str(answer["error"]["code"])
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        codes = sorted(pool.map(guess, range(8)))
+    assert codes.count("wrong_passphrase") >= 1 and set(codes) <= {"wrong_passphrase", "busy"}
+    assert codes.count("busy") >= 4  # not queued behind each other's delays
+    right = run_cli(env, "auth", "unlock", "--passphrase-stdin", input="s3cret phrase\n")
+    assert right.returncode == 0, right.stderr
+    assert run_cli(env, "auth", "token").stdout.strip() == KEY
 
 
 def test_the_passphrase_never_comes_from_argv(agent: AgentProcess) -> None:
@@ -166,8 +189,11 @@ def test_the_wrong_passphrase_delay_survives_a_restart(agent_env: AgentEnv) -> N
         again = _unlock(agent_env, "guess two")
         waited = time.monotonic() - started
         assert again.returncode == 1
-        assert "2 in a row; the next attempt waits 1 s" in again.stderr
-        assert waited >= FIRST_DELAY  # the first wrong attempt's delay held after the restart
+        assert "2 in a row; the next attempt is checked in 1 s" in again.stderr
+        # The first wrong attempt's delay held after the restart: the agent refused the
+        # attempt unchecked and the CLI waited it out before sending it again.
+        assert "checks this one in" in again.stderr
+        assert waited >= FIRST_DELAY
         assert _unlock(agent_env, PASSPHRASE).returncode == 0
         assert run_cli(agent_env, "auth", "token").stdout.strip() == KEY
     finally:
