@@ -28,7 +28,7 @@ one decoder built once (see :func:`decode_request`).
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 import msgspec
 
@@ -41,6 +41,17 @@ PROTOCOL_VERSION: Final = 1
 MAX_LINE_BYTES: Final = 64 * 1024
 #: The longest response line: a list of a thousand sessions is larger than any request.
 MAX_RESPONSE_BYTES: Final = 16 * 1024 * 1024
+
+
+# Bounds on what a request may name. Audit entries keep the profile, scope and
+# audience a caller asked for, and the forwarding socket is open to a remote
+# host: unbounded names let it fill the agent's memory (30 KB names, 1,000
+# entries: +63 MiB). Real values are far shorter.
+ProfileName = Annotated[str, msgspec.Meta(max_length=128)]
+TokenId = Annotated[str, msgspec.Meta(max_length=256)]
+ScopeList = Annotated[list[Annotated[str, msgspec.Meta(max_length=256)]],
+                      msgspec.Meta(max_length=64)]
+Url = Annotated[str, msgspec.Meta(max_length=2048)]
 
 
 # --------------------------------------------------------------------------
@@ -59,7 +70,7 @@ class Hello(_Request, tag="hello"):
 class Status(_Request, tag="status"):
     """Describe the agent and the session of ``profile`` (all profiles if None)."""
 
-    profile: str | None = None
+    profile: ProfileName | None = None
 
 
 class List(_Request, tag="list"):
@@ -77,10 +88,10 @@ class Token(_Request, tag="token"):
     one (scope, audience) are 5 s apart (docs/protocol.md).
     """
 
-    profile: str = "default"
-    token_id: str | None = None
-    scope: list[str] | None = None
-    audience: str | None = None
+    profile: ProfileName = "default"
+    token_id: TokenId | None = None
+    scope: ScopeList | None = None
+    audience: Url | None = None
     min_valid: float = 0.0
     rejected_token: str | None = None
     force_new: bool = False
@@ -97,8 +108,8 @@ class Token(_Request, tag="token"):
 class Refresh(_Request, tag="refresh"):
     """Refresh a session now, by ``token_id`` or else ``profile``."""
 
-    profile: str = "default"
-    token_id: str | None = None
+    profile: ProfileName = "default"
+    token_id: TokenId | None = None
 
 
 class Revoke(_Request, tag="revoke"):
@@ -107,7 +118,7 @@ class Revoke(_Request, tag="revoke"):
     When the provider cannot be reached the session is kept unless ``force``.
     """
 
-    token_id: str
+    token_id: TokenId
     force: bool = False
 
 
@@ -120,7 +131,7 @@ class RevokeAll(_Request, tag="revoke_all"):
 class Logout(_Request, tag="logout"):
     """Revoke and forget ``profile``'s session, or every profile's with ``all``."""
 
-    profile: str = "default"
+    profile: ProfileName = "default"
     all: bool = False
     force: bool = False
 
@@ -134,11 +145,11 @@ class LoginStart(_Request, tag="login_start"):
     it then calls :class:`LoginWait`.
     """
 
-    profile: str = "default"
+    profile: ProfileName = "default"
     flow: Literal["browser", "device"] = "browser"
-    issuer: str | None = None
-    client_id: str | None = None
-    scope: list[str] | None = None
+    issuer: Url | None = None
+    client_id: TokenId | None = None
+    scope: ScopeList | None = None
 
 
 class LoginWait(_Request, tag="login_wait"):
@@ -158,7 +169,7 @@ class StoreApiKey(_Request, tag="store_api_key"):
     """Keep an API key for ``profile`` in the agent's secret store."""
 
     api_key: str
-    profile: str = "default"
+    profile: ProfileName = "default"
 
     def __repr__(self) -> str:  # the key must never reach a log or traceback
         return f"StoreApiKey(id={self.id!r}, profile={self.profile!r}, api_key=<redacted>)"
@@ -187,7 +198,7 @@ class AuditLog(_Request, tag="audit_log"):
     """The most recent tokens handed out (and refused), newest last."""
 
     limit: int = 50
-    profile: str | None = None
+    profile: ProfileName | None = None
     #: Only issued tokens, or only failed requests (kept apart: a flood of one
     #: cannot push the other out); None: both, merged by time.
     outcome: Literal["issued", "failed"] | None = None

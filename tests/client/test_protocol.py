@@ -292,3 +292,35 @@ def test_the_token_fast_path_hands_a_deep_answer_to_the_full_cli() -> None:
     deep = b"[" * 100_000 + b"]" * 100_000
     assert fasttoken._token_from_json(b'{"id":1,"ok":true,"result":' + deep + b"}") is None
     assert fasttoken._token_from_json(b'{"id":1,"ok":false,"error":' + deep + b"}") is None
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field"),
+    [
+        ({"op": "token", "profile": "p" * 30_000}, "$.profile"),
+        ({"op": "token", "audience": "https://" + "a" * 30_000}, "$.audience"),
+        ({"op": "token", "scope": ["s" * 30_000]}, "$.scope[0]"),
+        ({"op": "token", "scope": ["s"] * 5_000}, "$.scope"),
+        ({"op": "token", "token_id": "t" * 30_000}, "$.token_id"),
+        ({"op": "status", "profile": "p" * 30_000}, "$.profile"),
+        ({"op": "login_start", "issuer": "https://" + "i" * 30_000}, "$.issuer"),
+    ],
+)
+def test_names_too_long_for_any_real_value_are_bad_requests(
+    request_fields: dict[str, object], field: str
+) -> None:
+    # Audit entries keep what a caller asked for, and a forwarded host may ask: 1,000
+    # requests naming 30 KB profiles grew the agent by 63 MiB before these bounds.
+    line = msgspec.json.encode({"id": 7, **request_fields})
+    with pytest.raises(p.ProtocolError) as caught:
+        p.decode_request(line)
+    assert caught.value.code == "bad_request" and caught.value.request_id == 7
+    assert field in str(caught.value) and len(str(caught.value)) < 300  # the value not echoed
+
+
+def test_real_names_are_well_within_the_bounds() -> None:
+    request = p.decode_request(msgspec.json.encode({
+        "id": 1, "op": "token", "profile": "staging-eu-west-1",
+        "scope": ["openid", "offline_access", "compozy:read", "compozy:write"],
+        "audience": "https://api.compozy.dev/v1"}))
+    assert isinstance(request, p.Token) and request.profile == "staging-eu-west-1"
