@@ -1,8 +1,16 @@
 """The httpx edge: sends what ``oidc.py`` builds, hands the answers back to its parsers.
 
 This module owns the agent's one HTTP client for identity providers: its
-timeouts (connect 5 s, read 15 s), no redirects, a User-Agent, a cap on body
-size, the discovery cache, and the clock skew seen in ``Date`` headers.
+deadlines (each exchange, from connecting to the last byte of the body, ends
+within CALL_DEADLINE = 10 s; connecting alone gets 5 s), no redirects, a
+User-Agent, a cap on body size, the discovery cache, the time each request was
+sent (a token's life counts from then), and the clock skew seen in ``Date``
+headers.
+
+httpx's own timeouts apply to each read: a provider that answers one byte a
+second would keep an exchange going for as long as its answer lasts. The
+deadline around the whole exchange is what bounds it; running out counts as
+:class:`~compozy_agent.oidc.ProviderUnreachable`, a transient failure.
 
 Nothing above this module sees an httpx exception: :data:`_HTTPX_FAILURES`
 maps each to a failure of the tree drawn in ``oidc.py`` (mostly
@@ -13,14 +21,17 @@ backoff are the lifecycle's decision.
 
 from __future__ import annotations
 
+import errno
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, overload
 from urllib.parse import urlsplit
 
+import anyio
 import httpx
+import msgspec
 
 from compozy_agent import oidc
 from compozy_agent.oidc import ProviderUnreachable
@@ -28,6 +39,7 @@ from compozy_client import __version__
 from compozy_client.safetext import one_line
 
 __all__ = [
+    "CALL_DEADLINE",
     "CONNECT_TIMEOUT",
     "DISCOVERY_TTL",
     "MAX_BODY_BYTES",
@@ -42,8 +54,12 @@ log = logging.getLogger("compozy_agent.http")
 
 #: How long discovered metadata is reused, in seconds.
 DISCOVERY_TTL: Final = 3600.0
+#: The whole of one exchange with a provider: connecting, sending, and reading the
+#: answer to its last byte (docs/architecture.md, "Deadlines").
+CALL_DEADLINE: Final = 10.0
 CONNECT_TIMEOUT: Final = 5.0
-READ_TIMEOUT: Final = 15.0
+#: httpx's per-operation timeout (each read, each write); CALL_DEADLINE bounds the sum.
+READ_TIMEOUT: Final = 10.0
 #: Token, discovery and userinfo answers are small; anything bigger is refused.
 MAX_BODY_BYTES: Final = 1024 * 1024
 USER_AGENT: Final = f"compozy-agent/{__version__}"
@@ -79,7 +95,6 @@ _CONNECT_CAUSES: Final = (
     ("Name or service not known", "the host name does not resolve"),
     ("nodename nor servname", "the host name does not resolve"),
     ("Temporary failure in name resolution", "the host name does not resolve"),
-    ("Connection refused", "connection refused"),
     ("Network is unreachable", "the network is unreachable"),
     ("No route to host", "no route to host"),
 )
@@ -99,12 +114,47 @@ def _host(url: str) -> str:
     return one_line(f"{host}:{port}" if port else host, 300)
 
 
+def _host_and_port(url: str) -> str:
+    """``host:port`` of a URL, with the scheme's default port when none is written."""
+    host = _host(url)
+    try:
+        parts = urlsplit(url)
+        explicit = parts.port
+    except ValueError:
+        return host
+    if explicit is not None or host == "the provider":
+        return host
+    return f"{host}:{443 if parts.scheme == 'https' else 80}"
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what it was raised from or during, most recent first (bounded)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and len(seen) < 16:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether the connection was refused (anyio hides it under "All connection attempts
+    failed", so the cause chain is searched, not the text)."""
+    return any(isinstance(cause, ConnectionRefusedError)
+               or (isinstance(cause, OSError) and cause.errno == errno.ECONNREFUSED)
+               for cause in _causes(exc))
+
+
 def _map_httpx_error(exc: Exception, url: str) -> oidc.OAuthFailure:
     """The failure of our tree for an httpx exception (STYLE idea 4)."""
     host = _host(url)
     for kind, failure, reason in _HTTPX_FAILURES:
         if isinstance(exc, kind):
             if kind is httpx.ConnectError:
+                if _refused(exc) or "Connection refused" in str(exc):
+                    where = _host_and_port(url)
+                    return ProviderUnreachable("connection refused", host,
+                                               message=f"connection refused by {where}")
                 reason = next((plain for phrase, plain in _CONNECT_CAUSES
                                if phrase in str(exc)), reason)
             if failure is ProviderUnreachable:
@@ -115,23 +165,28 @@ def _map_httpx_error(exc: Exception, url: str) -> oidc.OAuthFailure:
 
 @dataclass(frozen=True, repr=False)
 class HttpResponse:
-    """What came back: status, headers with lowercase names, body, and when it arrived."""
+    """What came back: status, headers with lowercase names, body, when it arrived, and
+    when its request was sent (on the agent's clock; a token's life counts from then)."""
 
     status: int
     headers: dict[str, str]
     body: bytes
     received_at: float
+    sent_at: float | None = None
 
     def __repr__(self) -> str:  # bodies carry tokens
-        return f"HttpResponse(status={self.status}, received_at={self.received_at!r})"
+        return (f"HttpResponse(status={self.status}, sent_at={self.sent_at!r}, "
+                f"received_at={self.received_at!r})")
 
 
 class ProviderClient:
     """One HTTP client for every provider the agent talks to.
 
     ``now`` is the agent's clock (wall-clock seconds); ``transport`` replaces
-    the network in tests (``httpx.MockTransport``). ``timeout`` bounds reading,
-    writing and waiting for a connection; connecting gets at most 5 seconds.
+    the network in tests (``httpx.MockTransport``). ``timeout`` bounds each
+    read, write and wait for a connection; connecting gets at most 5 seconds;
+    ``call_deadline`` bounds each exchange as a whole (on the event loop's
+    clock: it measures I/O, not the wall clock).
     """
 
     def __init__(
@@ -142,9 +197,11 @@ class ProviderClient:
         *,
         connect_timeout: float = CONNECT_TIMEOUT,
         discovery_ttl: float = DISCOVERY_TTL,
+        call_deadline: float = CALL_DEADLINE,
     ) -> None:
         self._now = now
         self._discovery_ttl = discovery_ttl
+        self.call_deadline = call_deadline
         self._client = httpx.AsyncClient(
             transport=transport,
             timeout=httpx.Timeout(timeout, connect=min(timeout, connect_timeout)),
@@ -176,22 +233,33 @@ class ProviderClient:
     async def send(self, request: oidc.HttpRequest) -> HttpResponse:
         """Send one request; any HTTP status is an answer, no answer raises.
 
-        Raises ProviderUnreachable (or MalformedResponse for an undecodable or
-        oversized body, or an invalid URL). Records the clock skew of the answer.
+        The whole exchange, from connecting to the body's last byte, ends within
+        ``call_deadline`` seconds or raises ProviderUnreachable. Raises
+        ProviderUnreachable (or MalformedResponse for an undecodable or
+        oversized body, or an invalid URL). Records when the request was sent
+        and the clock skew of the answer.
         """
         headers = dict(request.headers)
         content: bytes | None = None
         if request.form:
             content = request.encoded_form()
             headers["Content-Type"] = "application/x-www-form-urlencoded"
+        # Taken before connecting: the provider may issue the token as soon as the
+        # request reaches it, so its lifetime can only start after this instant.
+        sent_at = self._now()
         try:
-            async with self._client.stream(
-                request.method, request.url, content=content, headers=headers
-            ) as response:
-                body = await _read_capped(response, request.url)
+            with anyio.fail_after(self.call_deadline):
+                async with self._client.stream(
+                    request.method, request.url, content=content, headers=headers
+                ) as response:
+                    body = await _read_capped(response, request.url)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             # "from None": the httpx exception holds the request, form and all.
             raise _map_httpx_error(exc, request.url) from None
+        except TimeoutError:
+            raise ProviderUnreachable(
+                f"no complete answer within {self.call_deadline:.0f} s",
+                _host(request.url)) from None
         received_at = self._now()
         skew = oidc.clock_skew(response.headers.get("date"), received_at)
         if skew is not None:
@@ -204,6 +272,7 @@ class ProviderClient:
             headers={k.lower(): v for k, v in response.headers.items()},
             body=body,
             received_at=received_at,
+            sent_at=sent_at,
         )
 
     # ---------------------------------------------------------------- discovery
@@ -264,7 +333,7 @@ class ProviderClient:
         parsed = oidc.parse_token_response(
             response.status, response.headers, response.body, response.received_at
         )
-        return parsed, response.received_at
+        return _stamped(parsed, response), response.received_at
 
     async def exchange(
         self,
@@ -280,8 +349,8 @@ class ProviderClient:
         response = await self.send(oidc.code_exchange_request(
             metadata, client_id=client_id, code=code, redirect_uri=redirect_uri, pkce=pkce,
             resources=resources))
-        return oidc.parse_token_response(response.status, response.headers, response.body,
-                                         response.received_at)
+        return _stamped(oidc.parse_token_response(response.status, response.headers,
+                                                  response.body, response.received_at), response)
 
     async def refresh(
         self,
@@ -298,8 +367,9 @@ class ProviderClient:
         response = await self.send(oidc.refresh_request(
             metadata, client_id=client_id, refresh_token=refresh_token, scopes=scopes,
             resources=resources, audience=audience))
-        return oidc.parse_refresh_response(response.status, response.headers, response.body,
-                                           response.received_at, refresh_token=refresh_token)
+        return _stamped(oidc.parse_refresh_response(
+            response.status, response.headers, response.body, response.received_at,
+            refresh_token=refresh_token), response)
 
     @overload
     async def device_authorize(
@@ -341,8 +411,9 @@ class ProviderClient:
         """
         response = await self.send(oidc.device_token_request(
             metadata, client_id=client_id, device_code=device_code))
-        return oidc.parse_device_poll(response.status, response.headers, response.body,
-                                      response.received_at)
+        answer = oidc.parse_device_poll(response.status, response.headers, response.body,
+                                        response.received_at)
+        return _stamped(answer, response) if isinstance(answer, oidc.TokenResponse) else answer
 
     # ------------------------------------------------------ revocation, userinfo
 
@@ -403,6 +474,11 @@ class ProviderClient:
         response = await self.send(request)
         return oidc.parse_userinfo(response.status, response.headers, response.body,
                                    response.received_at, subject=subject)
+
+
+def _stamped(parsed: oidc.TokenResponse, response: HttpResponse) -> oidc.TokenResponse:
+    """The token answer with the time its request was sent: its life counts from then."""
+    return msgspec.structs.replace(parsed, sent_at=response.sent_at)
 
 
 def _required(value: str | None) -> str:

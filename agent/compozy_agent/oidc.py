@@ -162,10 +162,11 @@ class CallbackError(OAuthFailure):
 class ProviderUnreachable(OAuthFailure):
     """No answer from the provider (raised by the I/O edge); the message names the host only."""
 
-    def __init__(self, reason: str, host: str | None = None) -> None:
+    def __init__(self, reason: str, host: str | None = None, *,
+                 message: str | None = None) -> None:
         self.reason = reason
         self.host = host
-        super().__init__(f"{host}: {reason}" if host else reason)
+        super().__init__(message or (f"{host}: {reason}" if host else reason))
 
 
 # Runs of token alphabet (base64url, JWT dots, standard base64) long enough to be a
@@ -494,7 +495,7 @@ class TokenResponse(msgspec.Struct, kw_only=True):
 
     ``token_type`` is ``Bearer`` whatever the case the provider used;
     ``expires_in`` is seconds or None; ``received_at`` is the ``now`` the parser
-    was given, so :attr:`expires_at` is on the agent's clock.
+    was given; ``sent_at``, set by the I/O edge, is when the request was sent.
     """
 
     access_token: str
@@ -504,17 +505,27 @@ class TokenResponse(msgspec.Struct, kw_only=True):
     id_token: str | None = None
     scope: list[str] | None = None
     received_at: float = 0.0
+    sent_at: float | None = None
+
+    @property
+    def issued_at(self) -> float:
+        """The earliest the provider can have issued the token: when the request was sent
+        (when known), else when the answer arrived."""
+        return self.sent_at if self.sent_at is not None else self.received_at
 
     @property
     def expires_at(self) -> float:
-        """When the access token expires, on the agent's clock (see access_token_expiry)."""
-        return access_token_expiry(self.received_at, self.expires_in, self.access_token)
+        """When the provider says the access token expires, on the agent's clock, counted
+        from :attr:`issued_at` (see access_token_expiry): an answer that took 50 s to
+        arrive took 50 s of the token's life with it."""
+        return access_token_expiry(self.issued_at, self.expires_in, self.access_token)
 
     def __repr__(self) -> str:
         return (f"TokenResponse(access_token={REDACTED}, token_type={self.token_type!r}, "
                 f"expires_in={self.expires_in!r}, scope={self.scope!r}, "
                 f"refresh_token={_redacted(self.refresh_token)}, "
-                f"id_token={_redacted(self.id_token)}, received_at={self.received_at!r})")
+                f"id_token={_redacted(self.id_token)}, sent_at={self.sent_at!r}, "
+                f"received_at={self.received_at!r})")
 
     def __rich_repr__(self) -> list[tuple[str, Any]]:
         return [("access_token", REDACTED), ("expires_in", self.expires_in),
