@@ -16,10 +16,17 @@ takes ``now`` (wall-clock epoch seconds) and answers with what the driver
 # back what happened; it never looks inside.
 #
 # Rule 2: no I/O and no clock reads here. Time arrives as ``now`` on every
-# call, and expiry is always a wall-clock value (``expires_at``, computed by
-# the driver from ``expires_in`` as measured when the response arrived). Every
-# call compares it with ``now``: a suspended laptop whose monotonic clock
-# stopped can never be handed an expired token.
+# call, and expiry is always a wall-clock value. A token's life counts from
+# when its request was *sent* (the driver passes that instant as
+# ``issued_at``, with the provider's expiry counted from it), never from when
+# the answer arrived: an answer that took 50 s to come took 50 s of the
+# token's life with it. And the agent stops handing a token out EXPIRY_MARGIN
+# seconds (at most half its life) before that expiry: the provider's ``exp``
+# has whole seconds, so its clock may end the token up to a second early, and
+# the caller still has to use it. Every call compares expiry with ``now``: a
+# suspended laptop whose monotonic clock stopped can never be handed an
+# expired token, and a token the agent cannot be sure is valid is never
+# handed out.
 #
 # Theory of operation
 # ===================
@@ -82,8 +89,9 @@ takes ``now`` (wall-clock epoch seconds) and answers with what the driver
 # Rule 5, proactive refresh: the default token is refreshed at a jittered
 # 75-85 % of its lifetime (WINDOW; jitter from the injected random.Random),
 # never later than min(MIN_MARGIN, lifetime / 2) before expiry, and never
-# sooner than RECENT seconds after issue (a provider granting absurdly short
-# tokens gets one refresh per RECENT seconds, not a loop). next_wakeup() says
+# sooner than RECENT seconds after the answer arrived (a provider granting
+# absurdly short tokens, or answering slower than they live, gets one
+# refresh per RECENT seconds, not a loop). next_wakeup() says
 # when the driver should next call tick(); it is O(1). The driver caps its
 # sleeps (monotonic clocks stop during suspend) and calls tick() on waking.
 # A narrower token is not kept warm (each refresh spends the shared refresh
@@ -131,19 +139,37 @@ takes ``now`` (wall-clock epoch seconds) and answers with what the driver
 #
 # Rule 8, failures: a transient failure (network, 5xx, 429, timeouts) backs
 # off exponentially with jitter from FIRST_BACKOFF to MAX_BACKOFF, or longer
-# when the provider sent Retry-After (honoured up to MAX_RETRY_AFTER). While
-# backing off, a request the cached token satisfies is answered with it;
-# others fail with refresh_failed at once, rather than hang. The callers who
-# waited for the failed refresh are told refresh_failed, unless the cached
-# token still serves them. invalid_grant means the refresh token is dead:
+# when the provider sent Retry-After (honoured up to MAX_RETRY_AFTER). The
+# backoff respects the default token's expiry: while it is valid, the next
+# attempt comes no later than halfway to its expiry (and no sooner than
+# EARLY_RETRY_SPACING), so a flapping network gets several attempts before
+# the token runs out instead of one long wait past it. While backing off, a
+# request the cached token satisfies is answered with it; a request that has
+# a valid token, just not valid long enough, fails with refresh_failed at
+# once, rather than hang. A request for which no valid token is left may
+# start one attempt ahead of the schedule (rule 8b). The callers who waited
+# for the failed refresh are told refresh_failed, unless the cached token
+# still serves them or rule 8b lets them wait for another attempt.
+# invalid_grant means the refresh token is dead:
 # LOGIN_REQUIRED, every cached token dropped, DeleteRefreshToken. A narrower
 # request the provider refuses (invalid_scope, invalid_target) fails for that
 # slot alone, for REFUSAL_TTL seconds.
 #
+# Rule 8b, early attempts: when a request finds no valid token in its slot
+# (none, expired, or rejected) and the session is backing off, one refresh may
+# start ahead of the schedule, if none started in the last
+# EARLY_RETRY_SPACING seconds: still single flight (rule 3), so a crowd of
+# callers causes at most one attempt a second. Such a request keeps the agent
+# trying this way for EARLY_RETRY_WINDOW seconds after it asked (told
+# WaitForRefresh with ``until`` while the spacing runs), so a flapping network
+# costs a caller a retry, not an outage, and a dead one costs it a few
+# seconds. A provider's Retry-After is never jumped (rule 8).
+#
 # Rule 9, no second refresh for one request: when a refresh of its slot has
 # ended since the request began (attempt_ended_at >= asked_at) and still
-# cannot serve it, the request fails; it never starts another. (It does wait
-# for a refresh of its slot already in flight: that one may serve it.)
+# cannot serve it, the request fails; it never starts another, except under
+# rule 8b. (It does wait for a refresh of its slot already in flight: that
+# one may serve it.)
 #
 # Rule 10: an event the phase does not allow (a result for a refresh that is
 # not in flight, a second revoke) raises IllegalTransition and changes
@@ -173,7 +199,8 @@ takes ``now`` (wall-clock epoch seconds) and answers with what the driver
 #   due right after it (a persist, the next refresh), so there is no need to
 #   call tick() after an event.
 # - When an operation ends, wake the callers told WaitForRefresh; they ask
-#   again with their original ``asked_at``.
+#   again with their original ``asked_at`` (one told WaitForRefresh with
+#   ``until`` also asks again at that wall-clock time, if nothing ended before).
 # - Sleep until next_wakeup() (re-read after every call; it is O(1)), in
 #   capped slices, then call tick(). None means: nothing until an event.
 
@@ -192,6 +219,9 @@ from compozy_client.errors import ErrorCode
 
 __all__ = [
     "DEFAULT_SLOT",
+    "EARLY_RETRY_SPACING",
+    "EARLY_RETRY_WINDOW",
+    "EXPIRY_MARGIN",
     "FIRST_BACKOFF",
     "MAX_BACKOFF",
     "MAX_NARROWER_SLOTS",
@@ -219,6 +249,7 @@ __all__ = [
     "Status",
     "WaitForRefresh",
     "slot_key",
+    "usable_token",
 ]
 
 #: A token issued this recently is new enough for any request (rules 5-7).
@@ -238,6 +269,13 @@ REFUSAL_TTL: Final = 60.0
 MAX_NARROWER_SLOTS: Final = 64
 #: Rule 7: at most MAX_NARROWER_SLOTS refreshes of narrower slots in this many seconds.
 NEW_SLOT_WINDOW: Final = MAX_NARROWER_SLOTS * RECENT
+#: Rule 2: a token is handed out until this long (at most half its life) before the
+#: provider's expiry: ``exp`` has whole seconds, and the caller still has to use it.
+EXPIRY_MARGIN: Final = 2.0
+#: Rule 8b: attempts ahead of the backoff schedule start at most this often.
+EARLY_RETRY_SPACING: Final = 1.0
+#: Rule 8b: how long after it asked a request without a valid token keeps the agent trying.
+EARLY_RETRY_WINDOW: Final = 5.0
 
 #: (scopes, audience) of a cached access token; (None, None) is the default token.
 SlotKey: TypeAlias = tuple[frozenset[str] | None, str | None]
@@ -365,6 +403,18 @@ class AccessToken:
         return max(0.0, self.expires_at - self.issued_at)
 
 
+def usable_token(
+    value: str, *, sent_at: float, expires_at: float, scope: Iterable[str] | None = None
+) -> AccessToken:
+    """The AccessToken for a provider's answer to a request sent at ``sent_at``, whose
+    expiry (counted from ``sent_at``) is ``expires_at``: handed out until EXPIRY_MARGIN
+    (at most half its life) before then (rule 2)."""
+    stated_expiry = max(expires_at, sent_at)
+    margin = min(EXPIRY_MARGIN, (stated_expiry - sent_at) / 2)
+    return AccessToken(Secret(value), sent_at, stated_expiry - margin,
+                       tuple(scope) if scope is not None else None)
+
+
 # ---------------------------------------------------------------------------
 # What request_token answers (a Decision) and what events ask of the driver
 # (Actions). StartRefresh is both: the caller that receives it must run it.
@@ -404,12 +454,15 @@ class StartRefresh:
 
 @dataclass(frozen=True, slots=True)
 class WaitForRefresh:
-    """A refresh (or the saving of a rotated refresh token) is in flight.
+    """A refresh (or the saving of a rotated refresh token) is in flight, or (``until``
+    set) an early attempt may start at that wall-clock time (rule 8b).
 
-    Wait until operation ``op_id`` ends, then ask again with the same ``asked_at``.
+    Wait until operation ``op_id`` ends (or ``until`` comes, when set), then ask again
+    with the same ``asked_at``.
     """
 
     op_id: int
+    until: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -597,6 +650,10 @@ class SessionLifecycle:
         self._failures = 0
         self._retry_at: float | None = None
         self._last_error: str | None = None
+        #: Rule 8: the provider's Retry-After runs until then; no early attempt jumps it.
+        self._retry_after_until: float | None = None
+        #: Rule 8b: when the latest refresh started.
+        self._last_attempt_at = float("-inf")
         # Rule 4: the newest refresh token is not known to be stored.
         self._unsaved = refresh_token is not None and not refresh_token_saved
         self._persist_failures = 0
@@ -608,7 +665,7 @@ class SessionLifecycle:
         self._last_refresh_at: float | None = None
         self._last_refresh_outcome: str | None = None
         if access_token is not None:
-            self._install(self._default, access_token)
+            self._install(self._default, access_token, now)
 
     def __repr__(self) -> str:
         return (f"<SessionLifecycle phase={self._phase.name} in_flight={self.in_flight} "
@@ -760,8 +817,13 @@ class SessionLifecycle:
         flight = self._flight
         if flight is not None and flight.slot == slot:
             return WaitForRefresh(flight.op_id)  # its outcome is this caller's answer
+        # Rule 8b: the session is backing off, nothing valid is left for this caller, and
+        # the caller is still within its window.
+        keeps_trying = self._retry_at is not None \
+            and (token is None or token.remaining(now) <= 0) \
+            and now - asked_at < EARLY_RETRY_WINDOW
         if cache is not None and cache.attempt_ended_at is not None \
-                and cache.attempt_ended_at >= asked_at:  # rule 9
+                and cache.attempt_ended_at >= asked_at and not keeps_trying:  # rule 9
             return cache.failure or Fail(ErrorCode.REFRESH_FAILED, (
                 "the new token had already expired when it arrived; check the system clock"
                 if cache.token is not None else
@@ -772,9 +834,16 @@ class SessionLifecycle:
         if flight is not None:
             return WaitForRefresh(flight.op_id)
         if self._retry_at is not None and now < self._retry_at:
-            return Fail(ErrorCode.REFRESH_FAILED,
-                        f"could not refresh the token ({self._last_error or 'provider error'}); "
-                        + _retry_hint(slot, self._retry_at - now))
+            early_at = min(self._last_attempt_at + EARLY_RETRY_SPACING, self._retry_at)
+            if not keeps_trying or early_at - asked_at >= EARLY_RETRY_WINDOW or (
+                    self._retry_after_until is not None and now < self._retry_after_until):
+                return Fail(ErrorCode.REFRESH_FAILED,
+                            f"could not refresh the token "
+                            f"({self._last_error or 'provider error'}); "
+                            + _retry_hint(slot, self._retry_at - now))
+            if now < early_at:
+                return WaitForRefresh(self._last_op_id, until=early_at)
+            # Rule 8b: one attempt ahead of the schedule.
         wait = self._narrower_wait(now) if slot != DEFAULT_SLOT else None
         if wait is not None:  # rule 7, across slots
             return Fail(ErrorCode.REFRESH_FAILED, (
@@ -811,6 +880,10 @@ class SessionLifecycle:
     ) -> list[Action]:
         """The provider issued a token. ``refresh_token`` is the response's, if it sent one.
 
+        ``issued_at`` is when the refresh request was sent (default ``now``) and
+        ``expires_at`` the provider's expiry counted from then (rule 2); the token is
+        handed out until EXPIRY_MARGIN before it, and never if that is already past.
+
         A refresh token different from the current one is a rotation (RFC 6749
         section 6, RFC 9700 section 4.14.2): the answer then holds its
         PersistRefreshToken, and no refresh starts until that write is reported.
@@ -822,18 +895,23 @@ class SessionLifecycle:
                                                  or not current.matches(refresh_token))
         flight = self._end_refresh(
             refresh_id, Event.REFRESH_OK_ROTATED if rotated else Event.REFRESH_OK)
-        issued = now if issued_at is None else issued_at
-        token = AccessToken(Secret(access_token), issued, max(expires_at, issued),
-                            tuple(scope) if scope is not None else None)
+        issued = now if issued_at is None else min(issued_at, now)
+        token = usable_token(access_token, sent_at=issued, expires_at=expires_at, scope=scope)
         cache = self._cache_for(flight)
-        self._install(cache, token)
+        self._install(cache, token, now)
         if flight.forced:
             cache.forced_at = issued  # rule 7: spaced from the forced token's issue
         cache.attempt_ended_at = now
         cache.failure = None
+        if token.remaining(now) <= 0 and now - issued >= token.lifetime > 0:
+            # Rule 2: never handed out; a caller still in its window tries again (8b).
+            cache.failure = Fail(ErrorCode.REFRESH_FAILED, (
+                f"the provider took {now - issued:.0f} s to answer, longer than the new token "
+                f"lives ({token.lifetime:.0f} s); ask again"))
         cache.refused_until = None
         self._failures = 0
         self._retry_at = None
+        self._retry_after_until = None
         self._last_error = None
         self._last_refresh_at = now
         self._last_refresh_outcome = "refreshed"
@@ -862,8 +940,15 @@ class SessionLifecycle:
         flight = self._end_refresh(refresh_id, Event.REFRESH_TRANSIENT)
         self._failures += 1
         delay = self._backoff(self._failures)
+        default = self._default.token
+        if default is not None and default.remaining(now) > 0:
+            # Rule 8: the next attempt comes before the token runs out, not after.
+            delay = min(delay, max(EARLY_RETRY_SPACING, default.remaining(now) / 2))
+        self._retry_after_until = None
         if retry_after is not None:
-            delay = max(delay, min(max(retry_after, 0.0), MAX_RETRY_AFTER))
+            honoured = min(max(retry_after, 0.0), MAX_RETRY_AFTER)
+            self._retry_after_until = now + honoured
+            delay = max(delay, honoured)
         self._retry_at = now + delay
         self._last_error = reason
         self._last_refresh_at = now
@@ -1018,6 +1103,7 @@ class SessionLifecycle:
         assert self._refresh_token is not None
         self._fire(Event.START_REFRESH)
         self._last_op_id += 1
+        self._last_attempt_at = now
         self._flight = _Flight(self._last_op_id, slot, forced)
         if slot != DEFAULT_SLOT:
             self._narrower_refresh_times.append(now)
@@ -1055,12 +1141,12 @@ class SessionLifecycle:
         # A slot in flight is never evicted (see _evict); setdefault only for safety.
         return self._narrower.setdefault(flight.slot, AccessTokenSlot(flight.slot))
 
-    def _install(self, cache: AccessTokenSlot, token: AccessToken) -> None:
+    def _install(self, cache: AccessTokenSlot, token: AccessToken, now: float) -> None:
         lifetime = token.lifetime
         jittered = token.issued_at + lifetime * self._rng.uniform(*WINDOW)
         latest = token.expires_at - min(MIN_MARGIN, lifetime / 2)
         cache.token = token
-        cache.refresh_due_at = max(min(jittered, latest), token.issued_at + RECENT)
+        cache.refresh_due_at = max(min(jittered, latest), max(token.issued_at, now) + RECENT)
 
     def _evict(self) -> None:
         in_flight = self._flight.slot if self._flight is not None else None
@@ -1076,6 +1162,7 @@ class SessionLifecycle:
         self._narrower.clear()
         self._failures = 0
         self._retry_at = None
+        self._retry_after_until = None
         self._unsaved = False
         self._persist_failures = 0
         self._persist_retry_at = None

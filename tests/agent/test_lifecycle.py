@@ -19,6 +19,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from compozy_agent.lifecycle import (
     DEFAULT_SLOT,
+    EARLY_RETRY_WINDOW,
+    EXPIRY_MARGIN,
     MAX_BACKOFF,
     MAX_NARROWER_SLOTS,
     MAX_RETRY_AFTER,
@@ -204,11 +206,11 @@ def test_narrower_token_inside_its_window_is_refreshed_in_the_background() -> No
     machine.refresh_succeeded(T0, read.refresh_id, "at-read", T0 + 600)
     assert ready_value(machine.request_token(T0 + 100, READ)) == "at-read"
     decision = machine.request_token(T0 + 590, READ)
-    assert decision == Ready(AccessToken(Secret("at-read"), T0, T0 + 600),
+    assert decision == Ready(AccessToken(Secret("at-read"), T0, T0 + 600 - EXPIRY_MARGIN),
                              background=StartRefresh(2, READ, Secret("rt-0")))
     # While that runs, the token is still handed out, with no second refresh.
     assert machine.request_token(T0 + 591, READ) == Ready(
-        AccessToken(Secret("at-read"), T0, T0 + 600))
+        AccessToken(Secret("at-read"), T0, T0 + 600 - EXPIRY_MARGIN))
 
 
 def test_narrower_slots_are_capped_least_recently_used_first() -> None:
@@ -586,7 +588,9 @@ def test_transient_failures_back_off_exponentially_up_to_the_cap() -> None:
         assert wakeup is not None
         delays.append(wakeup - now)
         assert machine.tick(wakeup - 0.01) == []
-        decision = machine.request_token(wakeup - 0.01)
+        # (A caller that asked earlier than rule 8b's window: no attempt ahead of schedule.)
+        decision = machine.request_token(wakeup - 0.01,
+                                         asked_at=wakeup - 0.01 - EARLY_RETRY_WINDOW)
         assert isinstance(decision, Fail) and decision.code == ErrorCode.REFRESH_FAILED
         assert "timeout" in decision.message
         now = wakeup
@@ -652,7 +656,8 @@ def test_the_valid_token_is_served_through_failures_and_fail_comes_once_it_is_go
         assert machine.request_token(now) == Ready(at("at-0"))
         machine.refresh_failed_transient(now, refresh.refresh_id, reason="HTTP 503")
     assert machine.state(expires_at) is State.EXPIRED
-    gone = machine.request_token(expires_at)
+    # A caller past rule 8b's window (one within it gets an early attempt instead).
+    gone = machine.request_token(expires_at, asked_at=expires_at - EARLY_RETRY_WINDOW)
     assert isinstance(gone, Fail) and gone.code == ErrorCode.REFRESH_FAILED
     assert machine.status(expires_at).warnings
     # The provider comes back.
@@ -943,7 +948,7 @@ def test_status_snapshot() -> None:
     status = machine.status(T0 + 21)
     assert status.last_refresh_at == T0 + 21
     assert status.last_refresh_outcome == "refreshed; refresh token rotated"
-    assert status.expires_at == T0 + 21 + HOUR
+    assert status.expires_at == T0 + 21 + HOUR - EXPIRY_MARGIN
 
 
 def test_no_token_value_in_any_repr_or_message() -> None:
@@ -1019,6 +1024,8 @@ class LifecycleModel(RuleBasedStateMachine):
                 self.perform([background])
             case StartRefresh():
                 self.perform([decision])
+            case WaitForRefresh(until=float() as until):  # rule 8b: an early attempt later
+                assert self.flight is None and until > self.now
             case WaitForRefresh(op_id=op_id):
                 assert self.flight is not None and op_id in (
                     getattr(self.flight, "refresh_id", None),
