@@ -28,6 +28,7 @@ import secrets
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
@@ -35,7 +36,7 @@ import anyio.abc
 from compozy_agent import oidc
 from compozy_agent.backend import OpError
 from compozy_agent.clock import Clock, SystemClock
-from compozy_agent.http import ProviderClient
+from compozy_agent.http import CALL_DEADLINE, ProviderClient
 from compozy_agent.lifecycle import (
     DEFAULT_SLOT,
     RECENT,
@@ -47,12 +48,12 @@ from compozy_agent.lifecycle import (
     IllegalTransition,
     PersistRefreshToken,
     Ready,
-    Secret,
     SessionLifecycle,
     StartRefresh,
     State,
     WaitForRefresh,
     slot_key,
+    usable_token,
 )
 from compozy_agent.peer import Peer
 from compozy_agent.store import SecretKind, SessionStore, StoredSession, StoreError
@@ -78,8 +79,12 @@ LOGIN_TTL: Final = 600.0
 MAX_LOGINS: Final = 8
 #: The longest account name (a provider claim) shown in messages and logs.
 ACCOUNT_LIMIT: Final = 200
-#: How long a token request may wait for someone else's refresh (seconds of real time).
-WAIT_LIMIT: Final = 60.0
+#: How long a token request may wait for refreshes (seconds of real time): two provider
+#: calls (CALL_DEADLINE each), and below the CLI's 30 s, so that the agent's own answer,
+#: which says what is slow, reaches the person (docs/architecture.md, "Deadlines").
+WAIT_LIMIT: Final = 20.0
+#: A caller that says how long it waits (``timeout``) is answered this much before then.
+ANSWER_MARGIN: Final = 1.0
 #: How long a revocation waits for a refresh in flight, so it revokes the newest token.
 REVOKE_WAIT: Final = 10.0
 #: The scheduler's sleep when no session has anything scheduled.
@@ -363,12 +368,14 @@ class SessionManager:
             log.exception("session %s: refresh failed unexpectedly", meta.token_id)
             return lifecycle.refresh_failed_transient(self.now(), refresh_id,
                                                       reason="internal error")
-        log.info("session %s: refreshed%s; valid for %.0f s", meta.token_id,
+        log.info("session %s: refreshed%s; valid for %.0f s (answered in %.1f s)", meta.token_id,
                  "" if response.refresh_token in (None, start.refresh_token.reveal())
-                 else " (refresh token rotated)", response.expires_at - response.received_at)
+                 else " (refresh token rotated)", response.expires_at - response.received_at,
+                 response.received_at - response.issued_at)
+        # The token's life counts from when the request was sent (lifecycle rule 2).
         return lifecycle.refresh_succeeded(
             self.now(), refresh_id, response.access_token, response.expires_at,
-            issued_at=response.received_at, refresh_token=response.refresh_token,
+            issued_at=response.issued_at, refresh_token=response.refresh_token,
             scope=response.scope)
 
     async def _run_persist(self, session: Session, persist: PersistRefreshToken) -> None:
@@ -482,7 +489,7 @@ class SessionManager:
         token = await self._obtain(session, slot, min_valid=request.min_valid,
                                    force_new=request.force_new,
                                    rejected_token=request.rejected_token, asked_at=now,
-                                   grant=grant)
+                                   grant=grant, caller_timeout=request.timeout)
         return p.TokenResult(access_token=token.value.reveal(), expires_at=token.expires_at,
                              token_id=session.meta.token_id, profile=session.meta.profile,
                              scope=list(token.scope) if token.scope is not None else None,
@@ -498,11 +505,20 @@ class SessionManager:
         rejected_token: str | None = None,
         asked_at: float | None = None,
         grant: Grant | None = None,
+        caller_timeout: float | None = None,
     ) -> AccessToken:
+        """The token the lifecycle decides on, running and waiting for refreshes as told.
+
+        Waits at most WAIT_LIMIT seconds, and answers ANSWER_MARGIN before the
+        caller's own ``caller_timeout`` when it gave one, so the caller hears
+        what is slow from the agent rather than its own timeout.
+        """
         lifecycle = session.lifecycle
         assert lifecycle is not None
         now = asked_at = self.now() if asked_at is None else asked_at
-        give_up_at: float | None = None  # set at the first wait: the common case never waits
+        wait_limit = WAIT_LIMIT if caller_timeout is None else \
+            max(0.0, min(WAIT_LIMIT, caller_timeout - ANSWER_MARGIN))
+        started = anyio.current_time()
         while True:
             decision = lifecycle.request_token(
                 now, slot, min_valid=min_valid, force_new=force_new,
@@ -524,21 +540,50 @@ class SessionManager:
                     changed = session.changed
                     if isinstance(decision, StartRefresh):
                         self._perform(session, [decision])
-                    if give_up_at is None:
-                        give_up_at = anyio.current_time() + WAIT_LIMIT
-                    with anyio.move_on_after(give_up_at - anyio.current_time()):
-                        await changed.wait()
-                    if not changed.is_set():
+                    until = decision.until if isinstance(decision, WaitForRefresh) else None
+                    with anyio.move_on_after(started + wait_limit - anyio.current_time()):
+                        await self._wait_for_change(changed, until)
+                    if anyio.current_time() >= started + wait_limit:
                         raise OpError(ErrorCode.REFRESH_FAILED,
-                                      f"no answer from the provider within {WAIT_LIMIT:.0f} s; "
-                                      "the agent keeps trying")
+                                      self._still_waiting(session, anyio.current_time() - started))
                     now = self.now()
+
+    async def _wait_for_change(self, changed: anyio.Event, until: float | None) -> None:
+        """Until the session's operation ends, or (rule 8b) the wall clock reaches ``until``."""
+        if until is None:
+            await changed.wait()
+            return
+        async with anyio.create_task_group() as group:
+
+            async def sleep_then_stop(scope: anyio.CancelScope = group.cancel_scope) -> None:
+                await self.clock.sleep_until(until)
+                scope.cancel()
+
+            group.start_soon(sleep_then_stop)
+            await changed.wait()
+            group.cancel_scope.cancel()
+
+    def _still_waiting(self, session: Session, waited: float) -> str:
+        """What a caller is told when its wait runs out: what is slow, and what happens next."""
+        issuer = session.meta.issuer or "the provider"
+        host = urlsplit(issuer).netloc or issuer
+        lifecycle = session.lifecycle
+        if lifecycle is not None and lifecycle.in_flight is not None:
+            return (f"the provider at {host} did not answer within {waited:.0f} s; the agent "
+                    f"gives each attempt {CALL_DEADLINE:.0f} s and keeps trying in the "
+                    "background")
+        retry_at = lifecycle.status(self.now()).retry_at if lifecycle is not None else None
+        retry = f"retries in {max(0.0, retry_at - self.now()):.0f} s" \
+            if retry_at is not None else "keeps trying"
+        return (f"could not get a token from the provider at {host} within {waited:.0f} s; "
+                f"the agent {retry}")
 
     async def refresh(self, request: p.Refresh) -> p.RefreshResult:
         session = self._find(request.profile, request.token_id)
         if session.lifecycle is None:
             raise OpError(ErrorCode.PROVIDER_ERROR, "an API key has nothing to refresh")
-        token = await self._obtain(session, DEFAULT_SLOT, force_new=True)
+        token = await self._obtain(session, DEFAULT_SLOT, force_new=True,
+                                   caller_timeout=request.timeout)
         return p.RefreshResult(token_id=session.meta.token_id, profile=session.meta.profile,
                                expires_at=token.expires_at)
 
@@ -876,11 +921,9 @@ class SessionManager:
             scopes=response.scope or login.scopes, resources=login.resources,
             created_at=received_at,
         )
-        access_token = AccessToken(
-            Secret(response.access_token), issued_at=received_at,
-            expires_at=oidc.access_token_expiry(received_at, response.expires_in,
-                                                response.access_token),
-            scope=tuple(response.scope) if response.scope is not None else None)
+        # Its life counts from when the request was sent (lifecycle rule 2).
+        access_token = usable_token(response.access_token, sent_at=response.issued_at,
+                                    expires_at=response.expires_at, scope=response.scope)
         saved = True
         if response.refresh_token is not None:
             try:

@@ -8,15 +8,26 @@ file another uid owns or others can write
 (:class:`~compozy_client.errors.UnsafeConfigFile`), and a socket that is not
 provably our own agent's (:class:`~compozy_client.errors.UnsafeAgentSocket`,
 raised before anything is sent).
+
+``timeout`` is one budget for the whole call (connecting, starting an agent,
+the answer); the agent is told how long is left, so it answers before then
+with what it knows, and a request is never sent twice.
 """
 
 from __future__ import annotations
+
+import time
 
 from compozy_client import protocol
 from compozy_client.chain import resolve_profile, static_credential
 from compozy_client.config import load_config
 from compozy_client.connection import DEFAULT_TIMEOUT, connect
-from compozy_client.errors import AgentUnavailable, UnsafeAgentSocket, error_from_wire
+from compozy_client.errors import (
+    AgentTimedOut,
+    AgentUnavailable,
+    UnsafeAgentSocket,
+    error_from_wire,
+)
 from compozy_client.paths import socket_path
 from compozy_client.peercheck import peer_problem, socket_path_problem
 
@@ -55,15 +66,18 @@ def get_token(
     ``scope``/``audience`` ask for a narrower token; ``min_valid`` makes sure it
     stays valid that many seconds; pass the token a server refused with 401 as
     ``rejected_token`` (or ``force_new=True``) to get a new one (at most one
-    forced every 5 s: a second rejection sooner raises RefreshFailed).
+    forced every 5 s: a second rejection sooner raises RefreshFailed). ``timeout``
+    bounds the whole call.
     Raises :class:`~compozy_client.errors.NotLoggedIn` when the profile needs
     ``compozy login``, and other :class:`~compozy_client.errors.CompozyError`\\ s.
     """
+    deadline = time.monotonic() + timeout
     static = static_credential(load_config())
     if static is not None:
         return static.api_key
     request = _request(profile, scope, audience, min_valid, force_new, rejected_token)
-    with connect(timeout=timeout) as conn:
+    with connect(timeout=timeout, deadline=deadline) as conn:
+        request.timeout = max(0.0, deadline - time.monotonic())
         return conn.call(request, protocol.TokenResult).access_token
 
 
@@ -80,6 +94,8 @@ async def async_get_token(
     """The asyncio version of :func:`get_token`; starts no agent (use the CLI or service)."""
     import asyncio
 
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     static = static_credential(load_config())
     if static is not None:
         return static.api_key
@@ -90,7 +106,8 @@ async def async_get_token(
         raise UnsafeAgentSocket(problem)
     try:
         reader, writer = await asyncio.wait_for(
-            asyncio.open_unix_connection(path, limit=protocol.MAX_RESPONSE_BYTES), timeout)
+            asyncio.open_unix_connection(path, limit=protocol.MAX_RESPONSE_BYTES),
+            max(0.0, deadline - loop.time()))
     except (OSError, TimeoutError) as exc:
         raise AgentUnavailable(f"no agent answers on {path} ({exc.__class__.__name__})") from None
     problem = peer_problem(writer.get_extra_info("socket"), path)
@@ -98,10 +115,14 @@ async def async_get_token(
         writer.close()
         raise UnsafeAgentSocket(problem)
     try:
+        request.timeout = max(0.0, deadline - loop.time())
         writer.write(protocol.encode(request))
-        await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), timeout)
-    except (OSError, TimeoutError) as exc:
+        await asyncio.wait_for(writer.drain(), max(0.0, deadline - loop.time()))
+        line = await asyncio.wait_for(reader.readline(), max(0.0, deadline - loop.time()))
+    except TimeoutError:
+        raise AgentTimedOut(f"the agent on {path} took the request but did not answer within "
+                            f"{timeout:.0f} s; it was not asked again") from None
+    except OSError as exc:
         raise AgentUnavailable(f"the agent on {path} did not answer ({exc.__class__.__name__})") \
             from None
     except ValueError:  # asyncio's LimitOverrunError: no newline within the limit

@@ -4,14 +4,21 @@ Data goes to stdout, messages to stderr. Exit codes: 0 success, 1 a handled
 failure (not logged in, provider unreachable, ...), 2 a usage error.
 ``NO_COLOR`` (https://no-color.org) and non-terminals get no colour.
 
-The module imports only os and sys at load time: ``compozy auth token`` goes
-through :mod:`compozy_client.fasttoken` first and most calls never load the rest.
+The module imports only os, sys and time at load time: ``compozy auth token``
+goes through :mod:`compozy_client.fasttoken` first and most calls never load the
+rest.
+
+``compozy auth token`` and ``compozy auth refresh`` answer within one budget
+(30 s, or ``$COMPOZY_TIMEOUT``) counted from the command's start, agent start-up
+included; they tell the agent how long they wait, so its answer, which says what
+is slow, comes first (docs/architecture.md, "Deadlines").
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 # No typing import at run time: see compozy_client/__init__.py.
 TYPE_CHECKING = False
@@ -30,23 +37,34 @@ EXIT_USAGE = 2
 
 #: How long `compozy login` waits for the person, unless --timeout says otherwise.
 LOGIN_TIMEOUT = 300.0
+#: When this command's time budget ends (``time.monotonic()``); set by main() or run().
+_deadline: float | None = None
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point of the ``compozy`` console script."""
+    started = time.monotonic()
     args = sys.argv[1:] if argv is None else argv
+    deadline = None
     if args[:2] == ["auth", "token"]:
         from compozy_client import fasttoken
 
-        code = fasttoken.run(args[2:])
+        # One budget: what the fast path used is gone for the full CLI too.
+        deadline = started + fasttoken.budget()
+        code = fasttoken.run(args[2:], deadline)
         if code is not None:
             sys.exit(code)
-    sys.exit(run(args))
+    sys.exit(run(args, deadline))
 
 
-def run(argv: list[str]) -> int:
-    """Run one command; returns the exit code."""
+def run(argv: list[str], deadline: float | None = None) -> int:
+    """Run one command; returns the exit code. ``deadline`` (``time.monotonic()``) ends
+    the command's budget; by default it is the budget from now."""
+    global _deadline
+    from compozy_client.connection import budget
     from compozy_client.errors import CompozyError, UsageError
+
+    _deadline = deadline if deadline is not None else time.monotonic() + budget()
 
     parser = build_parser()
     options = parser.parse_args(argv)
@@ -300,11 +318,15 @@ def _info(message: str) -> None:
 
 
 def _report(exc: Exception) -> None:
-    from compozy_client.errors import AgentError, AgentUnavailable
+    from compozy_client.errors import AgentError, AgentTimedOut, AgentUnavailable
 
     _error(str(exc))
     if isinstance(exc, AgentError) and exc.details.get("command"):
         _info(f"  run: {exc.details['command']}")
+    elif isinstance(exc, AgentTimedOut):
+        # The agent is there and took the request: asking whether it may start is wrong.
+        _info("  it answers in time whenever it is only waiting for the provider, so it may "
+              "be stuck; see: compozy auth status")
     elif isinstance(exc, AgentUnavailable):
         _info("  is the agent allowed to start? (COMPOZY_AGENT_AUTOSTART=0 stops the CLI from "
               "starting one); start it by hand with `compozy-agent`")
@@ -375,10 +397,16 @@ def _config(options: argparse.Namespace) -> Config:
     return config if config is not None else load_config()
 
 
-def _connect(autostart: bool = True) -> AgentConnection:
+def _connect(autostart: bool = True, *, budgeted: bool = False) -> AgentConnection:
+    """A connection to the agent; ``budgeted``: every call ends by the command's deadline."""
     from compozy_client.connection import connect
 
-    return connect(autostart=autostart)
+    return connect(autostart=autostart, deadline=_deadline if budgeted else None)
+
+
+def _time_left() -> float | None:
+    """Seconds left of the command's budget, for the agent to answer within."""
+    return None if _deadline is None else max(0.0, _deadline - time.monotonic())
 
 
 def _is_interactive() -> bool:
@@ -415,7 +443,8 @@ def cmd_token(options: argparse.Namespace) -> int:
         min_valid=options.min_valid,
         force_new=options.force_new,
     )
-    with _connect() as conn:
+    with _connect(budgeted=True) as conn:
+        request.timeout = _time_left()
         result = conn.call(request, TokenResult)
     sys.stdout.write(result.access_token + "\n")
     return EXIT_OK
@@ -605,7 +634,8 @@ def cmd_refresh(options: argparse.Namespace) -> int:
     if options.token_id and options.profile:
         raise UsageError("give either --profile or a TOKEN_ID, not both")
     request = Refresh(id=0, profile=resolve_profile(options.profile), token_id=options.token_id)
-    with _connect() as conn:
+    with _connect(budgeted=True) as conn:
+        request.timeout = _time_left()
         result = conn.call(request, RefreshResult)
     _info(f"Refreshed session {result.token_id} (profile {result.profile}); "
           f"the access token expires {_when(result.expires_at)}")

@@ -1,9 +1,11 @@
 """A blocking connection to the agent's socket, with a deadline on every call.
 
 Standard library plus msgspec. One connection carries any number of requests;
-each waits at most ``timeout`` seconds for its response line. Nothing is sent
-before :mod:`compozy_client.peercheck` has found the socket to be our own
-agent's.
+each waits at most ``timeout`` seconds for its response line, and never past
+the connection's ``deadline`` when it has one: the CLI's one budget, from its
+start (and any agent start-up) to its answer (docs/architecture.md, "Deadlines").
+A request that timed out is never sent again. Nothing is sent before
+:mod:`compozy_client.peercheck` has found the socket to be our own agent's.
 
 An agent started here runs isolated from its caller (see :func:`start_agent`):
 it holds every refresh token, so neither the caller's working directory nor
@@ -23,30 +25,57 @@ from types import TracebackType
 from typing import Any, Final, TypeVar
 
 from compozy_client import peercheck, protocol
-from compozy_client.errors import AgentUnavailable, UnsafeAgentSocket, error_from_wire
+from compozy_client.errors import (
+    AgentTimedOut,
+    AgentUnavailable,
+    UnsafeAgentSocket,
+    error_from_wire,
+)
 from compozy_client.paths import absolute_path_variables, socket_path
 
 _T = TypeVar("_T")
 
+#: The CLI's budget for one command, from its start to its answer (seconds); the agent
+#: answers token requests well before it (its WAIT_LIMIT is 20 s).
 DEFAULT_TIMEOUT: Final = 30.0
+#: Overrides DEFAULT_TIMEOUT for the CLI (a number of seconds).
+TIMEOUT_ENV: Final = "COMPOZY_TIMEOUT"
 #: How long the CLI waits for an agent it started to answer.
 AUTOSTART_TIMEOUT: Final = 10.0
 #: Set to "0" to keep the CLI from starting an agent by itself.
 AUTOSTART_ENV: Final = "COMPOZY_AGENT_AUTOSTART"
 
 
-class AgentConnection:
-    """One open connection to the agent; use as a context manager."""
+def budget() -> float:
+    """The CLI's time budget: ``$COMPOZY_TIMEOUT`` seconds when set to a positive number,
+    else DEFAULT_TIMEOUT."""
+    try:
+        value = float(os.environ.get(TIMEOUT_ENV, "") or DEFAULT_TIMEOUT)
+    except ValueError:
+        return DEFAULT_TIMEOUT
+    return value if 0 < value < float("inf") else DEFAULT_TIMEOUT
 
-    def __init__(self, sock: socket.socket, path: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+
+class AgentConnection:
+    """One open connection to the agent; use as a context manager.
+
+    ``deadline`` (a ``time.monotonic()`` value), when set, bounds every call.
+    """
+
+    def __init__(self, sock: socket.socket, path: str, timeout: float = DEFAULT_TIMEOUT,
+                 deadline: float | None = None) -> None:
         self._sock = sock
         self._buffer = b""
         self._ids = itertools.count(1)
         self.path = path
         self.timeout = timeout
+        self.deadline = deadline
+        #: When the latest call was sent (for the timeout message).
+        self._started = time.monotonic()
 
     @classmethod
-    def open(cls, path: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> AgentConnection:
+    def open(cls, path: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+             deadline: float | None = None) -> AgentConnection:
         """Connect to the agent at ``path`` (default: :func:`socket_path`).
 
         Raises :class:`AgentUnavailable` when nothing answers there, and
@@ -58,7 +87,10 @@ class AgentConnection:
         if problem is not None:
             raise UnsafeAgentSocket(problem)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(min(timeout, 5.0))
+        limit = min(timeout, 5.0)
+        if deadline is not None:
+            limit = max(0.001, min(limit, deadline - time.monotonic()))
+        sock.settimeout(limit)
         try:
             sock.connect(path)
         except OSError as exc:
@@ -70,7 +102,7 @@ class AgentConnection:
         if problem is not None:
             sock.close()
             raise UnsafeAgentSocket(problem)
-        return cls(sock, path, timeout)
+        return cls(sock, path, timeout, deadline)
 
     def __enter__(self) -> AgentConnection:
         return self
@@ -94,6 +126,9 @@ class AgentConnection:
         """
         request.id = next(self._ids)
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        if self.deadline is not None:
+            deadline = min(deadline, self.deadline)
+        self._started = time.monotonic()
         self._send(protocol.encode(request), deadline)
         while True:
             response = protocol.decode_response(self._read_line(deadline))
@@ -105,8 +140,20 @@ class AgentConnection:
             raise error_from_wire(error.code, error.message, error.details)
         return protocol.decode_result(response.result, result_type)
 
+    def _remaining(self, deadline: float) -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise self._timed_out()
+        return left
+
+    def _timed_out(self) -> AgentTimedOut:
+        waited = time.monotonic() - self._started
+        return AgentTimedOut(
+            f"the agent on {self.path} took the request but did not answer within "
+            f"{waited:.0f} s; it was not asked again")
+
     def _send(self, data: bytes, deadline: float) -> None:
-        self._sock.settimeout(_remaining(deadline, self.path))
+        self._sock.settimeout(self._remaining(deadline))
         try:
             self._sock.sendall(data)
         except OSError as exc:
@@ -124,13 +171,11 @@ class AgentConnection:
         while True:
             if size > protocol.MAX_RESPONSE_BYTES:
                 raise AgentUnavailable("the agent sent a line longer than the protocol allows")
-            self._sock.settimeout(_remaining(deadline, self.path))
+            self._sock.settimeout(self._remaining(deadline))
             try:
                 chunk = self._sock.recv(65536)
             except TimeoutError:
-                raise AgentUnavailable(
-                    f"the agent on {self.path} did not answer in time"
-                ) from None
+                raise self._timed_out() from None
             except OSError as exc:
                 raise AgentUnavailable(f"the agent on {self.path} went away: {exc}") from None
             if not chunk:
@@ -141,21 +186,18 @@ class AgentConnection:
                 return b"".join(chunks)
 
 
-def _remaining(deadline: float, path: str) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise AgentUnavailable(f"the agent on {path} did not answer in time")
-    return left
-
-
 def autostart_allowed() -> bool:
     return os.environ.get(AUTOSTART_ENV, "1").strip().lower() not in ("0", "false", "no")
 
 
 def connect(
-    path: str | None = None, timeout: float = DEFAULT_TIMEOUT, *, autostart: bool = True
+    path: str | None = None, timeout: float = DEFAULT_TIMEOUT, *, autostart: bool = True,
+    deadline: float | None = None,
 ) -> AgentConnection:
     """Connect to the agent, starting one first if none answers and ``autostart``.
+
+    ``deadline`` (``time.monotonic()``), when given, bounds the start-up wait and
+    every call on the connection: one budget for the whole command.
 
     Starting is race-free: every racing CLI may spawn an agent, but the agent
     holds an exclusive lock beside its socket, so exactly one survives and all
@@ -165,21 +207,25 @@ def connect(
     """
     path = path or socket_path()
     try:
-        return AgentConnection.open(path, timeout)
+        return AgentConnection.open(path, timeout, deadline)
     except AgentUnavailable:
         if not (autostart and autostart_allowed()):
             raise
     start_agent(path)
-    deadline = time.monotonic() + AUTOSTART_TIMEOUT
+    spawned_at = time.monotonic()
+    started_by = spawned_at + AUTOSTART_TIMEOUT
+    if deadline is not None:
+        started_by = min(started_by, deadline)
     delay = 0.005
     while True:
         try:
-            return AgentConnection.open(path, timeout)
+            return AgentConnection.open(path, timeout, deadline)
         except AgentUnavailable:
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= started_by:
                 raise AgentUnavailable(
                     f"started an agent for {path}, but it did not answer within "
-                    f"{AUTOSTART_TIMEOUT:.0f} s; run `compozy-agent` in a terminal to see why"
+                    f"{time.monotonic() - spawned_at:.0f} s; run `compozy-agent` in a terminal "
+                    "to see why"
                 ) from None
             time.sleep(delay)
             # A failed connect costs microseconds; a coarse poll would add up to its

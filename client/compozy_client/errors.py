@@ -4,6 +4,7 @@
 
     CompozyError                    anything this package raises on purpose
     ├── AgentUnavailable            no agent answers on the socket (and none could be started)
+    │   └── AgentTimedOut           the agent took the request but did not answer in time
     ├── UnsafeAgentSocket           the socket is not provably our own agent's: nothing was sent
     ├── ConfigError                 the config file is unreadable or malformed
     │   └── UnsafeConfigFile        another uid owns it, or others can write it: not used
@@ -63,6 +64,14 @@ class CompozyError(Exception):
 
 class AgentUnavailable(CompozyError):
     """No agent answers on the socket, and none could be started."""
+
+
+class AgentTimedOut(AgentUnavailable):
+    """The agent took the request but did not answer within the caller's time.
+
+    The request was sent once and is never sent again: the agent may still be
+    working on it (a refresh in flight is finished and its token cached).
+    """
 
 
 class UnsafeAgentSocket(CompozyError):

@@ -4,18 +4,26 @@ A token helper runs before every command a person or script sends, so this
 path imports no argparse, typing, msgspec, YAML, ``socket`` (its wrapper pulls
 in enum and selectors) or ``json`` (which pulls in ``re``): it talks through
 ``_socket``, writes the request by hand and reads the token from the agent's
-known response shape. It handles only the plain success: an agent answering
-with a token. Anything else (an unusual flag, a config file holding a key or
-not to be trusted, no agent, a socket that is not provably our agent's, an
-error, a response in another shape) returns None and the full CLI does the
-work again, with its messages. The socket checks of
+known response shape. It handles the plain success (an agent answering with
+a token) and the agent's error answers. Anything else before the request is
+sent (an unusual flag, a config file holding a key or not to be trusted, no
+agent, a socket that is not provably our agent's, a response in another shape)
+returns None and the full CLI does the work, with its messages, within what is
+left of the same time budget. The socket checks of
 :mod:`compozy_client.peercheck` run here too, before a byte is sent.
+
+Once the request is sent it is never sent again after a timeout: the agent
+answers before the budget ends whenever it is only waiting for the provider
+(it tells the caller how long it may wait), so a timeout means the agent itself
+is stuck, and asking again would only double the wait. The fast path then says
+so and exits 1.
 """
 
 from __future__ import annotations
 
 import _socket
 import os
+import time
 
 from compozy_client.paths import (
     MAX_CONFIG_BYTES,
@@ -30,10 +38,29 @@ from compozy_client.peercheck import peer_problem, socket_path_problem
 _TOKEN_PREFIX = b'{"id":1,"ok":true,"result":{"access_token":"'
 
 _VALUE_FLAGS = {"--profile": "profile", "--audience": "audience", "--min-valid": "min_valid"}
+#: As compozy_client.connection.DEFAULT_TIMEOUT and TIMEOUT_ENV (not imported: cost).
+_DEFAULT_BUDGET = 30.0
+_TIMEOUT_ENV = "COMPOZY_TIMEOUT"
 
 
-def run(args: list[str]) -> int | None:
-    """Print a token and return 0, or None when the full CLI must take over."""
+class _TimedOut(Exception):
+    """The agent took the request and did not answer within the budget."""
+
+
+def budget() -> float:
+    """The time budget in seconds, as compozy_client.connection.budget() computes it."""
+    try:
+        value = float(os.environ.get(_TIMEOUT_ENV, "") or _DEFAULT_BUDGET)
+    except ValueError:
+        return _DEFAULT_BUDGET
+    return value if 0 < value < float("inf") else _DEFAULT_BUDGET
+
+
+def run(args: list[str], deadline: float | None = None) -> int | None:
+    """Print a token and return 0 (1 after an error answer or a timeout), or None when
+    the full CLI must take over. ``deadline`` is the CLI's, on ``time.monotonic()``."""
+    if deadline is None:
+        deadline = time.monotonic() + budget()
     request = _parse(args)
     if request is None:
         return None
@@ -47,7 +74,15 @@ def run(args: list[str]) -> int | None:
         return 0
     if "profile" not in request:
         request["profile"] = os.environ.get("COMPOZY_PROFILE", "").strip() or "default"
-    answer = _ask_agent(request)
+    try:
+        answer = _ask_agent(request, deadline)
+    except _TimedOut as timed_out:
+        waited = timed_out.args[0]
+        os.write(2, (f"error: the agent took the request but did not answer within "
+                     f"{waited:.0f} s; it was not asked again (it answers in time whenever it "
+                     f"is only waiting for the provider, so it may be stuck)\n"
+                     f"  see: compozy auth status\n").encode())
+        return 1
     if answer is None:
         return None
     if isinstance(answer, tuple):  # the agent said no: report it rather than ask again
@@ -132,27 +167,46 @@ def _encode(request: dict[str, object]) -> bytes | None:
     return ("{" + ",".join(parts) + "}\n").encode()
 
 
-def _ask_agent(request: dict[str, object]) -> str | tuple[str, str] | None:
-    """The token; or (message, command) for an error response; or None to fall back."""
+def _ask_agent(request: dict[str, object], deadline: float) -> str | tuple[str, str] | None:
+    """The token; or (message, command) for an error response; or None to fall back.
+
+    Raises _TimedOut when the request was sent and no answer came by ``deadline``.
+    """
+    left = deadline - time.monotonic()
+    if left <= 0:
+        return None
+    # The agent answers this long before the caller gives up (its own ANSWER_MARGIN).
+    request["timeout"] = float(left)
     line = _encode(request)
     if line is None:
         return None
     path = socket_path()
     if socket_path_problem(path) is not None:
         return None
+    sent_at = None
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
-        sock.settimeout(30.0)
+        sock.settimeout(min(left, 5.0))
         sock.connect(path)
         if peer_problem(sock, path) is not None:
             return None
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        sent_at = time.monotonic()
         sock.sendall(line)
         buffer = b""
         while b"\n" not in buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            sock.settimeout(left)
             chunk = sock.recv(65536)
             if not chunk:
                 return None
             buffer += chunk
+    except TimeoutError:
+        if sent_at is None:
+            return None  # nothing was sent: the full CLI may try, within the same budget
+        raise _TimedOut(time.monotonic() - sent_at) from None
     except OSError:
         return None
     finally:

@@ -85,7 +85,9 @@ class Token(_Request, tag="token"):
     RFC 8707), within what the login was granted. ``rejected_token`` is a token
     a resource server refused with 401: the agent drops it and fetches a new
     one. ``force_new`` does that without naming the token. Forced refreshes of
-    one (scope, audience) are 5 s apart (docs/protocol.md).
+    one (scope, audience) are 5 s apart (docs/protocol.md). ``timeout`` is how long
+    the caller waits for the answer: the agent answers (with what it knows)
+    before then.
     """
 
     profile: ProfileName = "default"
@@ -95,21 +97,23 @@ class Token(_Request, tag="token"):
     min_valid: float = 0.0
     rejected_token: str | None = None
     force_new: bool = False
+    timeout: float | None = None
 
     def __repr__(self) -> str:  # rejected_token is a secret
         return (
             f"Token(id={self.id!r}, profile={self.profile!r}, token_id={self.token_id!r}, "
             f"scope={self.scope!r}, audience={self.audience!r}, min_valid={self.min_valid!r}, "
-            f"force_new={self.force_new!r}, rejected_token="
+            f"force_new={self.force_new!r}, timeout={self.timeout!r}, rejected_token="
             f"{'<redacted>' if self.rejected_token else None})"
         )
 
 
 class Refresh(_Request, tag="refresh"):
-    """Refresh a session now, by ``token_id`` or else ``profile``."""
+    """Refresh a session now, by ``token_id`` or else ``profile``; ``timeout`` as in Token."""
 
     profile: ProfileName = "default"
     token_id: TokenId | None = None
+    timeout: float | None = None
 
 
 class Revoke(_Request, tag="revoke"):

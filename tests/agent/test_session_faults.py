@@ -19,8 +19,9 @@ from compozy_agent.peer import Peer
 from compozy_agent.sessions import Session, SessionManager
 from compozy_agent.store import MemorySecrets, SessionStore, StoredSession
 from compozy_client import protocol as p
+from support.budget import EARLY_RETRY_SPACING, EARLY_RETRY_WINDOW, EXPIRY_MARGIN
 from support.clock import T0, FakeClock
-from support.driver import settle
+from support.driver import settle, while_advancing
 from support.fake_provider import Behaviour, FakeProvider
 
 pytestmark = pytest.mark.anyio
@@ -114,17 +115,39 @@ async def test_failure_without_a_valid_token_is_a_clear_refresh_failed(
     driver: tuple[SessionManager, FakeClock], fake_provider: FakeProvider, fault: Behaviour
 ) -> None:
     manager, clock = driver
-    fake_provider.then(fault)
+    # Failing for longer than a caller keeps the agent trying (lifecycle rule 8b).
+    fake_provider.then(*[fault] * 20)
     clock.jump(4000)  # expired
     with pytest.raises(OpError) as caught:
-        await manager.token(token_request(), PEER)
+        await while_advancing(clock, manager.token(token_request(), PEER))
     assert caught.value.code == "refresh_failed"
     assert "rt-0" not in caught.value.message
-    # Nothing was lost: once the provider answers again (after the backoff), it works.
+    # One attempt, then at most one a second ahead of the backoff, for the caller's window.
+    attempts = len(fake_provider.refresh_requests())
+    assert 2 <= attempts <= EARLY_RETRY_WINDOW / EARLY_RETRY_SPACING + 1
+    # Nothing was lost: once the provider answers again, it works.
+    fake_provider.scripts.clear()
     clock.jump(120)
     result = await manager.token(token_request(), PEER)
     assert result.access_token.startswith("fake-at-")
     assert fake_provider.refresh_requests()[-1]["refresh_token"] == "rt-0"
+
+
+@pytest.mark.parametrize("fault", [Behaviour("status", status=503), Behaviour("reset")],
+                         ids=["503", "reset"])
+async def test_one_fault_costs_a_caller_without_a_valid_token_a_retry_not_a_failure(
+    driver: tuple[SessionManager, FakeClock], fake_provider: FakeProvider, fault: Behaviour
+) -> None:
+    """Issue 16, item 4: no valid token is left, the refresh fails once, the backoff says
+    "later": the waiting caller gets an attempt ahead of it, a second later, and a token."""
+    manager, clock = driver
+    fake_provider.then(fault)
+    clock.jump(4000)  # expired
+    asked_at = clock.now()
+    result = await while_advancing(clock, manager.token(token_request(), PEER))
+    assert result.access_token == "fake-at-1"
+    assert [r["refresh_token"] for r in fake_provider.refresh_requests()] == ["rt-0", "rt-0"]
+    assert clock.now() - asked_at <= EARLY_RETRY_SPACING + 0.5  # spaced, and no more
 
 
 async def test_429_retry_after_is_honoured(
@@ -165,7 +188,7 @@ async def test_odd_but_valid_token_responses(
     clock.jump(4000)
     result = await manager.token(token_request(), PEER)
     assert result.access_token == "fake-at-1"
-    assert result.expires_at == pytest.approx(clock.now() + lifetime)
+    assert result.expires_at == pytest.approx(clock.now() + lifetime - EXPIRY_MARGIN, abs=0.01)
 
 
 async def test_invalid_grant_requires_login_and_deletes_the_refresh_token(
@@ -253,12 +276,10 @@ async def test_invalid_grant_after_a_rotation_is_a_clear_login_required(
     # provider rejects the token we hold.
     fake_provider.then(Behaviour("reset"), Behaviour("error", error="invalid_grant"))
     clock.jump(4000)
-    with pytest.raises(OpError) as first:
-        await manager.token(token_request(), PEER)
-    assert first.value.code == "refresh_failed"
-    clock.jump(120)
+    # The caller has no valid token: after the reset it keeps the agent trying (rule 8b),
+    # and the very next attempt hears that the session is gone.
     with pytest.raises(OpError) as second:
-        await manager.token(token_request(), PEER)
+        await while_advancing(clock, manager.token(token_request(), PEER))
     assert second.value.code == "login_required"
     assert "no longer accepts this session" in second.value.message
     assert second.value.details["command"] == "compozy login"
