@@ -3,12 +3,18 @@
 //
 // Usage: node server.js [--port 0] [--access-token-ttl 3600] [--refresh-token-ttl 1209600]
 //                       [--device-code-ttl 600] [--device-interval 1] [--exit-with-stdin]
+//                       [--issuer http://127.0.0.1:PORT]
+//
+// --issuer: the issuer to advertise, when clients reach this provider through something
+// else (the tests' fault-injecting proxy, tests/support/fault_proxy.py); the default is
+// this server's own address. Endpoint URLs follow the Host header each request carries.
 //
 // --exit-with-stdin: stop when stdin closes, so a provider whose test process died
 // (and with it the pipe's write end) does not live on.
 //
 // stdout carries one JSON object per line, numbered by "seq", and never a token value:
-//   {"event":"ready","issuer":"http://127.0.0.1:PORT","api":"https://api.compozy.dev","seq":1}
+//   {"event":"ready","issuer":"http://127.0.0.1:PORT","url":"http://127.0.0.1:PORT",
+//    "api":"https://api.compozy.dev","seq":1}   ("url" is where this server listens)
 //   {"event":"token","grant_type":"refresh_token","status":200,"client_id":"compozy-cli",...}
 //   {"event":"revocation",...} {"event":"device_authorization",...} {"event":"introspection",...}
 //   {"event":"userinfo",...}
@@ -42,6 +48,7 @@ const { values: options } = parseArgs({
     'device-code-ttl': { type: 'string', default: '600' },
     'device-interval': { type: 'string', default: '1' },
     'exit-with-stdin': { type: 'boolean', default: false },
+    issuer: { type: 'string', default: '' },
   },
 });
 
@@ -182,7 +189,8 @@ await new Promise((resolve, reject) => {
   server.listen(Number(options.port), '127.0.0.1', resolve);
 });
 const { port } = server.address();
-const issuer = `http://127.0.0.1:${port}`;
+const url = `http://127.0.0.1:${port}`;
+const issuer = options.issuer || url;
 
 const provider = new Provider(issuer, {
   clients: [{
@@ -403,7 +411,7 @@ provider.use(async (ctx, next) => {
 });
 
 server.on('request', provider.callback());
-emit({ event: 'ready', issuer, api: API });
+emit({ event: 'ready', issuer, url, api: API });
 
 function stop() {
   server.close();

@@ -133,8 +133,10 @@ class OidcTestProvider:
                 f"its stderr ended with:\n{self.stderr()}"
             )
         self.issuer: str = ready["issuer"]
+        #: Where the provider itself listens (the issuer may be a proxy in front of it).
+        self.direct: str = ready.get("url", self.issuer)
         self.api = ready.get("api", API_RESOURCE)
-        self.port: int = urlsplit(self.issuer).port or 0
+        self.port: int = urlsplit(self.direct).port or 0
 
     @classmethod
     def start(
@@ -145,11 +147,14 @@ class OidcTestProvider:
         port: int = 0,
         device_interval: int = 1,
         start_timeout: float = START_TIMEOUT,
+        issuer: str | None = None,
     ) -> OidcTestProvider:
         """Install if needed and start a provider; ``port=0`` takes any free port.
 
         ``device_interval`` is the polling interval (seconds) the device
-        authorization response names (RFC 8628 section 3.2).
+        authorization response names (RFC 8628 section 3.2). ``issuer`` is the
+        issuer to advertise when clients reach the provider through a proxy
+        (tests/support/fault_proxy.py); :attr:`direct` is then its own address.
         """
         node, _ = ensure_installed()
         proc = subprocess.Popen(
@@ -167,6 +172,7 @@ class OidcTestProvider:
                 "--device-interval",
                 str(device_interval),
                 "--exit-with-stdin",  # the pipe closes when this process dies: no orphans
+                *(["--issuer", issuer] if issuer else []),
             ],
             cwd=PROVIDER_DIR,
             stdin=subprocess.PIPE,
@@ -230,7 +236,7 @@ class OidcTestProvider:
         """Wait until every line the provider has written so far has been read."""
         if self.proc.poll() is None:
             try:
-                response = httpx.get(f"{self.issuer}/__test__/seq", timeout=timeout)
+                response = httpx.get(f"{self.direct}/__test__/seq", timeout=timeout)
                 written = int(response.json()["seq"])
             except (httpx.HTTPError, ValueError, KeyError):
                 written = None  # stopping or stopped: the reader ends at EOF
@@ -327,6 +333,7 @@ class ProviderFactory(Protocol):
         device_code_ttl: int = ...,
         port: int = ...,
         device_interval: int = ...,
+        issuer: str | None = ...,
     ) -> OidcTestProvider: ...
 
 
