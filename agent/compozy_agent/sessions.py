@@ -567,15 +567,21 @@ class SessionManager:
         """What a caller is told when its wait runs out: what is slow, and what happens next."""
         issuer = session.meta.issuer or "the provider"
         host = urlsplit(issuer).netloc or issuer
+        took = f"{waited:.1f}" if waited < 10 else f"{waited:.0f}"
         lifecycle = session.lifecycle
-        if lifecycle is not None and lifecycle.in_flight is not None:
-            return (f"the provider at {host} did not answer within {waited:.0f} s; the agent "
+        assert lifecycle is not None
+        now = self.now()
+        if lifecycle.state(now) is State.REFRESHING:
+            return (f"the provider at {host} did not answer within {took} s; the agent "
                     f"gives each attempt {CALL_DEADLINE:.0f} s and keeps trying in the "
                     "background")
-        retry_at = lifecycle.status(self.now()).retry_at if lifecycle is not None else None
-        retry = f"retries in {max(0.0, retry_at - self.now()):.0f} s" \
+        if lifecycle.in_flight is not None:
+            return (f"the secret store has not finished saving the new refresh token after "
+                    f"{took} s; the agent keeps trying")
+        retry_at = lifecycle.status(now).retry_at
+        retry = f"retries in {max(0.0, retry_at - now):.0f} s" \
             if retry_at is not None else "keeps trying"
-        return (f"could not get a token from the provider at {host} within {waited:.0f} s; "
+        return (f"could not get a token from the provider at {host} within {took} s; "
                 f"the agent {retry}")
 
     async def refresh(self, request: p.Refresh) -> p.RefreshResult:

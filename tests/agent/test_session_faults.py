@@ -41,12 +41,13 @@ class FailingSecrets(MemorySecrets):
 
 @asynccontextmanager
 async def running_manager(
-    fake: FakeProvider, tmp_path: object, secrets: MemorySecrets | None = None
+    fake: FakeProvider, tmp_path: object, secrets: MemorySecrets | None = None,
+    read_timeout: float = 0.5,
 ) -> AsyncIterator[tuple[SessionManager, FakeClock]]:
     """A manager on a fake clock with one session (refresh token ``rt-0``), scheduler running."""
     clock = FakeClock()
     store = SessionStore(str(tmp_path), secrets if secrets is not None else MemorySecrets())
-    provider = ProviderClient(now=clock.now, timeout=0.5)
+    provider = ProviderClient(now=clock.now, timeout=read_timeout)
     manager = SessionManager(store, provider, clock=clock)
     try:
         async with anyio.create_task_group() as group:
@@ -428,3 +429,28 @@ async def test_a_token_rejected_in_a_loop_is_replaced_once_per_recent(
     replaced = await manager.token(token_request(rejected_token=token), PEER)
     assert replaced.access_token == "fake-at-2"
     assert len(fake_provider.refresh_requests()) == 2
+
+
+async def test_a_caller_that_waits_less_is_answered_before_it_gives_up(
+    fake_provider: FakeProvider, tmp_path: object
+) -> None:
+    """Issue 16, item 3: a caller that says it waits 2 s hears from the agent within
+    that, naming the provider and what the agent does, while the refresh goes on."""
+    fake_provider.then(Behaviour("hold"))
+    async with running_manager(fake_provider, tmp_path, read_timeout=5.0) as (manager, clock):
+        clock.jump(4000)  # expired
+        started = anyio.current_time()
+        try:
+            with pytest.raises(OpError) as caught:
+                await manager.token(token_request(timeout=2.0), PEER)
+            waited = anyio.current_time() - started
+        finally:
+            fake_provider.release()
+        assert caught.value.code == "refresh_failed"
+        assert 0.9 <= waited < 2.0  # ANSWER_MARGIN (1 s) before the caller's own 2 s
+        host = fake_provider.issuer.split("://")[1]
+        assert caught.value.message.startswith(
+            f"the provider at {host} did not answer within")
+        assert "keeps trying" in caught.value.message
+        await settle(manager)
+        assert (await manager.token(token_request(), PEER)).access_token == "fake-at-1"
