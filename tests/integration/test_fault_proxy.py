@@ -30,10 +30,15 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # the proxy resets connections on purpose: no tracebacks for those
+
+
 @pytest.fixture
 def upstream() -> Iterator[ThreadingHTTPServer]:
     _Handler.served = 0
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server = _Server(("127.0.0.1", 0), _Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
