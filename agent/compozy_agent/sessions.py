@@ -142,6 +142,19 @@ def _secret_kind(meta: StoredSession) -> SecretKind:
     return "api_key" if meta.kind == "api_key" else "refresh_token"
 
 
+def _provider_host(issuer: str | None) -> str:
+    """``host:port`` of the issuer, for messages: never its user info, path or query."""
+    try:
+        parts = urlsplit(issuer or "")
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return "the provider"
+    if not host:
+        return "the provider"
+    host = f"[{host}]" if ":" in host else host
+    return one_line(f"{host}:{port}" if port else host, 300)
+
+
 def _login_command(profile: str) -> str:
     return "compozy login" + ("" if profile == "default" else f" --profile {profile}")
 
@@ -565,8 +578,7 @@ class SessionManager:
 
     def _still_waiting(self, session: Session, waited: float) -> str:
         """What a caller is told when its wait runs out: what is slow, and what happens next."""
-        issuer = session.meta.issuer or "the provider"
-        host = urlsplit(issuer).netloc or issuer
+        host = _provider_host(session.meta.issuer)
         took = f"{waited:.1f}" if waited < 10 else f"{waited:.0f}"
         lifecycle = session.lifecycle
         assert lifecycle is not None

@@ -454,3 +454,11 @@ async def test_a_caller_that_waits_less_is_answered_before_it_gives_up(
         assert "keeps trying" in caught.value.message
         await settle(manager)
         assert (await manager.token(token_request(), PEER)).access_token == "fake-at-1"
+
+
+def test_messages_name_the_provider_by_host_and_port_only() -> None:
+    from compozy_agent.sessions import _provider_host
+
+    assert _provider_host("https://user:pw-secret@auth.example:8443/t?k=v") == "auth.example:8443"
+    assert _provider_host("http://[::1]:9/") == "[::1]:9"
+    assert _provider_host(None) == _provider_host("not a url") == "the provider"
