@@ -358,9 +358,10 @@ def test_blank_lines_on_the_forwarding_socket_do_not_starve_the_main_one(
 _ASK_FROM_MANY_PROCESSES = """
 import json, os, socket, sys
 path, count = sys.argv[1], int(sys.argv[2])
-escaped = "\\x01" * 200  # six bytes each in JSON
+escaped = "\\x01" * 120  # six bytes each in JSON; names are at most 128 characters
+scope = "\\x01" * 250  # a scope at most 256
 request = json.dumps({"id": 1, "op": "token", "profile": escaped,
-                      "scope": [escaped] * 30}).encode() + b"\\n"
+                      "scope": [scope] * 20}).encode() + b"\\n"
 failed = 0
 for _ in range(count):
     child = os.fork()

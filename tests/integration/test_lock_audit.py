@@ -336,8 +336,9 @@ def test_a_flood_of_failures_cannot_erase_an_issued_entry(agent: AgentProcess) -
     issued = _entries(env)
     assert [e["outcome"] for e in issued] == ["issued"]
 
-    # 2,500 failing requests, each different (3 MB of entries), then 2,500 identical ones.
-    varied = [json.dumps({"id": n, "op": "token", "profile": f"flood-{n}-" + "x" * 1000})
+    # 2,500 failing requests, each different (1 MB of entries), then 2,500 identical ones.
+    varied = [json.dumps({"id": n, "op": "token", "profile": f"flood-{n}-" + "x" * 110,
+                          "audience": "https://api.example/" + "y" * 200})
               .encode() + b"\n" for n in range(2500)]
     same = [json.dumps({"id": n, "op": "token", "profile": "nobody"}).encode() + b"\n"
             for n in range(2500)]
@@ -357,5 +358,5 @@ def test_a_flood_of_failures_cannot_erase_an_issued_entry(agent: AgentProcess) -
     assert sum(e.get("count", 1) for e in failed) == 5000
     assert len(failed) == FAILURES_PER_CALLER + 1
     on_disk = sum(len(path.read_bytes()) for path in env.state_dir.glob("audit-failed.log*"))
-    assert on_disk < 64 * 1024, on_disk  # contained, not 3 MB
+    assert on_disk < 64 * 1024, on_disk  # contained, not 1 MB
     print(f"flood of 5,000 failing requests took {elapsed:.2f} s")
