@@ -43,6 +43,10 @@ _DEFAULT_BUDGET = 30.0
 _TIMEOUT_ENV = "COMPOZY_TIMEOUT"
 
 
+#: A token answer is a few KiB; anything longer is left to the full CLI, which bounds it too.
+_MAX_ANSWER_BYTES = 1024 * 1024
+
+
 class _TimedOut(Exception):
     """The agent took the request and did not answer within the budget."""
 
@@ -200,8 +204,8 @@ def _ask_agent(request: dict[str, object], deadline: float) -> str | tuple[str, 
                 raise TimeoutError
             sock.settimeout(left)
             chunk = sock.recv(65536)
-            if not chunk:
-                return None
+            if not chunk or len(buffer) + len(chunk) > _MAX_ANSWER_BYTES:
+                return None  # gone, or not an answer to a token request: the full CLI says
             buffer += chunk
     except TimeoutError:
         if sent_at is None:

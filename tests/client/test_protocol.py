@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 import time
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -324,3 +328,41 @@ def test_real_names_are_well_within_the_bounds() -> None:
         "scope": ["openid", "offline_access", "compozy:read", "compozy:write"],
         "audience": "https://api.compozy.dev/v1"}))
     assert isinstance(request, p.Token) and request.profile == "staging-eu-west-1"
+
+
+def test_the_token_fast_path_reads_a_bounded_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A broken agent that answers with an endless line: the fast path used to read all of
+    # it (and rescan its whole buffer for a newline after every chunk).
+    from compozy_client import fasttoken
+
+    directory = tmp_path / "run"
+    directory.mkdir(mode=0o700)
+    path = str(directory / "agent.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    sent = 0
+
+    def endless_answer() -> None:
+        nonlocal sent
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            chunk = b"a" * 65536
+            with contextlib.suppress(OSError):
+                while sent < 64 * 1024 * 1024:
+                    connection.sendall(chunk)
+                    sent += len(chunk)
+
+    server = threading.Thread(target=endless_answer, daemon=True)
+    server.start()
+    monkeypatch.setenv("COMPOZY_AGENT_SOCK", path)
+    try:
+        answer = fasttoken._ask_agent({"profile": "default"}, time.monotonic() + 20)
+    finally:
+        server.join(20)
+        listener.close()
+    assert answer is None  # the full CLI takes over and says what is wrong
+    assert sent <= 8 * 1024 * 1024, sent
