@@ -671,13 +671,21 @@ def _number(value: object) -> float | None:
     return None
 
 
+#: RFC 6749 section 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E ).
+_SCOPE_TOKEN: Final = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+
+
 def _scope(value: object) -> list[str] | None:
-    # RFC 6749 section 3.3: space-delimited; some providers send a JSON array.
+    """The granted scopes: space-delimited (RFC 6749 section 3.3), or a JSON array as
+    some providers send. Only RFC 6749 scope-tokens are kept: anything else is provider
+    text no request could name, and would reach `compozy auth status` raw."""
     if isinstance(value, str):
-        return value.split()
-    if isinstance(value, list) and all(isinstance(item, str) for item in value):
-        return list(value)
-    return None
+        tokens = value.split()
+    elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+        tokens = value
+    else:
+        return None
+    return [token for token in tokens if _SCOPE_TOKEN.fullmatch(token)]
 
 
 def _optional_str(value: object) -> str | None:

@@ -370,6 +370,18 @@ def test_token_response_optional_fields() -> None:
     assert odd.scope is None and odd.id_token is None
 
 
+def test_granted_scopes_keep_only_rfc6749_scope_tokens() -> None:
+    """RFC 6749 3.3: a scope-token is printable ASCII without space, quote or backslash.
+    Anything else is provider text (escape sequences, bidi overrides) no request names."""
+    hostile = "openid\t\x1b[2J email\u202etxt x\x7fy https://api.example/read a\\b \"q\" \x9b"
+    for scope in (hostile, hostile.split()):
+        parsed = oidc.parse_token_response(200, JSON, body(access_token="a", scope=scope), 0.0)
+        assert parsed.scope is not None
+        assert "openid" in parsed.scope and "https://api.example/read" in parsed.scope
+        assert all(token.isascii() and token.isprintable() and " " not in token
+                   and "\\" not in token and '"' not in token for token in parsed.scope)
+
+
 def test_refresh_without_refresh_token_keeps_the_old_one() -> None:
     kept = oidc.parse_refresh_response(200, JSON, body(access_token="a"), 0.0,
                                        refresh_token=REFRESH)
