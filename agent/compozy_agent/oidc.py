@@ -95,6 +95,7 @@ __all__ = [
     "revocation_request",
     "userinfo_request",
     "validate_id_token_claims",
+    "validate_refresh_id_token",
 ]
 
 #: RFC 8628 section 3.4.
@@ -888,6 +889,33 @@ def validate_id_token_claims(
         if not isinstance(stated_nonce, str) or not hmac.compare_digest(
                 stated_nonce.encode(), nonce.encode()):
             raise MalformedResponse("the ID token's nonce does not match this login")
+
+
+def validate_refresh_id_token(
+    id_token: str, *, issuer: str, client_id: str, subject: str | None
+) -> None:
+    """Check an ID token that came with a refresh, raising MalformedResponse.
+
+    OIDC Core 12.2: its ``iss`` and ``sub`` MUST be the login's and its ``aud`` the
+    client (``azp`` as at login); an answer about someone else is not this session's.
+    It need not carry a nonce, and ``exp`` is not judged here (a clock that drifted
+    since the login must not end a session). ``subject`` None: the login had no ID
+    token, so only issuer and audience are compared.
+    """
+    claims = decode_jwt_claims(id_token)
+    if not claims:
+        raise MalformedResponse("the refresh's ID token is not a readable JWT")
+    stated_issuer = claims.get("iss")
+    if not isinstance(stated_issuer, str) or not _same_issuer(stated_issuer, issuer):
+        raise MalformedResponse("the refresh's ID token was issued by another issuer")
+    audience = claims.get("aud")
+    audiences = audience if isinstance(audience, list) else [audience]
+    azp = claims.get("azp")
+    if client_id not in audiences or (azp is not None and azp != client_id):
+        raise MalformedResponse("the refresh's ID token is not for this client")
+    if subject is not None and claims.get("sub") != subject:
+        raise MalformedResponse("the refresh's ID token is about another subject than "
+                                "the login's (OIDC Core 12.2)")
 
 
 def account_from_claims(claims: Mapping[str, object]) -> str | None:

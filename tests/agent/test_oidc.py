@@ -662,6 +662,35 @@ def test_bad_id_token_claims_are_refused(
                                       nonce=nonce, leeway=300)
 
 
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"sub": "mallory"}, "another subject"),
+        ({"sub": None}, "another subject"),
+        ({"iss": "https://evil.example.test"}, "another issuer"),
+        ({"aud": "someone-else"}, "not for this client"),
+        ({"azp": "someone-else"}, "not for this client"),
+    ],
+)
+def test_a_refresh_id_token_must_name_the_logins_issuer_client_and_subject(
+    change: dict[str, object], match: str
+) -> None:
+    """OIDC Core 12.2: the same iss, sub and aud as the login's ID token."""
+    claims = {k: v for k, v in {**CLAIMS, **change}.items() if v is not None}
+    with pytest.raises(oidc.MalformedResponse, match=match):
+        oidc.validate_refresh_id_token(jwt(claims), issuer=ISSUER, client_id="cli",
+                                       subject=str(CLAIMS["sub"]))
+
+
+def test_a_refresh_id_token_needs_no_nonce_and_is_not_judged_by_its_expiry() -> None:
+    """OIDC Core 12.2: a refresh's ID token need not carry the login's nonce; an expired
+    one (a clock that drifted since the login) still says who it is about."""
+    claims = {k: v for k, v in CLAIMS.items() if k != "nonce"}
+    oidc.validate_refresh_id_token(jwt({**claims, "exp": 1}), issuer=ISSUER, client_id="cli",
+                                   subject=str(CLAIMS["sub"]))
+    oidc.validate_refresh_id_token(jwt(claims), issuer=ISSUER, client_id="cli", subject=None)
+
+
 def test_unreadable_id_token_is_refused() -> None:
     with pytest.raises(oidc.MalformedResponse, match="readable JWT"):
         oidc.validate_id_token_claims(oidc.decode_jwt_claims("opaque"), issuer=ISSUER,
