@@ -173,6 +173,19 @@ def _send_and_close_as_another_user(port: int) -> int:
     return int(out.stdout)
 
 
+def _time_wait_entry(port: int) -> list[str]:
+    """The /proc/net/tcp row of our peer at ``port`` once it is a TIME_WAIT entry
+    (tw_substate 05 or 06), read while the event loop is blocked on purpose."""
+    wanted = _proc_address("127.0.0.1", port, mapped=False)
+    deadline = time.monotonic() + 20
+    row: list[str] = []
+    while not row or row[3] not in ("05", "06"):
+        assert time.monotonic() < deadline, f"no TIME_WAIT entry for port {port}: {row}"
+        with open("/proc/net/tcp", encoding="ascii") as table:
+            row = next((fields for fields in map(str.split, table) if fields[1] == wanted), [])
+    return row
+
+
 async def test_a_callback_from_another_uid_that_closed_its_socket_is_refused() -> None:
     """Another user sends the forged callback and closes the connection before the
     agent looks. The kernel soon lists the closed socket as a TIME_WAIT entry of uid 0,
@@ -184,18 +197,10 @@ async def test_a_callback_from_another_uid_that_closed_its_socket_is_refused() -
     try:
         # The event loop is blocked meanwhile: the listener reads the request only after
         # the attacker's socket has turned into a TIME_WAIT entry (tw_substate 05 or 06).
-        port = _send_and_close_as_another_user(listener.port)
-        wanted = _proc_address("127.0.0.1", port, mapped=False)
-        deadline = time.monotonic() + 20
-        row: list[str] = []
-        while not row or row[3] not in ("05", "06"):
-            assert time.monotonic() < deadline, f"no TIME_WAIT entry for port {port}: {row}"
-            with open("/proc/net/tcp", encoding="ascii") as table:
-                row = next((fields for fields in map(str.split, table)
-                            if fields[1] == wanted), [])
+        row = _time_wait_entry(_send_and_close_as_another_user(listener.port))
         assert row[7] == "0"  # what the kernel says of a closed socket's owner
         with anyio.fail_after(10):
-            while listener.refused_peers == 0:
+            while listener.refused_peers == 0:  # noqa: ASYNC110 - nothing signals a refusal
                 await anyio.sleep(0.01)
         async with httpx.AsyncClient() as client:
             page = await client.get(listener.redirect_uri,
