@@ -8,7 +8,9 @@ One listener per login, on ``127.0.0.1`` and a port the kernel picks (never
    ``/proc/net/tcp`` (and ``tcp6``, for a client that reaches 127.0.0.1 through
    an IPv4-mapped address). Another user on the machine can reach 127.0.0.1
    too; if they learn the ``state`` they could otherwise finish the login with
-   a code of their own account (login CSRF). Refused with 403.
+   a code of their own account (login CSRF). Refused with 403, as is a peer
+   socket no process holds any more: a closed connection's TIME_WAIT entry is
+   listed as uid 0 whoever closed it (which would pass for a root agent).
 2. Exactly one ``state``, equal to the login's (constant-time compare,
    RFC 6749 section 10.12). Refused with 400.
 
@@ -78,7 +80,8 @@ def _proc_address(ip: str, port: int, *, mapped: bool) -> str:
 
 def tcp_peer_uid(peer: tuple[str, int], local: tuple[str, int]) -> int | None:
     """The uid owning the TCP socket at ``peer`` that is connected to our ``local``
-    (Linux, IPv4 peers), or None when the kernel lists no such socket."""
+    (Linux, IPv4 peers), or None when the kernel lists no such socket, or lists it
+    as held by no process (closed; see below)."""
     for path, mapped in zip(PROC_NET_TCP, (False, True), strict=True):
         wanted_local = _proc_address(*peer, mapped=mapped)
         wanted_remote = _proc_address(*local, mapped=mapped)
@@ -88,9 +91,12 @@ def tcp_peer_uid(peer: tuple[str, int], local: tuple[str, int]) -> int | None:
                 for line in table:
                     # sl local_address rem_address st queues timer retrnsmt uid timeout inode
                     fields = line.split()
-                    if len(fields) > 7 and fields[1] == wanted_local \
+                    if len(fields) > 9 and fields[1] == wanted_local \
                             and fields[2] == wanted_remote:
-                        return int(fields[7])
+                        # Inode 0: no process holds the socket any more. Once closed, a
+                        # connection soon becomes a TIME_WAIT entry, which the kernel
+                        # lists as uid 0 whoever owned it: it vouches for nobody.
+                        return None if fields[9] == "0" else int(fields[7])
         except (OSError, ValueError):
             continue
     return None

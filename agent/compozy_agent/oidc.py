@@ -95,6 +95,7 @@ __all__ = [
     "revocation_request",
     "userinfo_request",
     "validate_id_token_claims",
+    "validate_refresh_id_token",
 ]
 
 #: RFC 8628 section 3.4.
@@ -682,13 +683,21 @@ def _number(value: object) -> float | None:
     return None
 
 
+#: RFC 6749 section 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E ).
+_SCOPE_TOKEN: Final = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+
+
 def _scope(value: object) -> list[str] | None:
-    # RFC 6749 section 3.3: space-delimited; some providers send a JSON array.
+    """The granted scopes: space-delimited (RFC 6749 section 3.3), or a JSON array as
+    some providers send. Only RFC 6749 scope-tokens are kept: anything else is provider
+    text no request could name, and would reach `compozy auth status` raw."""
     if isinstance(value, str):
-        return value.split()
-    if isinstance(value, list) and all(isinstance(item, str) for item in value):
-        return list(value)
-    return None
+        tokens = value.split()
+    elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+        tokens = value
+    else:
+        return None
+    return [token for token in tokens if _SCOPE_TOKEN.fullmatch(token)]
 
 
 def _optional_str(value: object) -> str | None:
@@ -891,6 +900,33 @@ def validate_id_token_claims(
         if not isinstance(stated_nonce, str) or not hmac.compare_digest(
                 stated_nonce.encode(), nonce.encode()):
             raise MalformedResponse("the ID token's nonce does not match this login")
+
+
+def validate_refresh_id_token(
+    id_token: str, *, issuer: str, client_id: str, subject: str | None
+) -> None:
+    """Check an ID token that came with a refresh, raising MalformedResponse.
+
+    OIDC Core 12.2: its ``iss`` and ``sub`` MUST be the login's and its ``aud`` the
+    client (``azp`` as at login); an answer about someone else is not this session's.
+    It need not carry a nonce, and ``exp`` is not judged here (a clock that drifted
+    since the login must not end a session). ``subject`` None: the login had no ID
+    token, so only issuer and audience are compared.
+    """
+    claims = decode_jwt_claims(id_token)
+    if not claims:
+        raise MalformedResponse("the refresh's ID token is not a readable JWT")
+    stated_issuer = claims.get("iss")
+    if not isinstance(stated_issuer, str) or not _same_issuer(stated_issuer, issuer):
+        raise MalformedResponse("the refresh's ID token was issued by another issuer")
+    audience = claims.get("aud")
+    audiences = audience if isinstance(audience, list) else [audience]
+    azp = claims.get("azp")
+    if client_id not in audiences or (azp is not None and azp != client_id):
+        raise MalformedResponse("the refresh's ID token is not for this client")
+    if subject is not None and claims.get("sub") != subject:
+        raise MalformedResponse("the refresh's ID token is about another subject than "
+                                "the login's (OIDC Core 12.2)")
 
 
 def account_from_claims(claims: Mapping[str, object]) -> str | None:

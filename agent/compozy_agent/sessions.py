@@ -381,6 +381,14 @@ class SessionManager:
             log.exception("session %s: refresh failed unexpectedly", meta.token_id)
             return lifecycle.refresh_failed_transient(self.now(), refresh_id,
                                                       reason="internal error")
+        if response.id_token is not None:
+            try:  # OIDC Core 12.2: about the login's person, or not this session's tokens
+                oidc.validate_refresh_id_token(response.id_token, issuer=meta.issuer,
+                                               client_id=meta.client_id, subject=meta.subject)
+            except oidc.MalformedResponse as exc:
+                log.warning("session %s: refresh answer not used: %s", meta.token_id, exc)
+                return lifecycle.refresh_failed_invalid_grant(self.now(), refresh_id,
+                                                              reason=str(exc))
         log.info("session %s: refreshed%s; valid for %.0f s (answered in %.1f s)", meta.token_id,
                  "" if response.refresh_token in (None, start.refresh_token.reveal())
                  else " (refresh token rotated)", response.expires_at - response.received_at,

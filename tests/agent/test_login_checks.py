@@ -184,6 +184,38 @@ async def test_userinfo_about_another_subject_is_not_used(
     assert done.session is not None and done.session.account == "alice@example.test"
 
 
+async def test_a_refresh_whose_id_token_names_another_subject_ends_the_session(
+    manager: SessionManager, fake: FakeProvider, clock: FakeClock
+) -> None:
+    """OIDC Core 12.2: an ID token from a refresh MUST name the login's ``iss`` and
+    ``sub`` (it needs no nonce). A refresh answered with someone else's ID token was
+    taken, and their access token handed out under alice's name; now the session needs a
+    new login and the token is never given out."""
+    started = await manager.login_start(start_request(fake.issuer))
+    await browse(started.authorization_url or "")
+    done = await wait_for(manager, started.login_id)
+    assert done.session is not None and done.session.subject == "alice"
+
+    # A refresh ID token without a nonce, about alice: the usual case, refreshed fine.
+    clock.advance(10)  # past the spacing of forced refreshes (the login's token counts)
+    fake.then(Behaviour.ok(access_token="alices-token", id_token=fake.id_token(CLIENT_ID)))
+    await manager.refresh(p.Refresh(id=3))
+    assert len(fake.refresh_requests()) == 1
+    assert (await manager.sessions(None))[0].state == "fresh"
+
+    clock.advance(10)
+    fake.claims = {**fake.claims, "sub": "mallory", "email": "mallory@example.test"}
+    fake.then(Behaviour.ok(access_token="mallorys-token", id_token=fake.id_token(CLIENT_ID)))
+    with pytest.raises(OpError) as caught:
+        await manager.refresh(p.Refresh(id=4))
+    assert caught.value.code == "login_required"
+    assert "another subject" in caught.value.message
+    [session] = await manager.sessions(None)
+    assert (session.state, session.subject, session.account) == (
+        "login_required", "alice", "alice@example.test")
+    assert len(fake.refresh_requests()) == 2
+
+
 # ---------------------------------------------------------------- limits
 
 

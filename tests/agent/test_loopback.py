@@ -4,15 +4,18 @@ then closed; the response's issuer checked (RFC 9207)."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
+import time
 
 import anyio
 import httpx
 import pytest
 
 from compozy_agent import oidc
-from compozy_agent.loopback import LoopbackRedirect, tcp_peer_uid
-from support.login import get_as_another_user
+from compozy_agent.loopback import LoopbackRedirect, _proc_address, tcp_peer_uid
+from support.login import NOBODY, get_as_another_user
 
 pytestmark = pytest.mark.anyio
 ISSUER = "https://id.example.test"
@@ -136,6 +139,69 @@ async def test_a_callback_from_another_uid_is_refused_and_the_login_goes_on() ->
         status = await anyio.to_thread.run_sync(get_as_another_user, url)
         assert status == 403
         assert listener.refused_peers == 1
+        async with httpx.AsyncClient() as client:
+            page = await client.get(listener.redirect_uri,
+                                    params={"code": "c0de", "state": "learned-state"})
+        assert page.status_code == 200
+        assert await listener.wait() == "c0de"
+    finally:
+        await listener.close()
+
+
+_SEND_AND_CLOSE = (
+    "import socket, sys\n"
+    "s = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n"
+    "print(s.getsockname()[1], flush=True)\n"
+    "s.sendall(('GET /callback?code=attackers-code&state=learned-state HTTP/1.1\\r\\n'\n"
+    "           'Host: 127.0.0.1\\r\\n\\r\\n').encode())\n"
+    "s.close()\n"
+)
+
+
+def _send_and_close_as_another_user(port: int) -> int:
+    """Another user sends the forged callback and closes at once; the port it sent from."""
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    setpriv = shutil.which("setpriv", path="/usr/bin:/bin")
+    if python is None or setpriv is None:
+        pytest.skip("needs setpriv and a system python3 that uid 65534 may run")
+    out = subprocess.run(
+        [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         python, "-c", _SEND_AND_CLOSE, str(port)],
+        capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin"}, cwd="/",
+    )
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout)
+
+
+def _time_wait_entry(port: int) -> list[str]:
+    """The /proc/net/tcp row of our peer at ``port`` once it is a TIME_WAIT entry
+    (tw_substate 05 or 06), read while the event loop is blocked on purpose."""
+    wanted = _proc_address("127.0.0.1", port, mapped=False)
+    deadline = time.monotonic() + 20
+    row: list[str] = []
+    while not row or row[3] not in ("05", "06"):
+        assert time.monotonic() < deadline, f"no TIME_WAIT entry for port {port}: {row}"
+        with open("/proc/net/tcp", encoding="ascii") as table:
+            row = next((fields for fields in map(str.split, table) if fields[1] == wanted), [])
+    return row
+
+
+async def test_a_callback_from_another_uid_that_closed_its_socket_is_refused() -> None:
+    """Another user sends the forged callback and closes the connection before the
+    agent looks. The kernel soon lists the closed socket as a TIME_WAIT entry of uid 0,
+    whoever owned it: an agent run as root must not take that for its own socket."""
+    if os.getuid() != 0 or not os.path.exists("/proc/net/tcp"):
+        pytest.skip("the TIME_WAIT entry passes for a socket of uid 0: needs a root agent")
+    listener = LoopbackRedirect("learned-state")
+    await listener.start()
+    try:
+        # The event loop is blocked meanwhile: the listener reads the request only after
+        # the attacker's socket has turned into a TIME_WAIT entry (tw_substate 05 or 06).
+        row = _time_wait_entry(_send_and_close_as_another_user(listener.port))
+        assert row[7] == "0"  # what the kernel says of a closed socket's owner
+        with anyio.fail_after(10):
+            while listener.refused_peers == 0:  # noqa: ASYNC110 - nothing signals a refusal
+                await anyio.sleep(0.01)
         async with httpx.AsyncClient() as client:
             page = await client.get(listener.redirect_uri,
                                     params={"code": "c0de", "state": "learned-state"})

@@ -370,6 +370,18 @@ def test_token_response_optional_fields() -> None:
     assert odd.scope is None and odd.id_token is None
 
 
+def test_granted_scopes_keep_only_rfc6749_scope_tokens() -> None:
+    """RFC 6749 3.3: a scope-token is printable ASCII without space, quote or backslash.
+    Anything else is provider text (escape sequences, bidi overrides) no request names."""
+    hostile = "openid\t\x1b[2J email\u202etxt x\x7fy https://api.example/read a\\b \"q\" \x9b"
+    for scope in (hostile, hostile.split()):
+        parsed = oidc.parse_token_response(200, JSON, body(access_token="a", scope=scope), 0.0)
+        assert parsed.scope is not None
+        assert "openid" in parsed.scope and "https://api.example/read" in parsed.scope
+        assert all(token.isascii() and token.isprintable() and " " not in token
+                   and "\\" not in token and '"' not in token for token in parsed.scope)
+
+
 def test_refresh_without_refresh_token_keeps_the_old_one() -> None:
     kept = oidc.parse_refresh_response(200, JSON, body(access_token="a"), 0.0,
                                        refresh_token=REFRESH)
@@ -648,6 +660,35 @@ def test_bad_id_token_claims_are_refused(
     with pytest.raises(oidc.MalformedResponse, match=match):
         oidc.validate_id_token_claims(claims, issuer=ISSUER, client_id="cli", now=now,
                                       nonce=nonce, leeway=300)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"sub": "mallory"}, "another subject"),
+        ({"sub": None}, "another subject"),
+        ({"iss": "https://evil.example.test"}, "another issuer"),
+        ({"aud": "someone-else"}, "not for this client"),
+        ({"azp": "someone-else"}, "not for this client"),
+    ],
+)
+def test_a_refresh_id_token_must_name_the_logins_issuer_client_and_subject(
+    change: dict[str, object], match: str
+) -> None:
+    """OIDC Core 12.2: the same iss, sub and aud as the login's ID token."""
+    claims = {k: v for k, v in {**CLAIMS, **change}.items() if v is not None}
+    with pytest.raises(oidc.MalformedResponse, match=match):
+        oidc.validate_refresh_id_token(jwt(claims), issuer=ISSUER, client_id="cli",
+                                       subject=str(CLAIMS["sub"]))
+
+
+def test_a_refresh_id_token_needs_no_nonce_and_is_not_judged_by_its_expiry() -> None:
+    """OIDC Core 12.2: a refresh's ID token need not carry the login's nonce; an expired
+    one (a clock that drifted since the login) still says who it is about."""
+    claims = {k: v for k, v in CLAIMS.items() if k != "nonce"}
+    oidc.validate_refresh_id_token(jwt({**claims, "exp": 1}), issuer=ISSUER, client_id="cli",
+                                   subject=str(CLAIMS["sub"]))
+    oidc.validate_refresh_id_token(jwt(claims), issuer=ISSUER, client_id="cli", subject=None)
 
 
 def test_unreadable_id_token_is_refused() -> None:

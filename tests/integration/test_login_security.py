@@ -267,6 +267,34 @@ def test_provider_text_forges_no_log_line_and_drives_no_terminal(
         agent.stop()
 
 
+def test_granted_scopes_from_the_provider_drive_no_terminal(
+    agent_env: AgentEnv, fake: FakeProvider
+) -> None:
+    """The token response's `scope` is provider text too: a "scope" carrying clear-screen
+    and window-title sequences, a bidi override and DEL was printed raw by `auth status`
+    and `auth list`. Scopes outside RFC 6749's grammar are not taken as granted."""
+    write_config(agent_env, default=fake.issuer)
+    hostile_scope = "openid \x1b[2J\x1b]0;owned\x07 email\u202etxt.exe x\x7fy z\x9b31m"
+    fake.then(Behaviour.ok(scope=hostile_scope))
+    agent = start_agent(agent_env)
+    try:
+        proc, url = start_login(agent_env)
+        with reaped(proc):
+            httpx.get(url, timeout=30, follow_redirects=True)
+            stderr = finish(proc, agent_env)
+        assert proc.returncode == 0, stderr + agent.log()
+        status = run_cli(agent_env, "auth", "status").stdout
+        listing = run_cli(agent_env, "auth", "list").stdout
+        document = json.loads(run_cli(agent_env, "auth", "list", "--json").stdout)
+        for text, where in ((status, "status"), (listing, "list")):
+            _no_forgery(text, where)
+            assert "\x9b" not in text, where
+        assert "Scopes: openid" in status
+        assert document["sessions"][0]["scopes"] == ["openid"]
+    finally:
+        agent.stop()
+
+
 # ---------------------------------------------------------------- item 10: bounded logins
 
 
