@@ -4,7 +4,7 @@ One event is what the agent does when a session's refresh comes due, minus
 the network: pop the earliest wake-up from the heap, tick the session's
 lifecycle (it starts a refresh), report the refresh as succeeded (a new
 one-hour token), and put the session's next wake-up back on the heap, all
-through the agent's own SessionManager and SessionLifecycle code.
+through the agent's own Scheduler and SessionLifecycle code.
 
 Beside it, in the same run, the same events scheduled the naive way: a scan
 of every session's next wake-up for the earliest (O(n)). Between 100 and
@@ -17,18 +17,16 @@ of every session's next wake-up for the earliest (O(n)). Between 100 and
 from __future__ import annotations
 
 import argparse
-import heapq
 import sys
-import tempfile
 import time
 
 import anyio
 
 from _common import verdict
-from compozy_agent.http import ProviderClient
 from compozy_agent.lifecycle import AccessToken, Secret, SessionLifecycle, StartRefresh
-from compozy_agent.sessions import Session, SessionManager
-from compozy_agent.store import MemorySecrets, SessionStore, StoredSession
+from compozy_agent.scheduler import Scheduler
+from compozy_agent.sessions import Session
+from compozy_agent.store import StoredSession
 
 LIFETIME = 3600.0
 TARGET = 3.0
@@ -47,8 +45,9 @@ class SteppedClock:
         raise AssertionError("not used")
 
 
-def populate(manager: SessionManager, clock: SteppedClock, count: int) -> None:
-    """``count`` sessions whose tokens expire spread over the next hour."""
+def populate(scheduler: Scheduler[Session], clock: SteppedClock, count: int) -> list[Session]:
+    """``count`` sessions whose tokens expire spread over the next hour, scheduled."""
+    sessions = []
     for number in range(count):
         issued = clock.wall - LIFETIME * number / count
         meta = StoredSession(token_id=f"s{number}", profile=f"p{number}", kind="oidc",
@@ -56,8 +55,9 @@ def populate(manager: SessionManager, clock: SteppedClock, count: int) -> None:
         lifecycle = SessionLifecycle(issued, refresh_token=f"rt-{number}", access_token=AccessToken(
             Secret(f"at-{number}"), issued_at=issued, expires_at=issued + LIFETIME))
         session = Session(meta, lifecycle)
-        manager._add(session)
-        manager._reschedule(session)
+        sessions.append(session)
+        scheduler.wake_at(session, lifecycle.next_wakeup(clock.wall))
+    return sessions
 
 
 def refresh(session: Session, now: float) -> None:
@@ -69,16 +69,27 @@ def refresh(session: Session, now: float) -> None:
                                         issued_at=now, refresh_token=None, scope=None)
 
 
-def heap_event(manager: SessionManager, clock: SteppedClock) -> None:
-    """What the agent's scheduler does for one due session (see SessionManager._schedule)."""
+def new_scheduler(clock: SteppedClock) -> Scheduler[Session]:
+    """The agent's scheduler; a due session is refreshed and its next wake-up put on the
+    heap, as the agent's driver does (minus the network)."""
+
+    def on_due(session: Session, now: float) -> None:
+        refresh(session, now)
+        assert session.lifecycle is not None
+        scheduler.wake_at(session, session.lifecycle.next_wakeup(now))
+
+    scheduler: Scheduler[Session] = Scheduler(clock, on_due)
+    return scheduler
+
+
+def heap_event(scheduler: Scheduler[Session], clock: SteppedClock) -> None:
+    """What the agent's scheduler does for one due session (Scheduler.run_due)."""
     while True:
-        wake_at, _, session = heapq.heappop(manager._heap)
-        if session.active and session.wake_at == wake_at:
+        earliest = scheduler.earliest()
+        assert earliest is not None
+        clock.wall = max(clock.wall, earliest)
+        if scheduler.run_due(clock.wall):
             break  # else a stale entry: skipped, as the scheduler does
-    clock.wall = max(clock.wall, wake_at)
-    session.wake_at = None
-    refresh(session, clock.wall)
-    manager._reschedule(session)
 
 
 def scan_event(sessions: list[Session], clock: SteppedClock) -> None:
@@ -95,26 +106,19 @@ def scan_event(sessions: list[Session], clock: SteppedClock) -> None:
 async def measure(count: int, events: int) -> tuple[float, float]:
     """Seconds per event: (the agent's heap, a linear scan)."""
     results = []
-    for scheduler in ("heap", "scan"):
+    for kind in ("heap", "scan"):
         clock = SteppedClock()
-        with tempfile.TemporaryDirectory() as state:
-            provider = ProviderClient(now=clock.now)
-            try:
-                manager = SessionManager(SessionStore(state, MemorySecrets()), provider,
-                                         clock=clock)
-                populate(manager, clock, count)
-                sessions = list(manager.by_id.values())
-                # The scan is slow by design: fewer events, same per-event figure.
-                todo = events if scheduler == "heap" else max(50, events * 100 // count)
-                started = time.perf_counter()
-                for _ in range(todo):
-                    if scheduler == "heap":
-                        heap_event(manager, clock)
-                    else:
-                        scan_event(sessions, clock)
-                results.append((time.perf_counter() - started) / todo)
-            finally:
-                await provider.aclose()
+        scheduler = new_scheduler(clock)
+        sessions = populate(scheduler, clock, count)
+        # The scan is slow by design: fewer events, same per-event figure.
+        todo = events if kind == "heap" else max(50, events * 100 // count)
+        started = time.perf_counter()
+        for _ in range(todo):
+            if kind == "heap":
+                heap_event(scheduler, clock)
+            else:
+                scan_event(sessions, clock)
+        results.append((time.perf_counter() - started) / todo)
     return results[0], results[1]
 
 

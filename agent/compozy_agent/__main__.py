@@ -228,7 +228,7 @@ async def _serve(options: argparse.Namespace, bound: list[BoundSocket], path: st
     from compozy_agent.audit import AuditLog
     from compozy_agent.clock import SystemClock
     from compozy_agent.http import ProviderClient
-    from compozy_agent.sessions import SessionManager
+    from compozy_agent.manager import SessionManager
     from compozy_agent.store import (
         SecretStoreUnavailable,
         SessionStore,

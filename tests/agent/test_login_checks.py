@@ -18,7 +18,8 @@ import pytest
 
 from compozy_agent.backend import OpError
 from compozy_agent.http import ProviderClient
-from compozy_agent.sessions import MAX_LOGINS, Login, SessionManager
+from compozy_agent.logins import MAX_LOGINS, Login
+from compozy_agent.manager import SessionManager
 from compozy_agent.store import MemorySecrets, SessionStore
 from compozy_client import protocol as p
 from support.clock import FakeClock

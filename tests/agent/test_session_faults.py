@@ -15,8 +15,9 @@ import pytest
 from compozy_agent.backend import OpError
 from compozy_agent.http import ProviderClient
 from compozy_agent.lifecycle import RECENT, AccessToken, Secret, SessionLifecycle, State
+from compozy_agent.manager import SessionManager
 from compozy_agent.peer import Peer
-from compozy_agent.sessions import Session, SessionManager
+from compozy_agent.sessions import Session
 from compozy_agent.store import MemorySecrets, SessionStore, StoredSession
 from compozy_client import protocol as p
 from support.budget import EARLY_RETRY_SPACING, EARLY_RETRY_WINDOW, EXPIRY_MARGIN
@@ -78,7 +79,7 @@ async def adopt(
         now, refresh_token="rt-0",
         access_token=AccessToken(Secret("login-at"), issued_at=now, expires_at=now + lifetime))
     session = Session(meta, lifecycle)
-    await manager._adopt(session)
+    await manager.logins.adopt(session)
     return session
 
 
@@ -309,7 +310,7 @@ async def adopt_with_grant(manager: SessionManager, clock: FakeClock) -> Session
         now, refresh_token="rt-g",
         access_token=AccessToken(Secret("login-at-g"), issued_at=now, expires_at=now + 3600))
     session = Session(meta, lifecycle)
-    await manager._adopt(session)
+    await manager.logins.adopt(session)
     return session
 
 

@@ -112,7 +112,7 @@ async def test_missing_secret_restores_as_login_required(
     tmp_path: Path, real_keyring: SecretService
 ) -> None:
     from compozy_agent.http import ProviderClient
-    from compozy_agent.sessions import SessionManager
+    from compozy_agent.manager import SessionManager
 
     store = await open_store("keyring", str(tmp_path))
     await store.save_metadata([SESSION])  # the keyring entry is gone (or never made it)
@@ -516,7 +516,7 @@ async def test_a_write_interrupted_by_a_crash_leaves_no_secret_behind(tmp_path: 
     """SIGKILL between creating and renaming the temp file of an atomic write leaves it
     (found by the kill loop's canary check); the next agent removes it before serving."""
     from compozy_agent.http import ProviderClient
-    from compozy_agent.sessions import SessionManager
+    from compozy_agent.manager import SessionManager
 
     store = await open_store("file", str(tmp_path))
     await store.save_metadata([SESSION])

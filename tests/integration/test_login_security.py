@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import httpx
 import pytest
 
-from compozy_agent.sessions import MAX_LOGINS
+from compozy_agent.logins import MAX_LOGINS
 from support.agent import AgentEnv, run_cli, start_agent
 from support.fake_provider import TOKEN, Behaviour, FakeProvider, run_fake_provider_in_thread
 from support.login import CLI, configure, get_as_another_user, reaped

@@ -8,7 +8,7 @@ from typing import TypeVar
 import anyio
 import anyio.lowlevel
 
-from compozy_agent.sessions import SessionManager
+from compozy_agent.manager import SessionManager
 from support.clock import FakeClock
 
 T = TypeVar("T")
