@@ -456,7 +456,7 @@ def test_a_device_login_is_unaffected_by_the_connection_rule(
 def test_the_launch_page_is_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The page handed to the browser: a 0700 directory of its own, a 0600 file, the URL
     escaped for HTML and for the script."""
-    from compozy_client import cli
+    from compozy_client.commands import login as cli
 
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     directory = cli._browser_launcher("https://id.example.test/auth?state=s&x=<>\"'")

@@ -1,0 +1,24 @@
+"""The `compozy` commands: one module each, named after the command.
+
+    compozy login               login.py
+    compozy logout              logout.py
+    compozy auth status         auth_status.py
+    compozy auth list           auth_list.py
+    compozy auth refresh        auth_refresh.py
+    compozy auth revoke         auth_revoke.py
+    compozy auth revoke-all     auth_revoke_all.py
+    compozy auth lock           auth_lock.py
+    compozy auth unlock         auth_unlock.py
+    compozy auth log            auth_log.py
+    compozy auth token          auth_token.py (after compozy_client/fasttoken.py)
+
+Each has ``add_parser(subparsers)`` (its options and examples) and
+``run(args)`` (forward to the agent, print, return the exit code). They share
+``output.py`` (printing), ``common.py`` (the config file, the agent
+connection, questions on the terminal) and ``revoking.py`` (what logout,
+revoke and revoke-all do when the provider cannot be reached).
+``compozy_client/cli.py`` builds the parser from them and runs one.
+
+Nothing here is imported by ``compozy auth token``'s fast path, and every
+module imports only os and sys at load time.
+"""

@@ -1,0 +1,75 @@
+"""`compozy auth token`: print a valid access token to stdout.
+
+Most calls never reach this module: ``compozy auth token`` goes through
+:mod:`compozy_client.fasttoken` first (only os, socket and json imported), and
+anything unusual there (no agent yet, an error to explain, a key in the config
+file) falls through to here, which redoes the work with proper messages.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from compozy_client.commands.common import (
+    EXIT_OK,
+    add_command,
+    command_config,
+    connect,
+    profile_option,
+    split_scopes,
+    time_left,
+)
+
+# No typing import at run time: see compozy_client/__init__.py.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any
+
+
+EXAMPLES = """examples:
+  curl -H "Authorization: Bearer $(compozy auth token)" https://api.compozy.dev/v1/me
+  compozy auth token --profile prod --min-valid 300
+  compozy auth token --scope compozy:read --audience https://api.compozy.dev
+  compozy auth token --force-new     # the last token was refused with 401"""
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = add_command(subparsers, "token", "Print a valid access token to stdout", EXAMPLES)
+    profile_option(parser)
+    parser.add_argument(
+        "--scope", action="append", metavar="SCOPE", help="ask for a narrower token (repeatable)"
+    )
+    parser.add_argument("--audience", metavar="URI", help="ask for a token for this API (RFC 8707)")
+    parser.add_argument(
+        "--min-valid", type=float, default=0.0, metavar="SECONDS",
+        help="refresh first unless the token stays valid this long",
+    )
+    parser.add_argument(
+        "--force-new", action="store_true",
+        help="get a token issued now (within 5 s of the last forced one: that one)",
+    )
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from compozy_client.chain import resolve_profile, static_credential
+    from compozy_client.protocol import Token, TokenResult
+
+    static = static_credential(command_config(args))
+    if static is not None:
+        sys.stdout.write(static.api_key + "\n")
+        return EXIT_OK
+    request = Token(
+        id=0,
+        profile=resolve_profile(args.profile),
+        scope=split_scopes(args.scope),
+        audience=args.audience,
+        min_valid=args.min_valid,
+        force_new=args.force_new,
+    )
+    with connect(budgeted=True) as conn:
+        request.timeout = time_left()
+        result = conn.call(request, TokenResult)
+    sys.stdout.write(result.access_token + "\n")
+    return EXIT_OK

@@ -1,0 +1,102 @@
+"""The printing every command shares: messages on stderr, data on stdout.
+
+Messages are one escaped line each (agent messages quote provider text); colour
+only on a terminal and without ``NO_COLOR`` (https://no-color.org). Imports
+only os and sys at load time.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# No typing import at run time: see compozy_client/__init__.py.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+
+def color(code: str, text: str, stream: Any) -> str:
+    if os.environ.get("NO_COLOR") or not stream.isatty():
+        return text
+    return f"\033[{code}m{text}\033[0m"
+
+
+#: The longest message printed; a login URL of many scopes still fits.
+MESSAGE_LIMIT = 16384
+
+
+def _one_line(message: str) -> str:
+    """Agent messages quote provider text: print none of its control characters raw
+    (a newline would forge a line, an escape sequence would drive the terminal)."""
+    from compozy_client.safetext import one_line
+
+    return one_line(message, MESSAGE_LIMIT)
+
+
+def error(message: str) -> None:
+    print(f"{color('31;1', 'error:', sys.stderr)} {_one_line(message)}", file=sys.stderr)
+
+
+def warn(message: str) -> None:
+    print(f"{color('33', 'warning:', sys.stderr)} {_one_line(message)}", file=sys.stderr)
+
+
+def info(message: str) -> None:
+    print(_one_line(message), file=sys.stderr)
+
+
+def report(exc: Exception) -> None:
+    from compozy_client.errors import AgentError, AgentTimedOut, AgentUnavailable
+
+    error(str(exc))
+    if isinstance(exc, AgentError) and exc.details.get("command"):
+        info(f"  run: {exc.details['command']}")
+    elif isinstance(exc, AgentTimedOut):
+        # The agent is there and took the request: asking whether it may start is wrong.
+        info("  it answers in time whenever it is only waiting for the provider, so it may "
+             "be stuck; see: compozy auth status")
+    elif isinstance(exc, AgentUnavailable):
+        info("  is the agent allowed to start? (COMPOZY_AGENT_AUTOSTART=0 stops the CLI from "
+             "starting one); start it by hand with `compozy-agent`")
+
+
+def print_json(value: Any) -> None:
+    import msgspec
+
+    from compozy_client.safetext import json_bytes
+
+    # JSON leaves DEL, C1 and bidi overrides raw; escaped, they cannot drive a terminal.
+    encoded = json_bytes(msgspec.json.format(msgspec.json.encode(value), indent=2))
+    sys.stdout.write(encoded.decode() + "\n")
+
+
+def when(epoch: float | None) -> str:
+    """'in 54m (2026-11-22 12:34:56 UTC)' style."""
+    import time
+
+    if epoch is None:
+        return "unknown"
+    delta = epoch - time.time()
+    absolute = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
+    span = _span(abs(delta))
+    return f"in {span} ({absolute})" if delta >= 0 else f"{span} ago ({absolute})"
+
+
+def _span(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+    return f"{seconds // 86400}d{(seconds % 86400) // 3600:02d}h"
+
+
+def print_table(rows: list[list[str]]) -> None:
+    """Rows of cells as left-aligned columns on stdout, the first row the heading."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        sys.stdout.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+                         .rstrip() + "\n")
