@@ -55,6 +55,10 @@ MAX_LOGINS: Final = 8
 ACCOUNT_LIMIT: Final = 200
 
 
+def _new_id() -> str:
+    return secrets.token_hex(4)
+
+
 @dataclass(eq=False)
 class Login:
     login_id: str
@@ -74,10 +78,6 @@ class Login:
     cancel_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     #: Set once its flow has ended and let go of its listener or polling.
     released: anyio.Event = field(default_factory=anyio.Event)
-
-
-def _new_id() -> str:
-    return secrets.token_hex(4)
 
 
 class Logins(Mapping[str, Login]):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from compozy_client.commands.common import EXIT_OK, add_command, connect, read_passphrase
+from compozy_client.commands.common import EXIT_OK, add_passphrase_command, connect, read_passphrase
 from compozy_client.commands.output import info
 
 # No typing import at run time: see compozy_client/__init__.py.
@@ -18,11 +18,9 @@ EXAMPLES = """examples:
 
 
 def add_parser(subparsers: Any) -> None:
-    parser = add_command(subparsers, "unlock",
-                         "Unlock the agent with the passphrase it was locked with", EXAMPLES)
-    parser.add_argument("--passphrase-stdin", action="store_true",
-                        help="read the passphrase from the first line of stdin")
-    parser.set_defaults(handler=run)
+    add_passphrase_command(subparsers, "unlock",
+                           "Unlock the agent with the passphrase it was locked with", EXAMPLES,
+                           run)
 
 
 def run(args: argparse.Namespace) -> int:

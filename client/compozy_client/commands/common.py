@@ -15,6 +15,7 @@ from compozy_client.commands.output import warn
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
+    from collections.abc import Callable
     from typing import Any
 
     from compozy_client.config import Config
@@ -124,6 +125,15 @@ def split_scopes(values: list[str] | None) -> list[str] | None:
     if not values:
         return None
     return [scope for value in values for scope in value.replace(",", " ").split()]
+
+
+def add_passphrase_command(subparsers: Any, name: str, help_text: str, examples: str,
+                           run: Callable[[argparse.Namespace], int]) -> None:
+    """The parser of a command that sends the agent a passphrase (lock, unlock)."""
+    parser = add_command(subparsers, name, help_text, examples)
+    parser.add_argument("--passphrase-stdin", action="store_true",
+                        help="read the passphrase from the first line of stdin")
+    parser.set_defaults(handler=run)
 
 
 def read_passphrase(from_stdin: bool, confirm: bool) -> str:

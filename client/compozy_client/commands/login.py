@@ -30,15 +30,15 @@ if TYPE_CHECKING:
     from compozy_client.protocol import SessionInfo
 
 
+#: How long `compozy login` waits for the person, unless --timeout says otherwise.
+LOGIN_TIMEOUT = 300.0
+
 EXAMPLES = """examples:
   compozy login                         # browser login (authorization code + PKCE)
   compozy login --device                # show a code to enter on another device
   compozy login --no-browser            # print the URL instead of opening it
   compozy login --profile staging --issuer https://auth.staging.example
   echo "$KEY" | compozy login --with-api-key --profile prod"""
-
-#: How long `compozy login` waits for the person, unless --timeout says otherwise.
-LOGIN_TIMEOUT = 300.0
 
 
 def add_parser(subparsers: Any) -> None:
