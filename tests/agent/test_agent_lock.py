@@ -16,9 +16,10 @@ from compozy_agent.agent_lock import FIRST_DELAY, LOCK_FILE, MAX_DELAY, AgentLoc
 from compozy_agent.backend import EmptyBackend, OpError
 from compozy_agent.http import ProviderClient
 from compozy_agent.lifecycle import AccessToken, Secret, SessionLifecycle
+from compozy_agent.manager import SessionManager
 from compozy_agent.peer import Peer
 from compozy_agent.server import AgentServer, Client
-from compozy_agent.sessions import Session, SessionManager
+from compozy_agent.sessions import Session
 from compozy_agent.store import MemorySecrets, SessionStore, StoredSession
 from compozy_client import protocol as p
 from support.clock import FakeClock
@@ -275,7 +276,7 @@ async def test_a_refresh_stalled_at_the_provider_when_the_lock_arrives_gives_no_
             await group.start(manager.run)
             now = clock.now()
             await store.put_secret("s1", "refresh_token", "rt-0")
-            await manager._adopt(Session(
+            await manager.logins.adopt(Session(
                 StoredSession(token_id="s1", profile="default", kind="oidc",
                               issuer=fake_provider.issuer, client_id="cli", created_at=now),
                 SessionLifecycle(now, refresh_token="rt-0", access_token=AccessToken(
