@@ -47,7 +47,6 @@ def main(argv: list[str] | None = None) -> NoReturn:
     sys.exit(run(args, deadline))
 
 
-
 def run(argv: list[str], deadline: float | None = None) -> int:
     """Run one command; returns the exit code. ``deadline`` (``time.monotonic()``) ends
     the command's budget; by default it is the budget from now."""
