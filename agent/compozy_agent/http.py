@@ -100,7 +100,7 @@ _CONNECT_CAUSES: Final = (
 )
 
 
-def _host(url: str) -> str:
+def host_of(url: str) -> str:
     """Host and port of a URL: never its user info, path or query."""
     try:
         parts = urlsplit(url)
@@ -116,7 +116,7 @@ def _host(url: str) -> str:
 
 def _host_and_port(url: str) -> str:
     """``host:port`` of a URL, with the scheme's default port when none is written."""
-    host = _host(url)
+    host = host_of(url)
     try:
         parts = urlsplit(url)
         explicit = parts.port
@@ -147,7 +147,7 @@ def _refused(exc: BaseException) -> bool:
 
 def _map_httpx_error(exc: Exception, url: str) -> oidc.OAuthFailure:
     """The failure of our tree for an httpx exception (STYLE idea 4)."""
-    host = _host(url)
+    host = host_of(url)
     for kind, failure, reason in _HTTPX_FAILURES:
         if isinstance(exc, kind):
             if kind is httpx.ConnectError:
@@ -259,13 +259,13 @@ class ProviderClient:
         except TimeoutError:
             raise ProviderUnreachable(
                 f"no complete answer within {self.call_deadline:.0f} s",
-                _host(request.url)) from None
+                host_of(request.url)) from None
         received_at = self._now()
         skew = oidc.clock_skew(response.headers.get("date"), received_at)
         if skew is not None:
             self.last_clock_skew = skew
         # The path comes from the provider's metadata: one printable line in the log.
-        log.debug("%s %s%s -> %d", request.method, _host(request.url),
+        log.debug("%s %s%s -> %d", request.method, host_of(request.url),
                   one_line(urlsplit(request.url).path, 200), response.status_code)
         return HttpResponse(
             status=response.status_code,
@@ -309,7 +309,7 @@ class ProviderClient:
         if first_problem is not None:
             raise first_problem
         raise oidc.MalformedResponse(
-            f"{_host(issuer)} publishes no OpenID or OAuth metadata "
+            f"{host_of(issuer)} publishes no OpenID or OAuth metadata "
             f"(HTTP {', '.join(map(str, statuses))}); is {issuer} the right issuer?",
             statuses[-1] if statuses else None,
         )
@@ -491,14 +491,14 @@ async def _read_capped(response: httpx.Response, url: str) -> bytes:
     """The body, refusing more than MAX_BODY_BYTES (a hostile or broken provider)."""
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise oidc.MalformedResponse(f"{_host(url)}: the answer is larger than "
+        raise oidc.MalformedResponse(f"{host_of(url)}: the answer is larger than "
                                      f"{MAX_BODY_BYTES} bytes", response.status_code)
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.aiter_bytes():
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            raise oidc.MalformedResponse(f"{_host(url)}: the answer is larger than "
+            raise oidc.MalformedResponse(f"{host_of(url)}: the answer is larger than "
                                          f"{MAX_BODY_BYTES} bytes", response.status_code)
         chunks.append(chunk)
     return b"".join(chunks)

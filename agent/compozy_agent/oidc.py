@@ -878,17 +878,9 @@ def validate_id_token_claims(
     ``exp`` is present and not more than ``leeway`` seconds past. Step 11: when a
     ``nonce`` was sent, the claim equals it.
     """
-    if not claims:
-        raise MalformedResponse("the ID token is not a readable JWT")
-    stated_issuer = claims.get("iss")
-    if not isinstance(stated_issuer, str) or not _same_issuer(stated_issuer, issuer):
-        raise MalformedResponse("the ID token was issued by another issuer")
+    _check_issuer_and_audience(claims, issuer, client_id, "the ID token")
     audience = claims.get("aud")
-    audiences = audience if isinstance(audience, list) else [audience]
-    if client_id not in audiences:
-        raise MalformedResponse("the ID token is not for this client")
-    azp = claims.get("azp")
-    if (azp is not None and azp != client_id) or (len(audiences) > 1 and azp is None):
+    if isinstance(audience, list) and len(audience) > 1 and claims.get("azp") is None:
         raise MalformedResponse("the ID token was issued to another party (azp)")
     expiry = _number(claims.get("exp"))
     if expiry is None:
@@ -900,6 +892,24 @@ def validate_id_token_claims(
         if not isinstance(stated_nonce, str) or not hmac.compare_digest(
                 stated_nonce.encode(), nonce.encode()):
             raise MalformedResponse("the ID token's nonce does not match this login")
+
+
+def _check_issuer_and_audience(
+    claims: Mapping[str, object], issuer: str, client_id: str, what: str
+) -> None:
+    """OIDC Core 3.1.3.7 steps 2-5 for ``claims``; ``what`` names the token in messages."""
+    if not claims:
+        raise MalformedResponse(f"{what} is not a readable JWT")
+    stated_issuer = claims.get("iss")
+    if not isinstance(stated_issuer, str) or not _same_issuer(stated_issuer, issuer):
+        raise MalformedResponse(f"{what} was issued by another issuer")
+    audience = claims.get("aud")
+    audiences = audience if isinstance(audience, list) else [audience]
+    if client_id not in audiences:
+        raise MalformedResponse(f"{what} is not for this client")
+    azp = claims.get("azp")
+    if azp is not None and azp != client_id:
+        raise MalformedResponse(f"{what} was issued to another party (azp)")
 
 
 def validate_refresh_id_token(
@@ -914,16 +924,7 @@ def validate_refresh_id_token(
     token, so only issuer and audience are compared.
     """
     claims = decode_jwt_claims(id_token)
-    if not claims:
-        raise MalformedResponse("the refresh's ID token is not a readable JWT")
-    stated_issuer = claims.get("iss")
-    if not isinstance(stated_issuer, str) or not _same_issuer(stated_issuer, issuer):
-        raise MalformedResponse("the refresh's ID token was issued by another issuer")
-    audience = claims.get("aud")
-    audiences = audience if isinstance(audience, list) else [audience]
-    azp = claims.get("azp")
-    if client_id not in audiences or (azp is not None and azp != client_id):
-        raise MalformedResponse("the refresh's ID token is not for this client")
+    _check_issuer_and_audience(claims, issuer, client_id, "the refresh's ID token")
     if subject is not None and claims.get("sub") != subject:
         raise MalformedResponse("the refresh's ID token is about another subject than "
                                 "the login's (OIDC Core 12.2)")

@@ -26,7 +26,6 @@ import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
@@ -34,7 +33,7 @@ import anyio.abc
 from compozy_agent import oidc
 from compozy_agent.backend import OpError
 from compozy_agent.clock import Clock, SystemClock
-from compozy_agent.http import CALL_DEADLINE, ProviderClient
+from compozy_agent.http import CALL_DEADLINE, ProviderClient, host_of
 from compozy_agent.lifecycle import (
     DEFAULT_SLOT,
     RECENT,
@@ -57,7 +56,6 @@ from compozy_agent.scheduler import Scheduler
 from compozy_agent.store import SecretKind, SessionStore, StoredSession, StoreError
 from compozy_client import protocol as p
 from compozy_client.errors import ErrorCode
-from compozy_client.safetext import one_line
 
 log = logging.getLogger("compozy_agent.sessions")
 
@@ -91,19 +89,6 @@ class Session:
 
 def _secret_kind(meta: StoredSession) -> SecretKind:
     return "api_key" if meta.kind == "api_key" else "refresh_token"
-
-
-def _provider_host(issuer: str | None) -> str:
-    """``host:port`` of the issuer, for messages: never its user info, path or query."""
-    try:
-        parts = urlsplit(issuer or "")
-        host, port = parts.hostname, parts.port
-    except ValueError:
-        return "the provider"
-    if not host:
-        return "the provider"
-    host = f"[{host}]" if ":" in host else host
-    return one_line(f"{host}:{port}" if port else host, 300)
 
 
 def login_command(profile: str) -> str:
@@ -536,7 +521,7 @@ class SessionDriver:
 
     def _still_waiting(self, session: Session, waited: float) -> str:
         """What a caller is told when its wait runs out: what is slow, and what happens next."""
-        host = _provider_host(session.meta.issuer)
+        host = host_of(session.meta.issuer or "")
         took = f"{waited:.1f}" if waited < 10 else f"{waited:.0f}"
         lifecycle = session.lifecycle
         assert lifecycle is not None

@@ -669,7 +669,7 @@ def test_bad_id_token_claims_are_refused(
         ({"sub": None}, "another subject"),
         ({"iss": "https://evil.example.test"}, "another issuer"),
         ({"aud": "someone-else"}, "not for this client"),
-        ({"azp": "someone-else"}, "not for this client"),
+        ({"azp": "someone-else"}, "another party"),
     ],
 )
 def test_a_refresh_id_token_must_name_the_logins_issuer_client_and_subject(

@@ -458,8 +458,8 @@ async def test_a_caller_that_waits_less_is_answered_before_it_gives_up(
 
 
 def test_messages_name_the_provider_by_host_and_port_only() -> None:
-    from compozy_agent.sessions import _provider_host
+    from compozy_agent.http import host_of
 
-    assert _provider_host("https://user:pw-secret@auth.example:8443/t?k=v") == "auth.example:8443"
-    assert _provider_host("http://[::1]:9/") == "[::1]:9"
-    assert _provider_host(None) == _provider_host("not a url") == "the provider"
+    assert host_of("https://user:pw-secret@auth.example:8443/t?k=v") == "auth.example:8443"
+    assert host_of("http://[::1]:9/") == "[::1]:9"
+    assert host_of("") == host_of("not a url") == "the provider"
