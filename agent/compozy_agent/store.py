@@ -674,6 +674,69 @@ def prepare_state_dir(state_dir: str) -> None:
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise StoreError(f"the state directory {state_dir} is writable by others; "
                          f"run: chmod 700 {state_dir}")
+    _check_ancestors(state_dir)
+
+
+def _check_ancestors(state_dir: str) -> None:
+    """Refuse a state directory that another user could swap for one of their own.
+
+    Whoever can write a directory above it can rename it away and put their own
+    in its place, between this check and any later write: the lock file would
+    then be written where they can delete it, the audit files where they can
+    erase them. So, as ssh does for its files, every directory above it (as
+    written and as resolved) must be root's or ours, and not writable by others,
+    unless it is sticky (``/tmp``: others cannot rename what is not theirs) or only
+    group-writable by a group of ours alone (user private groups).
+    """
+    absolute = os.path.abspath(state_dir)
+    seen: set[str] = set()
+    for path in (absolute, os.path.realpath(absolute)):
+        parent = os.path.dirname(path)
+        while parent not in seen:
+            seen.add(parent)
+            try:
+                info = os.stat(parent)
+            except OSError as exc:
+                failure = f"cannot check {parent}, above the state directory: {exc.strerror}"
+                raise StoreError(failure) from None
+            problem = _unsafe_ancestor(info)
+            if problem is not None:
+                raise StoreError(
+                    f"the state directory {state_dir} is inside {parent}, which {problem}: "
+                    "another user could replace the state directory (and unlock a locked "
+                    "agent, or erase its audit log); choose a state directory "
+                    "(COMPOZY_STATE_DIR or XDG_STATE_HOME) under directories only you and "
+                    "root can write")
+            if parent == os.path.dirname(parent):
+                break
+            parent = os.path.dirname(parent)
+
+
+def _unsafe_ancestor(info: os.stat_result) -> str | None:
+    """Why another user could rename entries of this directory, or None."""
+    if info.st_uid not in (0, os.getuid()):
+        return f"belongs to uid {info.st_uid}"
+    if info.st_mode & stat.S_ISVTX:
+        return None  # sticky: nobody else may rename or delete entries they do not own
+    if info.st_mode & stat.S_IWOTH:
+        return "anyone may write"
+    if info.st_mode & stat.S_IWGRP and not _group_is_only_us(info.st_gid):
+        return f"group {info.st_gid} may write"
+    return None
+
+
+def _group_is_only_us(gid: int) -> bool:
+    """Whether ``gid`` is a group of ours alone (a user private group), as ssh allows."""
+    import grp
+    import pwd
+
+    try:
+        group = grp.getgrgid(gid)
+        me = pwd.getpwuid(os.getuid())
+    except KeyError:
+        return False
+    members = set(group.gr_mem)
+    return members == {me.pw_name} or (not members and gid == me.pw_gid)
 
 
 def _loading_reason(exc: BaseException) -> str:

@@ -448,6 +448,29 @@ async def test_state_dir_writable_by_others_is_refused(tmp_path: Path) -> None:
         await open_store("memory", str(target))
 
 
+async def test_a_state_directory_inside_one_others_can_write_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone may rename "state" away and put their own in its place
+    with pytest.raises(StoreError, match=f"inside {shared}, which anyone may write"):
+        await open_store("memory", str(shared / "state"))
+    os.chown(shared, 0, 65534)
+    shared.chmod(0o770)  # a group with someone else in it
+    with pytest.raises(StoreError, match=f"inside {shared}, which group 65534 may write"):
+        await open_store("memory", str(shared / "state" / "deeper"))
+    # Reached through a symbolic link: the directories it resolves into are checked too.
+    (shared / "ours").mkdir(mode=0o700)
+    private = tmp_path / "private"
+    private.mkdir()
+    (private / "link").symlink_to(shared / "ours")
+    with pytest.raises(StoreError, match=f"inside {shared}, which group 65534 may write"):
+        await open_store("memory", str(private / "link" / "state"))
+    shared.chmod(0o1777)  # sticky, like /tmp: others cannot rename what is not theirs
+    store = await open_store("memory", str(shared / "state"))
+    store.save([SESSION])
+    assert store.load() == [SESSION]
+
+
 # --------------------------------------------------------------------------
 # The opt-in plaintext file.
 
