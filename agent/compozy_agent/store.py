@@ -39,6 +39,7 @@ module sees a keyring exception.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -385,15 +386,13 @@ class FileSecrets:
 
     def _load(self) -> dict[str, str]:
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return {}
+            read = _read_own_file(self.path)
         except OSError as exc:
             failure = f"cannot read {self.path}: {exc.strerror}"
         else:
-            with os.fdopen(fd, "rb") as file:
-                mode = os.fstat(file.fileno()).st_mode
-                data = file.read()
+            if read is None:
+                return {}
+            data, mode = read
             if stat.S_IMODE(mode) & 0o077:
                 raise SecretStoreError(
                     f"{self.path} may be read by others; run: chmod 600 {self.path}")
@@ -416,6 +415,45 @@ class FileSecrets:
         values = self._load()
         if values.pop(key, None) is not None:
             atomic_write(self.path, json.dumps(values, indent=1).encode())
+
+
+#: The most of the state or secrets file read; each session takes a few hundred bytes.
+MAX_FILE_BYTES: Final = 16 * 1024 * 1024
+
+
+def _read_own_file(path: str) -> tuple[bytes, int] | None:
+    """The contents and mode of ``path``, a regular file of ours; None when there is none.
+
+    Never follows a symbolic link, and never blocks on or reads without end from
+    what is not a file (a FIFO would hang the agent's start, a link to /dev/zero
+    fill its memory). Raises ``OSError`` whose ``strerror`` says what is wrong.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(exc.errno, "it is a symbolic link") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "it is not a regular file")
+        if info.st_uid != os.getuid():
+            raise OSError(errno.EPERM, f"it belongs to uid {info.st_uid}")
+        if info.st_size > MAX_FILE_BYTES:
+            raise OSError(errno.EFBIG, f"it is larger than {MAX_FILE_BYTES} bytes")
+        chunks = []
+        total = 0
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > MAX_FILE_BYTES:
+                raise OSError(errno.EFBIG, f"it is larger than {MAX_FILE_BYTES} bytes")
+        return b"".join(chunks), info.st_mode
+    finally:
+        os.close(fd)
 
 
 def _decode_json_object(data: bytes) -> dict[str, Any] | None:
@@ -590,15 +628,14 @@ class SessionStore:
         the file cannot be read.
         """
         try:
-            with open(self.state_path, "rb") as file:
-                data = file.read()
-        except FileNotFoundError:
-            return []
+            read = _read_own_file(self.state_path)
         except OSError as exc:
             failure = f"cannot read {self.state_path}: {exc.strerror}"
             raise StateFileCorrupt(f"{failure}; fix its permissions or move it aside") from None
+        if read is None:
+            return []
         try:
-            document = msgspec.json.decode(data, type=_StateDocument)
+            document = msgspec.json.decode(read[0], type=_StateDocument)
         except msgspec.DecodeError:
             document = None
         if document is None:
