@@ -17,6 +17,11 @@ Rules:
   ``sessions.json`` in the state directory (``0700``), never to the keyring
   (Windows limits the size of a secret). It is written atomically: a ``0600``
   temp file in the same directory, fsync, rename, fsync of the directory.
+* The state directory must be ours, not writable by others, and so must every
+  directory above it (root's allowed; sticky ones and user private groups too):
+  whoever can write above it could swap it for their own. The state and
+  secrets files are read only as regular files of ours, never through a
+  symbolic link, without blocking, at most :data:`MAX_FILE_BYTES`.
 * A state file that cannot be read (corrupt, or from a newer agent) is never
   overwritten: loading and saving raise :class:`StateFileCorrupt`, naming the
   file and what to do.
