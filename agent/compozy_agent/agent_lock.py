@@ -296,12 +296,16 @@ def _sane(document: _LockFile) -> bool:
         salt, digest = bytes.fromhex(document.salt), bytes.fromhex(document.hash)
     except ValueError:
         return False
-    # Bounds on the cost keep a planted file from making each check take minutes or GiB.
+    # Bounds on the cost: above, a planted file must not make each check take minutes or
+    # GiB; below, never less memory or work than this agent's own (a file with n=2 makes
+    # every guess at its hash, online or offline, cost microseconds).
+    n, r, p = document.n, document.r, document.p
     return (len(salt) == SALT_BYTES and len(digest) == HASH_BYTES
             and document.failures >= 0
-            and 2 <= document.n <= 2**20 and document.n & (document.n - 1) == 0
-            and 1 <= document.r <= 32 and 1 <= document.p <= 16
-            and 128 * document.r * document.n <= _MAXMEM // 2)
+            and 2 <= n <= 2**20 and n & (n - 1) == 0
+            and 1 <= r <= 32 and 1 <= p <= 16
+            and 128 * r * n <= _MAXMEM // 2
+            and n * r >= SCRYPT_N * SCRYPT_R and n * r * p >= SCRYPT_N * SCRYPT_R * SCRYPT_P)
 
 
 def describe_locked_at(lock: AgentLock) -> str:

@@ -17,6 +17,11 @@ Rules:
   ``sessions.json`` in the state directory (``0700``), never to the keyring
   (Windows limits the size of a secret). It is written atomically: a ``0600``
   temp file in the same directory, fsync, rename, fsync of the directory.
+* The state directory must be ours, not writable by others, and so must every
+  directory above it (root's allowed; sticky ones and user private groups too):
+  whoever can write above it could swap it for their own. The state and
+  secrets files are read only as regular files of ours, never through a
+  symbolic link, without blocking, at most :data:`MAX_FILE_BYTES`.
 * A state file that cannot be read (corrupt, or from a newer agent) is never
   overwritten: loading and saving raise :class:`StateFileCorrupt`, naming the
   file and what to do.
@@ -39,6 +44,7 @@ module sees a keyring exception.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -385,15 +391,13 @@ class FileSecrets:
 
     def _load(self) -> dict[str, str]:
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return {}
+            read = _read_own_file(self.path)
         except OSError as exc:
             failure = f"cannot read {self.path}: {exc.strerror}"
         else:
-            with os.fdopen(fd, "rb") as file:
-                mode = os.fstat(file.fileno()).st_mode
-                data = file.read()
+            if read is None:
+                return {}
+            data, mode = read
             if stat.S_IMODE(mode) & 0o077:
                 raise SecretStoreError(
                     f"{self.path} may be read by others; run: chmod 600 {self.path}")
@@ -416,6 +420,45 @@ class FileSecrets:
         values = self._load()
         if values.pop(key, None) is not None:
             atomic_write(self.path, json.dumps(values, indent=1).encode())
+
+
+#: The most of the state or secrets file read; each session takes a few hundred bytes.
+MAX_FILE_BYTES: Final = 16 * 1024 * 1024
+
+
+def _read_own_file(path: str) -> tuple[bytes, int] | None:
+    """The contents and mode of ``path``, a regular file of ours; None when there is none.
+
+    Never follows a symbolic link, and never blocks on or reads without end from
+    what is not a file (a FIFO would hang the agent's start, a link to /dev/zero
+    fill its memory). Raises ``OSError`` whose ``strerror`` says what is wrong.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(exc.errno, "it is a symbolic link") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "it is not a regular file")
+        if info.st_uid != os.getuid():
+            raise OSError(errno.EPERM, f"it belongs to uid {info.st_uid}")
+        if info.st_size > MAX_FILE_BYTES:
+            raise OSError(errno.EFBIG, f"it is larger than {MAX_FILE_BYTES} bytes")
+        chunks = []
+        total = 0
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > MAX_FILE_BYTES:
+                raise OSError(errno.EFBIG, f"it is larger than {MAX_FILE_BYTES} bytes")
+        return b"".join(chunks), info.st_mode
+    finally:
+        os.close(fd)
 
 
 def _decode_json_object(data: bytes) -> dict[str, Any] | None:
@@ -590,15 +633,14 @@ class SessionStore:
         the file cannot be read.
         """
         try:
-            with open(self.state_path, "rb") as file:
-                data = file.read()
-        except FileNotFoundError:
-            return []
+            read = _read_own_file(self.state_path)
         except OSError as exc:
             failure = f"cannot read {self.state_path}: {exc.strerror}"
             raise StateFileCorrupt(f"{failure}; fix its permissions or move it aside") from None
+        if read is None:
+            return []
         try:
-            document = msgspec.json.decode(data, type=_StateDocument)
+            document = msgspec.json.decode(read[0], type=_StateDocument)
         except msgspec.DecodeError:
             document = None
         if document is None:
@@ -674,6 +716,69 @@ def prepare_state_dir(state_dir: str) -> None:
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise StoreError(f"the state directory {state_dir} is writable by others; "
                          f"run: chmod 700 {state_dir}")
+    _check_ancestors(state_dir)
+
+
+def _check_ancestors(state_dir: str) -> None:
+    """Refuse a state directory that another user could swap for one of their own.
+
+    Whoever can write a directory above it can rename it away and put their own
+    in its place, between this check and any later write: the lock file would
+    then be written where they can delete it, the audit files where they can
+    erase them. So, as ssh does for its files, every directory above it (as
+    written and as resolved) must be root's or ours, and not writable by others,
+    unless it is sticky (``/tmp``: others cannot rename what is not theirs) or only
+    group-writable by a group of ours alone (user private groups).
+    """
+    absolute = os.path.abspath(state_dir)
+    seen: set[str] = set()
+    for path in (absolute, os.path.realpath(absolute)):
+        parent = os.path.dirname(path)
+        while parent not in seen:
+            seen.add(parent)
+            try:
+                info = os.stat(parent)
+            except OSError as exc:
+                failure = f"cannot check {parent}, above the state directory: {exc.strerror}"
+                raise StoreError(failure) from None
+            problem = _unsafe_ancestor(info)
+            if problem is not None:
+                raise StoreError(
+                    f"the state directory {state_dir} is inside {parent}, which {problem}: "
+                    "another user could replace the state directory (and unlock a locked "
+                    "agent, or erase its audit log); choose a state directory "
+                    "(COMPOZY_STATE_DIR or XDG_STATE_HOME) under directories only you and "
+                    "root can write")
+            if parent == os.path.dirname(parent):
+                break
+            parent = os.path.dirname(parent)
+
+
+def _unsafe_ancestor(info: os.stat_result) -> str | None:
+    """Why another user could rename entries of this directory, or None."""
+    if info.st_uid not in (0, os.getuid()):
+        return f"belongs to uid {info.st_uid}"
+    if info.st_mode & stat.S_ISVTX:
+        return None  # sticky: nobody else may rename or delete entries they do not own
+    if info.st_mode & stat.S_IWOTH:
+        return "anyone may write"
+    if info.st_mode & stat.S_IWGRP and not _group_is_only_us(info.st_gid):
+        return f"group {info.st_gid} may write"
+    return None
+
+
+def _group_is_only_us(gid: int) -> bool:
+    """Whether ``gid`` is a group of ours alone (a user private group), as ssh allows."""
+    import grp
+    import pwd
+
+    try:
+        group = grp.getgrgid(gid)
+        me = pwd.getpwuid(os.getuid())
+    except KeyError:
+        return False
+    members = set(group.gr_mem)
+    return members == {me.pw_name} or (not members and gid == me.pw_gid)
 
 
 def _loading_reason(exc: BaseException) -> str:

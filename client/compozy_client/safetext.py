@@ -27,6 +27,33 @@ DEFAULT_LIMIT = 300
 ELLIPSIS = "..."
 
 
+#: Unicode's Default_Ignorable_Code_Point (DerivedCoreProperties.txt): drawn as nothing.
+#: Most are format characters, which ``str.isprintable`` already rejects; the rest
+#: (U+034F, the Hangul fillers U+115F, U+1160, U+3164, U+FFA0, the variation
+#: selectors...) count as printable, so "dev\u3164" would show as "dev".
+_IGNORABLE_RANGES = (
+    (0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160),
+    (0x17B4, 0x17B5), (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E),
+    (0x2060, 0x206F), (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF),
+    (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A),
+    (0xE0000, 0xE0FFF),
+)
+
+
+def _ignorable(char: str) -> bool:
+    code = ord(char)
+    return code >= 0xAD and any(first <= code <= last for first, last in _IGNORABLE_RANGES)
+
+
+def _shown(char: str) -> bool:
+    """Whether ``char`` may be printed as it is: printable, and not drawn as nothing."""
+    return char.isprintable() and not _ignorable(char)
+
+
+def _all_shown(text: str) -> bool:
+    return text.isprintable() and (text.isascii() or not any(map(_ignorable, text)))
+
+
 def _escaped(char: str) -> str:
     # "\n" -> "\\n", ESC -> "\\x1b", U+202E -> "\\u202e": visible, one line, no effect.
     return ascii(char)[1:-1]
@@ -39,10 +66,12 @@ def one_line(text: str, limit: int = DEFAULT_LIMIT) -> str:
     Not printable (``str.isprintable``): C0 and C1 controls and DEL (so every
     escape sequence loses its ESC), line and paragraph separators (newlines
     included), format characters such as bidi overrides and zero-width joiners,
-    surrogates and unassigned code points. The plain space stays.
+    surrogates and unassigned code points; and the characters Unicode draws as nothing
+    (Default_Ignorable_Code_Point: Hangul fillers, variation selectors). The plain
+    space stays.
     """
-    if not text.isprintable():
-        text = "".join(char if char.isprintable() else _escaped(char) for char in text)
+    if not _all_shown(text):
+        text = "".join(char if _shown(char) else _escaped(char) for char in text)
     if len(text) > limit:
         text = text[: max(limit - len(ELLIPSIS), 0)] + ELLIPSIS
     return text
@@ -53,10 +82,10 @@ def for_terminal(text: str) -> str:
 
     Uncapped (the caller lays out its columns); the same characters as :func:`one_line`.
     """
-    if text.isprintable() and "\\" not in text:
+    if _all_shown(text) and "\\" not in text:
         return text
     return "".join(
-        "\\\\" if char == "\\" else char if char.isprintable() else _escaped(char)
+        "\\\\" if char == "\\" else char if _shown(char) else _escaped(char)
         for char in text)
 
 
@@ -78,5 +107,5 @@ def json_bytes(data: bytes) -> bytes:
         return data  # the common case, checked without decoding
     text = data.decode("utf-8", errors="surrogateescape")
     return "".join(
-        char if char.isprintable() or char in "\n\r\t" else _json_escaped(char)
+        char if _shown(char) or char in "\n\r\t" else _json_escaped(char)
         for char in text).encode("utf-8", errors="surrogateescape")

@@ -3,6 +3,7 @@ that outlives the agent, and token requests caught in flight by a lock."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -198,6 +199,28 @@ async def test_an_unusable_lock_file_keeps_the_agent_locked(
         await lock.lock("anything")
     assert caught.value.code == "locked"
     assert path.is_symlink() or path.is_dir() or path.exists()  # left for the person to see
+
+
+@pytest.mark.parametrize(("n", "r", "p"), [(2, 1, 1), (2**10, 8, 1), (2**14, 1, 16)],
+                         ids=["n=2", "n=1024", "r=1"])
+async def test_a_lock_file_cheaper_than_the_agents_own_keeps_it_locked(
+    tmp_path: Path, n: int, r: int, p: int
+) -> None:
+    """A planted lock file whose scrypt cost is far below what the agent writes (each
+    guess at the hash then costs microseconds) is refused like a corrupt one: before the
+    fix, n=2 was taken as the lock and its passphrase unlocked the agent."""
+    path = tmp_path / LOCK_FILE
+    salt = bytes(16)
+    digest = hashlib.scrypt(b"planted", salt=salt, n=n, r=r, p=p, dklen=32)
+    path.write_text(json.dumps({"version": 1, "salt": salt.hex(), "hash": digest.hex(),
+                                "n": n, "r": r, "p": p}))
+    lock = AgentLock.load(FakeClock(), str(path))
+    assert lock.locked
+    [warning] = lock.warnings()
+    assert "it is corrupt" in warning and "delete it and restart the agent" in warning
+    with pytest.raises(OpError) as caught:
+        await lock.unlock("planted")
+    assert caught.value.code == "locked"
 
 
 async def test_a_lock_that_cannot_be_saved_still_locks_and_says_so(

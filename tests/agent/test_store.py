@@ -8,6 +8,7 @@ Real time is spent only in the short deadlines under test.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -46,6 +47,8 @@ SESSION = StoredSession(
     client_id="cli", subject="sub-4711", account="alice@example.test", scopes=["openid"],
     created_at=1_800_000_000.0,
 )
+#: The largest state file the store reads (store.MAX_FILE_BYTES).
+MAX_STATE_BYTES = 16 * 1024 * 1024
 #: Short deadlines under test; generous bounds for the time they may take.
 DEADLINE = 0.3
 SLACK = 2.0
@@ -420,6 +423,79 @@ async def test_corrupt_state_file_is_reported_and_never_overwritten(
     assert store.load() == [SESSION]
 
 
+def _plant(path: Path, kind: str) -> None:
+    if kind == "fifo":
+        os.mkfifo(path, 0o600)
+    elif kind == "endless":
+        path.symlink_to("/dev/zero")
+    else:  # a link to a file of ours, which an atomic write would replace anyway
+        (path.parent / "elsewhere.json").write_text('{"version": 1, "sessions": []}')
+        path.symlink_to(path.parent / "elsewhere.json")
+
+
+def _release_a_blocked_reader(path: Path) -> None:
+    """Open a planted FIFO for writing, so a reader blocked on opening it (the code before
+    the fix) returns and its thread ends."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+@pytest.mark.parametrize(("kind", "says"), [
+    ("fifo", "it is not a regular file"),
+    ("endless", "it is a symbolic link"),
+    ("link", "it is a symbolic link"),
+])
+async def test_a_state_file_that_is_no_file_is_refused_at_once(
+    tmp_path: Path, kind: str, says: str
+) -> None:
+    """A FIFO planted as sessions.json hung the agent's start; a link to /dev/zero read
+    until memory ran out. Both are refused at once, named, and never overwritten."""
+    store = await open_store("memory", str(tmp_path))
+    _plant(state_path(tmp_path), kind)
+    try:
+        with anyio.fail_after(5):
+            with pytest.raises(StateFileCorrupt, match=f"cannot read {state_path(tmp_path)}: "
+                               f"{says}; fix its permissions or move it aside"):
+                await anyio.to_thread.run_sync(store.load, abandon_on_cancel=True)
+    finally:
+        _release_a_blocked_reader(state_path(tmp_path))
+    with pytest.raises(StateFileCorrupt, match="not overwriting"):
+        store.save([SESSION])
+    assert state_path(tmp_path).is_symlink() or stat.S_ISFIFO(
+        state_path(tmp_path).lstat().st_mode)
+
+
+@pytest.mark.parametrize(("kind", "says"), [
+    ("fifo", "it is not a regular file"),
+    ("endless", "it is a symbolic link"),
+])
+async def test_a_secrets_file_that_is_no_file_is_refused_at_once(
+    tmp_path: Path, kind: str, says: str
+) -> None:
+    store = await open_store("file", str(tmp_path))
+    path = tmp_path / "secrets.json"
+    _plant(path, kind)
+    try:
+        with anyio.fail_after(5):
+            with pytest.raises(SecretStoreError, match=f"cannot read {path}: {says}"):
+                await store.get_secret("tok-1", "api_key")
+    finally:
+        _release_a_blocked_reader(path)
+
+
+async def test_a_state_file_of_another_uid_or_too_large_is_refused(tmp_path: Path) -> None:
+    store = await open_store("memory", str(tmp_path))
+    store.save([SESSION])
+    os.chown(state_path(tmp_path), 65534, 65534)
+    with pytest.raises(StateFileCorrupt, match="it belongs to uid 65534"):
+        store.load()
+    state_path(tmp_path).unlink()
+    with state_path(tmp_path).open("wb") as file:
+        file.truncate(MAX_STATE_BYTES + 1)
+    with pytest.raises(StateFileCorrupt, match=f"it is larger than {MAX_STATE_BYTES} bytes"):
+        store.load()
+
+
 async def test_unknown_fields_are_tolerated(tmp_path: Path) -> None:
     document = {"version": 1, "written_by": "a newer agent",
                 "sessions": [{**msgspec.to_builtins(SESSION), "colour": "blue"}]}
@@ -446,6 +522,29 @@ async def test_state_dir_writable_by_others_is_refused(tmp_path: Path) -> None:
     os.chmod(target, 0o777)
     with pytest.raises(StoreError, match="writable by others; run: chmod 700"):
         await open_store("memory", str(target))
+
+
+async def test_a_state_directory_inside_one_others_can_write_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone may rename "state" away and put their own in its place
+    with pytest.raises(StoreError, match=f"inside {shared}, which anyone may write"):
+        await open_store("memory", str(shared / "state"))
+    os.chown(shared, 0, 65534)
+    shared.chmod(0o770)  # a group with someone else in it
+    with pytest.raises(StoreError, match=f"inside {shared}, which group 65534 may write"):
+        await open_store("memory", str(shared / "state" / "deeper"))
+    # Reached through a symbolic link: the directories it resolves into are checked too.
+    (shared / "ours").mkdir(mode=0o700)
+    private = tmp_path / "private"
+    private.mkdir()
+    (private / "link").symlink_to(shared / "ours")
+    with pytest.raises(StoreError, match=f"inside {shared}, which group 65534 may write"):
+        await open_store("memory", str(private / "link" / "state"))
+    shared.chmod(0o1777)  # sticky, like /tmp: others cannot rename what is not theirs
+    store = await open_store("memory", str(shared / "state"))
+    store.save([SESSION])
+    assert store.load() == [SESSION]
 
 
 # --------------------------------------------------------------------------

@@ -74,3 +74,21 @@ def test_json_keeps_its_meaning_and_loses_its_raw_controls() -> None:
             assert char not in text
         assert "é" in text  # printable text stays as it is
     assert json_bytes(b'{"a": "plain"}') == b'{"a": "plain"}'
+
+
+INVISIBLE = ["\u034f", "\u115f", "\u1160", "\u17b4", "\u180b", "\u3164", "\ufe0f", "\uffa0",
+             "\U000e0100"]
+
+
+@pytest.mark.parametrize("char", INVISIBLE, ids=[f"U+{ord(c):04X}" for c in INVISIBLE])
+def test_characters_drawn_as_nothing_are_escaped_though_python_calls_them_printable(
+    char: str,
+) -> None:
+    """A profile "dev\\u3164" (Hangul filler) or an argv ending in a variation selector
+    printed as "dev": a caller's failures could pass for another's. Unicode's
+    Default_Ignorable_Code_Point characters are escaped everywhere the log is printed."""
+    assert char.isprintable()  # why str.isprintable alone let them through
+    assert for_terminal(f"dev{char}") == f"dev{ascii(char)[1:-1]}"
+    assert one_line(f"dev{char}") == f"dev{ascii(char)[1:-1]}"
+    safe = json_bytes(msgspec.json.encode({"profile": f"dev{char}"}))
+    assert char not in safe.decode() and json.loads(safe) == {"profile": f"dev{char}"}

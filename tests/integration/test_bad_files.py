@@ -4,10 +4,13 @@ overwritten, the agent keeps serving."""
 from __future__ import annotations
 
 import json
+import os
 import stat
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from support.agent import AgentEnv, can_connect, prepare_dirs, run_cli, start_agent
 from support.wire import ask
@@ -218,3 +221,42 @@ def test_a_corrupt_lock_file_keeps_the_agent_locked_and_says_how_to_recover(
         assert status["agent"]["locked"] is False
     finally:
         agent.stop()
+
+
+def _as_another_user(command: str) -> subprocess.CompletedProcess[str]:
+    if os.getuid() != 0:
+        pytest.skip("needs root to act as another user (uid 65534, nobody)")
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           "/bin/sh", "-c", command],
+                          capture_output=True, text=True, timeout=30, cwd="/",
+                          env={"PATH": "/usr/bin:/bin"})
+
+
+def test_a_state_directory_another_user_could_swap_is_refused_before_anything_is_written(
+    agent_env: AgentEnv,
+) -> None:
+    """COMPOZY_STATE_DIR inside a directory anyone may write (a shared project directory).
+
+    The attack, before the fix: the other user renames the state directory away and
+    puts one of theirs in its place; `compozy auth lock` then wrote agent-lock.json
+    there, the other user deleted it and put the real directory back, and the next
+    agent (after a reboot, say) started unlocked and handed out the token.
+    """
+    agent_env.root.chmod(0o755)
+    shared = agent_env.root / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    state = shared / "state"
+    state.mkdir(mode=0o700)
+    agent_env.extra["COMPOZY_STATE_DIR"] = str(state)
+    # The other user can indeed swap it, though it is ours and 0700.
+    swapped = _as_another_user(f"mv {state} {shared}/mine && mkdir -m 777 {state} && "
+                               f"rmdir {state} && mv {shared}/mine {state}")
+    assert swapped.returncode == 0, swapped.stderr
+
+    started = _start_daemon(agent_env)
+    assert started.returncode == 1, started.stderr
+    assert f"inside {shared}, which anyone may write" in started.stderr
+    assert "another user could replace the state directory" in started.stderr
+    assert list(state.iterdir()) == []  # no agent.log, no lock, nothing
+    assert not can_connect(agent_env.socket)
