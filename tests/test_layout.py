@@ -15,7 +15,7 @@ AGENT = ROOT / "agent" / "compozy_agent"
 COMMANDS = ROOT / "client" / "compozy_client" / "commands"
 
 #: The session rooms, lowest first: each may import those before it, never those after.
-AGENT_ROOMS = ["scheduler", "sessions", "revocation", "logins", "manager"]
+AGENT_ROOMS = ["scheduler", "sessions", "tokens", "revocation", "logins", "manager"]
 #: What every command module may share; nothing else in commands/ is imported by another.
 SHARED_COMMAND_MODULES = {"common", "output", "revoking"}
 

@@ -6,7 +6,8 @@ Each op is answered by the room that owns it, and this module only wires them
     manager.py      this facade: which room answers which op
     logins.py       login_start .. login_wait, API keys: a new session handed to the driver
     revocation.py   revoke, revoke_all, logout: RFC 7009, then the driver forgets
-    sessions.py     the driver: the sessions, restore, token serving, the lifecycle's actions
+    tokens.py       token, refresh: a session's tokens, waiting on its refreshes
+    sessions.py     the driver: the sessions, restore, metadata, the lifecycle's actions
     scheduler.py    when each session next needs a tick: a heap, capped sleeps
 """
 
@@ -21,6 +22,7 @@ from compozy_agent.revocation import Revocation
 from compozy_agent.scheduler import Scheduler
 from compozy_agent.sessions import Session, SessionDriver
 from compozy_agent.store import SessionStore
+from compozy_agent.tokens import TokenService
 from compozy_client.config import Config, load_config
 
 
@@ -37,6 +39,7 @@ class SessionManager:
     ) -> None:
         self.store = store
         self.driver = driver = SessionDriver(store, provider, clock=clock)
+        self.tokens = tokens = TokenService(driver)
         self.revocation = revocation = Revocation(driver, provider)
         self.logins = logins = Logins(driver, revocation, provider, config_loader=config_loader)
         # Running: restore, then the scheduler, until cancelled (logins and refreshes
@@ -48,8 +51,8 @@ class SessionManager:
         self.clock_skew = driver.clock_skew
         self.warnings = driver.warnings
         self.sessions = driver.sessions
-        self.token = driver.token
-        self.refresh = driver.refresh
+        self.token = tokens.token
+        self.refresh = tokens.refresh
         self.revoke = revocation.revoke
         self.revoke_all = revocation.revoke_all
         self.logout = revocation.logout

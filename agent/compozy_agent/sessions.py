@@ -1,22 +1,24 @@
-"""The session driver: every session of the agent, its tokens, and its lifecycle's actions.
+"""The session driver: every session of the agent, and its lifecycle's actions.
 
 It holds the sessions (by token id, and each profile's current one), restores
-them from the store at start, saves their metadata, and serves their tokens
-(``token``, ``refresh``). The decisions (when to refresh, who waits, what a
+them from the store at start, saves their metadata, and performs what each
+session's lifecycle asks for. The decisions (when to refresh, who waits, what a
 failure means) are ``lifecycle.py``'s; here is only the I/O they ask for:
 provider calls through ``http.py``, secrets and metadata through ``store.py``.
 
 Every refresh and every write of a rotated refresh token runs as a task of the
 driver, never of the client that caused it, and shielded from cancellation:
 a refresh the provider has already answered must not be lost to a client
-hanging up or to a shutdown. Clients wait for the session's ``changed`` event
-and ask the lifecycle again.
+hanging up or to a shutdown. Clients (``tokens.py``, which serves the
+``token`` and ``refresh`` ops) wait for the session's ``changed`` event and
+ask the lifecycle again.
 
 When a session next needs attention is the scheduler's business
 (``scheduler.py``): the driver tells it each session's next wake-up and ticks
-the session's lifecycle when it comes. The rooms above hand sessions in and
-take them out: ``logins.py`` (a new session, replacing its profile's old one)
-and ``revocation.py`` (revoke, then :meth:`SessionDriver.forget`).
+the session's lifecycle when it comes. The rooms above use the sessions:
+``tokens.py`` serves their tokens, ``logins.py`` hands a new session in
+(replacing its profile's old one) and ``revocation.py`` takes one out
+(revoke, then :meth:`SessionDriver.forget`).
 """
 
 from __future__ import annotations
@@ -33,25 +35,17 @@ import anyio.abc
 from compozy_agent import oidc
 from compozy_agent.backend import OpError
 from compozy_agent.clock import Clock, SystemClock
-from compozy_agent.http import CALL_DEADLINE, ProviderClient, host_of
+from compozy_agent.http import ProviderClient
 from compozy_agent.lifecycle import (
     DEFAULT_SLOT,
-    RECENT,
-    AccessToken,
     Action,
     DeleteRefreshToken,
-    Fail,
-    Grant,
     IllegalTransition,
     PersistRefreshToken,
-    Ready,
     SessionLifecycle,
     StartRefresh,
     State,
-    WaitForRefresh,
-    slot_key,
 )
-from compozy_agent.peer import Peer
 from compozy_agent.scheduler import Scheduler
 from compozy_agent.store import SecretKind, SessionStore, StoredSession, StoreError
 from compozy_client import protocol as p
@@ -59,12 +53,6 @@ from compozy_client.errors import ErrorCode
 
 log = logging.getLogger("compozy_agent.sessions")
 
-#: How long a token request may wait for refreshes (seconds of real time): two provider
-#: calls (CALL_DEADLINE each), and below the CLI's 30 s, so that the agent's own answer,
-#: which says what is slow, reaches the person (docs/architecture.md, "Deadlines").
-WAIT_LIMIT: Final = 20.0
-#: A caller that says how long it waits (``timeout``) is answered this much before then.
-ANSWER_MARGIN: Final = 1.0
 #: Refreshes in flight at once, over all providers (httpx pools 100 connections).
 REFRESHES_AT_ONCE: Final = 16
 #: Below the store's MAX_WAITING_CALLS, so logins and API keys still find room.
@@ -192,7 +180,7 @@ class SessionDriver:
         """The scheduler's call: the session's wake-up time has come."""
         assert session.lifecycle is not None
         actions = session.lifecycle.tick(now)
-        self._perform(session, actions)
+        self.perform(session, actions)
         if not actions:
             # Nothing was due after all (the clock stepped back): look again later,
             # never in a tight loop.
@@ -215,7 +203,7 @@ class SessionDriver:
 
     # ------------------------------------------------------------ performing actions
 
-    def _perform(self, session: Session, actions: list[Action]) -> None:
+    def perform(self, session: Session, actions: list[Action]) -> None:
         """Start what the lifecycle asked for; each outcome is reported when it ends."""
         for action in actions:
             match action:
@@ -322,7 +310,7 @@ class SessionDriver:
                 await self._run_persist(session, action)
                 return  # it concluded: woke the waiters, started what came next
         session.notify()
-        self._perform(session, actions=[a for a in actions if isinstance(a, StartRefresh)])
+        self.perform(session, actions=[a for a in actions if isinstance(a, StartRefresh)])
 
     async def _delete_secret(self, token_id: str, kind: SecretKind) -> None:
         with anyio.CancelScope(shield=True):
@@ -428,122 +416,3 @@ class SessionDriver:
             log.error("could not save session metadata: %s", exc)
             raise OpError(ErrorCode.STORAGE_ERROR, f"could not save session metadata: {exc}") \
                 from None
-
-    # ------------------------------------------------------------ serving tokens
-
-    async def token(self, request: p.Token, peer: Peer) -> p.TokenResult:
-        session = self.find(request.profile, request.token_id)
-        now = session.last_used_at = self.now()
-        if session.api_key is not None:
-            return p.TokenResult(access_token=session.api_key, token_id=session.meta.token_id,
-                                 profile=session.meta.profile, kind="api_key")
-        slot = DEFAULT_SLOT if request.scope is None and request.audience is None \
-            else slot_key(request.scope, request.audience)
-        # A narrower token may not widen what the login granted (lifecycle rule 12).
-        grant = None if slot == DEFAULT_SLOT else Grant.of(session.meta.scopes,
-                                                           session.meta.resources)
-        token = await self._obtain(session, slot, min_valid=request.min_valid,
-                                   force_new=request.force_new,
-                                   rejected_token=request.rejected_token, asked_at=now,
-                                   grant=grant, caller_timeout=request.timeout)
-        return p.TokenResult(access_token=token.value.reveal(), expires_at=token.expires_at,
-                             token_id=session.meta.token_id, profile=session.meta.profile,
-                             scope=list(token.scope) if token.scope is not None else None,
-                             audience=request.audience)
-
-    async def _obtain(
-        self,
-        session: Session,
-        slot: tuple[frozenset[str] | None, str | None],
-        *,
-        min_valid: float = 0.0,
-        force_new: bool = False,
-        rejected_token: str | None = None,
-        asked_at: float | None = None,
-        grant: Grant | None = None,
-        caller_timeout: float | None = None,
-    ) -> AccessToken:
-        """The token the lifecycle decides on, running and waiting for refreshes as told.
-
-        Waits at most WAIT_LIMIT seconds, and answers ANSWER_MARGIN before the
-        caller's own ``caller_timeout`` when it gave one, so the caller hears
-        what is slow from the agent rather than its own timeout.
-        """
-        lifecycle = session.lifecycle
-        assert lifecycle is not None
-        now = asked_at = self.now() if asked_at is None else asked_at
-        wait_limit = WAIT_LIMIT if caller_timeout is None else \
-            max(0.0, min(WAIT_LIMIT, caller_timeout - ANSWER_MARGIN))
-        started = anyio.current_time()
-        while True:
-            decision = lifecycle.request_token(
-                now, slot, min_valid=min_valid, force_new=force_new,
-                rejected_token=rejected_token, asked_at=asked_at, grant=grant,
-                # Asked for explicitly (after a 401, or `compozy auth refresh`): only a
-                # token issued after the request began will do, unless the slot was
-                # forced less than RECENT seconds ago (lifecycle rule 7).
-                recent=0.0 if force_new else RECENT)
-            match decision:
-                case Ready(token=token, background=background):
-                    if background is not None:
-                        self._perform(session, [background])
-                    return token
-                case Fail(code=code, message=message):
-                    details = {"command": login_command(session.meta.profile)} \
-                        if code == ErrorCode.LOGIN_REQUIRED else {}
-                    raise OpError(code, message, details)
-                case StartRefresh() | WaitForRefresh():
-                    changed = session.changed
-                    if isinstance(decision, StartRefresh):
-                        self._perform(session, [decision])
-                    until = decision.until if isinstance(decision, WaitForRefresh) else None
-                    with anyio.move_on_after(started + wait_limit - anyio.current_time()):
-                        await self._wait_for_change(changed, until)
-                    if anyio.current_time() >= started + wait_limit:
-                        raise OpError(ErrorCode.REFRESH_FAILED,
-                                      self._still_waiting(session, anyio.current_time() - started))
-                    now = self.now()
-
-    async def _wait_for_change(self, changed: anyio.Event, until: float | None) -> None:
-        """Until the session's operation ends, or (rule 8b) the wall clock reaches ``until``."""
-        if until is None:
-            await changed.wait()
-            return
-        async with anyio.create_task_group() as group:
-
-            async def sleep_then_stop(scope: anyio.CancelScope = group.cancel_scope) -> None:
-                await self.clock.sleep_until(until)
-                scope.cancel()
-
-            group.start_soon(sleep_then_stop)
-            await changed.wait()
-            group.cancel_scope.cancel()
-
-    def _still_waiting(self, session: Session, waited: float) -> str:
-        """What a caller is told when its wait runs out: what is slow, and what happens next."""
-        host = host_of(session.meta.issuer or "")
-        took = f"{waited:.1f}" if waited < 10 else f"{waited:.0f}"
-        lifecycle = session.lifecycle
-        assert lifecycle is not None
-        now = self.now()
-        if lifecycle.state(now) is State.REFRESHING:
-            return (f"the provider at {host} did not answer within {took} s; the agent "
-                    f"gives each attempt {CALL_DEADLINE:.0f} s and keeps trying in the "
-                    "background")
-        if lifecycle.in_flight is not None:
-            return (f"the secret store has not finished saving the new refresh token after "
-                    f"{took} s; the agent keeps trying")
-        retry_at = lifecycle.status(now).retry_at
-        retry = f"retries in {max(0.0, retry_at - now):.0f} s" \
-            if retry_at is not None else "keeps trying"
-        return (f"could not get a token from the provider at {host} within {took} s; "
-                f"the agent {retry}")
-
-    async def refresh(self, request: p.Refresh) -> p.RefreshResult:
-        session = self.find(request.profile, request.token_id)
-        if session.lifecycle is None:
-            raise OpError(ErrorCode.PROVIDER_ERROR, "an API key has nothing to refresh")
-        token = await self._obtain(session, DEFAULT_SLOT, force_new=True,
-                                   caller_timeout=request.timeout)
-        return p.RefreshResult(token_id=session.meta.token_id, profile=session.meta.profile,
-                               expires_at=token.expires_at)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 #: compozy_client.connection.DEFAULT_TIMEOUT: the CLI's budget, from its start to its answer.
 CLI_BUDGET = 30.0
-#: compozy_agent.sessions.WAIT_LIMIT: the longest the agent keeps a caller waiting.
+#: compozy_agent.tokens.WAIT_LIMIT: the longest the agent keeps a caller waiting.
 WAIT_LIMIT = 20.0
 #: compozy_agent.http.CALL_DEADLINE: one exchange with the provider, body included.
 CALL_DEADLINE = 10.0
