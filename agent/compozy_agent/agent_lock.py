@@ -39,14 +39,12 @@ the agent, just as they can read the keyring directly (``docs/security.md``).
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import hmac
 import logging
 import math
 import os
 import secrets
-import stat
 import time
 from typing import Final
 
@@ -56,7 +54,7 @@ import msgspec
 
 from compozy_agent.backend import OpError
 from compozy_agent.clock import Clock
-from compozy_agent.store import atomic_write, remove_interrupted_writes
+from compozy_agent.store import atomic_write, read_own_file, remove_interrupted_writes
 from compozy_client.errors import ErrorCode
 
 log = logging.getLogger("compozy_agent.lock")
@@ -262,24 +260,12 @@ class AgentLock:
 def _read_lock_file(path: str) -> _LockFile | None:
     """The lock file's contents; None when there is none. Raises :class:`LockFileUnreadable`."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
+        found = read_own_file(path, _MAX_FILE_BYTES)
+    except OSError as exc:
+        raise LockFileUnreadable(exc.strerror or type(exc).__name__) from None
+    if found is None:
         return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise LockFileUnreadable("it is a symbolic link") from None
-        raise LockFileUnreadable(exc.strerror or type(exc).__name__) from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise LockFileUnreadable("it is not a regular file")
-        if info.st_uid != os.getuid():
-            raise LockFileUnreadable(f"it belongs to uid {info.st_uid}")
-        data = os.read(fd, _MAX_FILE_BYTES + 1)
-    except OSError as exc:
-        raise LockFileUnreadable(exc.strerror or type(exc).__name__) from None
-    finally:
-        os.close(fd)
+    data = found[0]
     try:
         document = msgspec.json.decode(data, type=_LockFile)
     except msgspec.DecodeError:

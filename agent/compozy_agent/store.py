@@ -391,7 +391,7 @@ class FileSecrets:
 
     def _load(self) -> dict[str, str]:
         try:
-            read = _read_own_file(self.path)
+            read = read_own_file(self.path)
         except OSError as exc:
             failure = f"cannot read {self.path}: {exc.strerror}"
         else:
@@ -426,8 +426,9 @@ class FileSecrets:
 MAX_FILE_BYTES: Final = 16 * 1024 * 1024
 
 
-def _read_own_file(path: str) -> tuple[bytes, int] | None:
-    """The contents and mode of ``path``, a regular file of ours; None when there is none.
+def read_own_file(path: str, max_bytes: int = MAX_FILE_BYTES) -> tuple[bytes, int] | None:
+    """The contents and mode of ``path``, a regular file of ours of at most ``max_bytes``;
+    None when there is none.
 
     Never follows a symbolic link, and never blocks on or reads without end from
     what is not a file (a FIFO would hang the agent's start, a link to /dev/zero
@@ -447,15 +448,15 @@ def _read_own_file(path: str) -> tuple[bytes, int] | None:
             raise OSError(errno.EINVAL, "it is not a regular file")
         if info.st_uid != os.getuid():
             raise OSError(errno.EPERM, f"it belongs to uid {info.st_uid}")
-        if info.st_size > MAX_FILE_BYTES:
-            raise OSError(errno.EFBIG, f"it is larger than {MAX_FILE_BYTES} bytes")
+        if info.st_size > max_bytes:
+            raise OSError(errno.EFBIG, f"it is larger than {max_bytes} bytes")
         chunks = []
         total = 0
         while chunk := os.read(fd, 1 << 20):
             chunks.append(chunk)
             total += len(chunk)
-            if total > MAX_FILE_BYTES:
-                raise OSError(errno.EFBIG, f"it is larger than {MAX_FILE_BYTES} bytes")
+            if total > max_bytes:
+                raise OSError(errno.EFBIG, f"it is larger than {max_bytes} bytes")
         return b"".join(chunks), info.st_mode
     finally:
         os.close(fd)
@@ -633,7 +634,7 @@ class SessionStore:
         the file cannot be read.
         """
         try:
-            read = _read_own_file(self.state_path)
+            read = read_own_file(self.state_path)
         except OSError as exc:
             failure = f"cannot read {self.state_path}: {exc.strerror}"
             raise StateFileCorrupt(f"{failure}; fix its permissions or move it aside") from None
