@@ -37,14 +37,29 @@ def main(argv: list[str] | None = None) -> NoReturn:
     args = sys.argv[1:] if argv is None else argv
     deadline = None
     if args[:2] == ["auth", "token"]:
-        from compozy_client import fasttoken
+        try:
+            from compozy_client import fasttoken
 
-        # One budget: what the fast path used is gone for the full CLI too.
-        deadline = started + fasttoken.budget()
-        code = fasttoken.run(args[2:], deadline)
+            # One budget: what the fast path used is gone for the full CLI too.
+            deadline = started + fasttoken.budget()
+            code = fasttoken.run(args[2:], deadline)
+        except KeyboardInterrupt:
+            sys.exit(130)  # see finish()
         if code is not None:
             sys.exit(code)
-    sys.exit(run(args, deadline))
+    finish(args, deadline)
+
+
+def finish(args: list[str], deadline: float | None) -> NoReturn:
+    """Run the full CLI and exit with its code (the ``compozy`` launcher calls this
+    after its own token fast path)."""
+    try:
+        code = run(args, deadline)
+    except KeyboardInterrupt:
+        # Ctrl-C outside a command's own handling (parsing, the config file): the
+        # person's choice, not a failure to diagnose; 128 + SIGINT, no traceback.
+        code = 130
+    sys.exit(code)
 
 
 def run(argv: list[str], deadline: float | None = None) -> int:

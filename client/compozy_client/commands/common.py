@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+#: Interrupted by Ctrl-C (128 + SIGINT), as shells report it.
+EXIT_INTERRUPTED = 130
 
 #: When this command's time budget ends (``time.monotonic()``); set by start_budget().
 _deadline: float | None = None

@@ -12,6 +12,7 @@ import os
 import sys
 
 from compozy_client.commands.common import (
+    EXIT_INTERRUPTED,
     EXIT_OK,
     add_command,
     connect,
@@ -90,9 +91,11 @@ def run(args: argparse.Namespace) -> int:
         scope=split_scopes(args.scope),
     )
     launcher: str | None = None  # the private directory of the page the browser opens
+    login_id: str | None = None
     try:
         with connect() as conn:
             started = conn.call(request, LoginStartResult)
+            login_id = started.login_id
             if started.flow == "browser":
                 assert started.authorization_url is not None
                 opened = False
@@ -109,6 +112,13 @@ def run(args: argparse.Namespace) -> int:
                 if started.verification_uri_complete:
                     info(f"  or open: {started.verification_uri_complete}")
             session = _wait_for_login(conn, started.login_id, args.timeout)
+    except KeyboardInterrupt:
+        # The person chose to stop: end the login at the agent now, not after its
+        # current answer (up to 25 s), and say nothing that sounds like a failure.
+        if login_id is not None:
+            _cancel_login(login_id)
+        info("Login cancelled")
+        return EXIT_INTERRUPTED
     finally:
         if launcher is not None:
             import shutil
@@ -126,20 +136,41 @@ def _wait_for_login(conn: AgentConnection, login_id: str, timeout: float) -> Ses
     from compozy_client.protocol import Empty, LoginCancel, LoginWait, LoginWaitResult
 
     deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            conn.call(LoginCancel(id=0, login_id=login_id), Empty)
+            raise LoginFailed("login_timeout", f"no login completed within {timeout:.0f} s")
+        wait = min(left, 25.0)
+        result = conn.call(LoginWait(id=0, login_id=login_id, timeout=wait), LoginWaitResult,
+                           timeout=wait + 10.0)
+        if result.state == "done" and result.session is not None:
+            return result.session
+
+
+#: How long an interrupted login waits for the agent to confirm the cancel.
+CANCEL_TIMEOUT = 3.0
+
+
+def _cancel_login(login_id: str) -> None:
+    """Cancel the login at the agent, on a connection of its own.
+
+    The login's connection is busy: the agent answers one request at a time per
+    connection and is holding a ``login_wait`` open, so a cancel sent there would
+    be read only after that answer. On a second connection it ends the login at
+    once (its loopback listener or device polling too). Best effort: when the
+    agent cannot be reached, the login still ends when the login's connection
+    closes, as this process exits.
+    """
+    from compozy_client.connection import connect as connect_to_agent
+    from compozy_client.errors import CompozyError
+    from compozy_client.protocol import Empty, LoginCancel
+
     try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                conn.call(LoginCancel(id=0, login_id=login_id), Empty)
-                raise LoginFailed("login_timeout", f"no login completed within {timeout:.0f} s")
-            wait = min(left, 25.0)
-            result = conn.call(LoginWait(id=0, login_id=login_id, timeout=wait), LoginWaitResult,
-                               timeout=wait + 10.0)
-            if result.state == "done" and result.session is not None:
-                return result.session
-    except KeyboardInterrupt:
-        conn.call(LoginCancel(id=0, login_id=login_id), Empty, timeout=5.0)
-        raise
+        with connect_to_agent(timeout=CANCEL_TIMEOUT, autostart=False) as conn:
+            conn.call(LoginCancel(id=0, login_id=login_id), Empty)
+    except (CompozyError, OSError, KeyboardInterrupt):
+        pass  # a second Ctrl-C, or no agent: the closing connection ends the login
 
 
 def _can_open_browser() -> bool:
