@@ -69,8 +69,9 @@ def test_public_api_is_exactly_all() -> None:
     assert dir(compozy_client) == sorted(compozy_client.__all__)
 
 
-def test_the_compozy_launcher_token_path_imports_only_what_it_needs(tmp_path: Path) -> None:
-    """`compozy auth token` against an answering agent: the whole process's imports."""
+def _launcher_token_imports(tmp_path: Path, **env: str) -> set[str]:
+    """What the `compozy` launcher imports for `compozy auth token` against an answering
+    agent (``python -X importtime``); the command must print the agent's token."""
     path = str(tmp_path / "agent.sock")
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
@@ -86,15 +87,44 @@ def test_the_compozy_launcher_token_path_imports_only_what_it_needs(tmp_path: Pa
     thread = threading.Thread(target=answer, daemon=True)
     thread.start()
     launcher = Path(__file__).resolve().parents[2] / "client" / "bin" / "compozy"
-    env = {"COMPOZY_AGENT_SOCK": path, "HOME": str(tmp_path), "PATH": "/usr/bin"}
+    env = {"COMPOZY_AGENT_SOCK": path, "HOME": str(tmp_path), "PATH": "/usr/bin", **env}
     result = subprocess.run([sys.executable, "-X", "importtime", str(launcher), "auth", "token"],
                             capture_output=True, text=True, env=env, timeout=30)
     thread.join(10)
     server.close()
     assert result.returncode == 0 and result.stdout == "tok-123\n", result.stderr[-2000:]
-    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()
-                if line.startswith("import time:")}
+    return {line.split("|")[-1].strip() for line in result.stderr.splitlines()
+            if line.startswith("import time:")}
+
+
+def test_the_compozy_launcher_token_path_imports_only_what_it_needs(tmp_path: Path) -> None:
+    """`compozy auth token` against an answering agent: the whole process's imports."""
+    imported = _launcher_token_imports(tmp_path)
     expensive = {"re", "enum", "typing", "json", "argparse", "socket", "msgspec", "yaml",
                  "pathlib", "subprocess", *HEAVY}
     assert imported & expensive == set()
     assert {"compozy_client.fasttoken", "_socket"} <= imported
+
+
+def test_the_compozy_launcher_tries_the_fast_path_before_importing_the_cli(
+    tmp_path: Path,
+) -> None:
+    """Without cached bytecode, compiling cli.py costs the token path dearly (issue 15,
+    item 6): the launcher answers `auth token` without importing it."""
+    imported = _launcher_token_imports(tmp_path, PYTHONDONTWRITEBYTECODE="1")
+    assert "compozy_client.fasttoken" in imported
+    assert "compozy_client.cli" not in imported
+    assert not {m for m in imported if m.startswith("compozy_client.commands")}
+
+
+def test_the_compozy_launcher_falls_back_to_the_full_cli(tmp_path: Path) -> None:
+    """An unusual flag is not the fast path's: the full CLI answers, as before."""
+    launcher = Path(__file__).resolve().parents[2] / "client" / "bin" / "compozy"
+    env = {"COMPOZY_AGENT_SOCK": str(tmp_path / "none.sock"), "HOME": str(tmp_path),
+           "PATH": "/usr/bin", "COMPOZY_AGENT_AUTOSTART": "0"}
+    result = subprocess.run([sys.executable, str(launcher), "auth", "token", "--no-such-flag"],
+                            capture_output=True, text=True, env=env, timeout=30)
+    assert result.returncode == 2 and "unrecognized arguments: --no-such-flag" in result.stderr
+    version = subprocess.run([sys.executable, str(launcher), "--version"],
+                             capture_output=True, text=True, env=env, timeout=30)
+    assert version.returncode == 0 and version.stdout.startswith("compozy ")
