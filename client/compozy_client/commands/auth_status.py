@@ -3,10 +3,14 @@
 Asks a running agent (or starts one, unless a static API key wins anyway) and
 prints the agent, the credential source, the profile's session and every
 warning, or all of it as JSON (``--json``). Exit 1 when no usable credential.
+When the agent holds sessions of two or more profiles, the text output opens
+with one aligned line per session (profile, account, state, expiry), the state
+coloured on a terminal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 from compozy_client.commands.common import (
@@ -17,7 +21,13 @@ from compozy_client.commands.common import (
     connect,
     profile_option,
 )
-from compozy_client.commands.output import print_json, warn, when
+from compozy_client.commands.output import (
+    print_json,
+    span_from_now,
+    table_lines,
+    warn,
+    when,
+)
 
 # No typing import at run time: see compozy_client/__init__.py.
 TYPE_CHECKING = False
@@ -43,18 +53,25 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from compozy_client.chain import resolve_profile, shadowing_warnings, static_credential
-    from compozy_client.errors import AgentUnavailable
+    from compozy_client.errors import AgentError, AgentUnavailable
     from compozy_client.protocol import Status, StatusResult
 
     profile = resolve_profile(args.profile)
     config = command_config(args)
     static = static_credential(config)
     status: StatusResult | None = None
+    everyone: list[SessionInfo] = []
     agent_problem: str | None = None
     try:
         # With a static key winning, only look at an agent that already runs.
         with connect(autostart=static is None) as conn:
             status = conn.call(Status(id=0, profile=profile), StatusResult)
+            if not args.json:
+                # A second question, not profile=None in the first: a profile the
+                # socket does not forward must stay an error, not read "not logged in".
+                # The glance is extra: if it fails, the details below still stand.
+                with contextlib.suppress(AgentError, AgentUnavailable):
+                    everyone = conn.call(Status(id=0, profile=None), StatusResult).sessions
     except AgentUnavailable as exc:
         agent_problem = str(exc)
     session = _session_for(status, profile)
@@ -74,8 +91,43 @@ def run(args: argparse.Namespace) -> int:
         print_json(_status_document(profile, static, status, session, warnings, agent_problem,
                                     usable))
         return EXIT_OK if usable else EXIT_FAILURE
+    for line in summary_lines(everyone, sys.stdout):
+        sys.stdout.write(line + "\n")
     _print_status(profile, static, status, session, warnings, agent_problem)
     return EXIT_OK if usable else EXIT_FAILURE
+
+
+#: Each state's word in the summary and its colour (SGR): green usable, yellow
+#: usable but changing, red needs the person.
+_SUMMARY_STATES = {
+    "fresh": ("valid", "32"),
+    "expiring": ("expiring", "33"),
+    "refreshing": ("refreshing", "33"),
+    "expired": ("expired", "33"),  # refreshed on next use
+    "login_required": ("login required", "31"),
+    "revoked": ("revoked", "31"),
+}
+
+
+def summary_lines(sessions: list[SessionInfo], stream: Any) -> list[str]:
+    """One aligned line per session under a heading, sorted by profile, when the
+    sessions span two or more profiles (with one, the details say it all); the
+    state coloured when ``stream`` is a terminal and ``NO_COLOR`` is unset."""
+    from compozy_client.safetext import one_line
+
+    if len({s.profile for s in sessions}) < 2:
+        return []
+    rows = [["PROFILE", "ACCOUNT", "STATE", "EXPIRES"]]
+    colors = [["", "", "", ""]]
+    for s in sorted(sessions, key=lambda s: (s.profile, s.token_id)):
+        word, code = _SUMMARY_STATES.get(s.state, (s.state, ""))
+        account = s.account or ("API key" if s.kind == "api_key" else "-")
+        expires = span_from_now(s.expires_at) if s.kind == "oidc" else "-"
+        # Account and state come from the provider or the agent: escaped, capped.
+        rows.append([one_line(s.profile, 64), one_line(account, 64), one_line(word, 32),
+                     expires])
+        colors.append(["", "", code, ""])
+    return table_lines(rows, colors, stream)
 
 
 def _session_for(status: StatusResult | None, profile: str) -> SessionInfo | None:

@@ -96,7 +96,37 @@ def _span(seconds: float) -> str:
 
 def print_table(rows: list[list[str]]) -> None:
     """Rows of cells as left-aligned columns on stdout, the first row the heading."""
+    for line in table_lines(rows):
+        sys.stdout.write(line + "\n")
+
+
+def table_lines(
+    rows: list[list[str]], colors: list[list[str]] | None = None, stream: Any = None
+) -> list[str]:
+    """Rows of cells as left-aligned columns, one string per row.
+
+    ``colors[r][c]``, an SGR code such as ``"32"`` (``""`` for none), colours cell
+    ``c`` of row ``r`` when ``stream`` is a terminal and ``NO_COLOR`` is unset (see
+    :func:`color`). Widths come from the plain text and the padding stays outside
+    the escape codes, so coloured columns line up like plain ones.
+    """
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        sys.stdout.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
-                         .rstrip() + "\n")
+    lines = []
+    for r, row in enumerate(rows):
+        cells = []
+        for c, (cell, width) in enumerate(zip(row, widths, strict=True)):
+            code = colors[r][c] if colors is not None and stream is not None else ""
+            padding = " " * (width - len(cell))
+            cells.append((color(code, cell, stream) if code else cell) + padding)
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def span_from_now(epoch: float | None) -> str:
+    """'in 54m00s' or '3m10s ago': :func:`when` without the date, for a column."""
+    import time
+
+    if epoch is None:
+        return "-"
+    delta = epoch - time.time()
+    return f"in {_span(delta)}" if delta >= 0 else f"{_span(-delta)} ago"
