@@ -4,9 +4,7 @@ then closed; the response's issuer checked (RFC 9207)."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import subprocess
 import time
 
 import anyio
@@ -15,7 +13,7 @@ import pytest
 
 from compozy_agent import oidc
 from compozy_agent.loopback import LoopbackRedirect, _proc_address, tcp_peer_uid
-from support.login import NOBODY, get_as_another_user
+from support.login import get_as_another_user, run_python_as_another_user
 
 pytestmark = pytest.mark.anyio
 ISSUER = "https://id.example.test"
@@ -160,17 +158,7 @@ _SEND_AND_CLOSE = (
 
 def _send_and_close_as_another_user(port: int) -> int:
     """Another user sends the forged callback and closes at once; the port it sent from."""
-    python = shutil.which("python3", path="/usr/bin:/bin")
-    setpriv = shutil.which("setpriv", path="/usr/bin:/bin")
-    if python is None or setpriv is None:
-        pytest.skip("needs setpriv and a system python3 that uid 65534 may run")
-    out = subprocess.run(
-        [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-         python, "-c", _SEND_AND_CLOSE, str(port)],
-        capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin"}, cwd="/",
-    )
-    assert out.returncode == 0, out.stderr
-    return int(out.stdout)
+    return int(run_python_as_another_user(_SEND_AND_CLOSE, str(port)))
 
 
 def _time_wait_entry(port: int) -> list[str]:

@@ -4,47 +4,29 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from compozy_client import protocol as p
+from support.fake_agent import answering_socket
 
 
 @pytest.fixture
 def scripted_agent(tmp_path: Path) -> Iterator[tuple[str, list[p.StatusResult]]]:
     """A socket that answers every status request with the next scripted result."""
-    path = str(tmp_path / "agent.sock")
     results: list[p.StatusResult] = []
-    requests: list[dict[str, object]] = []
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
-    server.listen(8)
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            with conn:
-                # Every request on the connection gets the scripted result.
-                for line in conn.makefile("rb"):
-                    request = json.loads(line)
-                    requests.append(request)
-                    conn.sendall(
-                        p.encode(p.Response(id=request["id"], ok=True, result=results[0]))
-                    )
+    def scripted(request: dict[str, object]) -> bytes:
+        # Every request on the connection gets the scripted result.
+        response = p.Response(id=request["id"], ok=True, result=results[0])
+        return p.encode(response)
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield path, results
-    server.close()
+    with answering_socket(str(tmp_path / "agent.sock"), scripted) as path:
+        yield path, results
 
 
 def status_with(

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import pytest
 from compozy_client import get_token
 from compozy_client.config import load_config
 from compozy_client.errors import ConfigError, UnsafeConfigFile
+from support.fake_agent import answering_socket
 
 NOBODY = 65534
 LAUNCHER = Path(__file__).resolve().parents[2] / "client" / "bin" / "compozy"
@@ -67,25 +66,12 @@ def test_a_private_config_and_a_readable_one_without_writers_are_used(tmp_path: 
 @pytest.fixture
 def token_agent(tmp_path: Path) -> Iterator[str]:
     """A socket that answers any request with a token, as an agent with a session would."""
-    path = str(tmp_path / "agent.sock")
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
-    server.listen(8)
+    def token(request: dict[str, object]) -> bytes:
+        return (b'{"id":1,"ok":true,"result":{"access_token":"tok-123",'
+                b'"expires_at":1.0}}\n')
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            with conn:
-                conn.makefile("rb").readline()
-                conn.sendall(b'{"id":1,"ok":true,"result":{"access_token":"tok-123",'
-                             b'"expires_at":1.0}}\n')
-
-    threading.Thread(target=serve, daemon=True).start()
-    yield path
-    server.close()
+    with answering_socket(str(tmp_path / "agent.sock"), token) as path:
+        yield path
 
 
 def test_the_token_fast_path_does_not_use_a_config_others_can_write(

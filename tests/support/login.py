@@ -42,6 +42,11 @@ def get_as_another_user(url: str) -> int:
     The attacker of a browser login is another user on the same machine who
     learned a login's ``state`` and loopback port.
     """
+    return int(run_python_as_another_user(_GET, url))
+
+
+def run_python_as_another_user(script: str, *args: str) -> str:
+    """Run ``script`` in a system python3 as uid 65534 (``setpriv``); what it printed."""
     if os.getuid() != 0:
         pytest.skip("needs root to act as another user (uid 65534, nobody)")
     python = shutil.which("python3", path="/usr/bin:/bin")
@@ -50,11 +55,11 @@ def get_as_another_user(url: str) -> int:
         pytest.skip("needs setpriv and a system python3 that uid 65534 may run")
     out = subprocess.run(
         [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-         python, "-c", _GET, url],
+         python, "-c", script, *args],
         capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin"}, cwd="/",
     )
     assert out.returncode == 0, out.stderr
-    return int(out.stdout)
+    return out.stdout
 
 
 def configure(
