@@ -111,12 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     from compozy_client import __version__
     from compozy_client.commands import (
+        auth_kube_token,
         auth_list,
         auth_lock,
         auth_log,
         auth_refresh,
         auth_revoke,
         auth_revoke_all,
+        auth_setup_docker,
+        auth_setup_kube,
         auth_status,
         auth_token,
         auth_unlock,
@@ -142,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     auth.set_defaults(handler=lambda _o: _usage(auth))
     for command in (auth_status, auth_list, auth_refresh, auth_revoke, auth_revoke_all,
                     auth_lock, auth_unlock, auth_log, auth_token):
+        command.add_parser(auth_sub)
+    # Other tools' plug-in points (README "Use it from other tools").
+    for command in (auth_kube_token, auth_setup_kube, auth_setup_docker):
         command.add_parser(auth_sub)
     return parser
 

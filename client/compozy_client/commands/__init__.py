@@ -11,6 +11,9 @@
     compozy auth unlock         auth_unlock.py
     compozy auth log            auth_log.py
     compozy auth token          auth_token.py (after compozy_client/fasttoken.py)
+    compozy auth kube-token     auth_kube_token.py (after compozy_client/kubetoken.py)
+    compozy auth setup-kube     auth_setup_kube.py
+    compozy auth setup-docker   auth_setup_docker.py
 
 Each has ``add_parser(subparsers)`` (its options and examples) and
 ``run(args)`` (forward to the agent, print, return the exit code). They share
