@@ -351,5 +351,5 @@ def _quit() -> int:
 
 def _say(message: str) -> None:
     """One line on stderr; the text may be the provider's, so only printable characters."""
-    shown = "".join(char if char.isprintable() else "?" for char in message)[:500]
+    shown = "".join(char if char.isprintable() else "?" for char in message)[:2000]
     os.write(2, f"compozy: {shown}\n".encode())
