@@ -11,6 +11,7 @@
     compozy auth unlock         auth_unlock.py
     compozy auth log            auth_log.py
     compozy auth token          auth_token.py (after compozy_client/fasttoken.py)
+    compozy auth setup-git      auth_setup_git.py (the helper: compozy_client/gitcredential.py)
     compozy auth kube-token     auth_kube_token.py (after compozy_client/kubetoken.py)
     compozy auth setup-kube     auth_setup_kube.py
     compozy auth setup-docker   auth_setup_docker.py
