@@ -22,8 +22,11 @@ answer (or an error text) on stdout, exit 1 on error.
 * ``list``: the registries the Docker config maps to this helper.
 * ``version``: the package version.
 
-Never interactive: a session that needs a login is one line naming the
-``compozy login`` to run (on stdout, which the client shows, and stderr), exit 1.
+The profile and audience come from the config's ``rules:`` matched by the
+registry's ``host[:port]`` (:mod:`compozy_client.rules`), else
+``$COMPOZY_PROFILE`` or ``default``. Never interactive: a session that needs a
+login is one line naming the ``compozy login`` to run (on stdout, which the
+client shows, and stderr), exit 1.
 The common case (``get``) costs what ``compozy auth token``'s fast path costs
 (:mod:`compozy_client.helpertoken`).
 """
@@ -116,7 +119,7 @@ def _get(server_url: str) -> int:
     if not _serves(registry_host(server_url)):
         _out(NOT_FOUND)
         return 1
-    answer = helpertoken.get(None, min_valid=MIN_VALID)
+    answer = helpertoken.get(None, min_valid=MIN_VALID, host=registry_host(server_url))
     if isinstance(answer, helpertoken.Refusal):
         return _fail(answer.line())
     _out('{"ServerURL":' + _json_string(server_url) + ',"Username":"' + USERNAME
@@ -131,14 +134,15 @@ def _erase(server_url: str) -> int:
         return _fail(MISSING_SERVER_URL)
     if not _serves(registry_host(server_url)):
         return 0  # nothing held for it
-    current = helpertoken.get(None)
+    host = registry_host(server_url)
+    current = helpertoken.get(None, host=host)
     if isinstance(current, helpertoken.Refusal):
         if current.needs_login:
             return 0  # no token to drop; the next get says to log in
         return _fail(current.line())
     if current.expires_at is None:
         return 0  # an API key: nothing the agent can replace
-    rejected = helpertoken.get(None, rejected_token=current.token)
+    rejected = helpertoken.get(None, rejected_token=current.token, host=host)
     if isinstance(rejected, helpertoken.Refusal):
         return _fail(rejected.line())
     return 0

@@ -3,13 +3,13 @@
 
 Those programs run a helper before their own work, sometimes once per command,
 so the common case here costs what ``compozy auth token``'s fast path costs
-(:mod:`compozy_client.fasttoken`, whose request encoding and config check this
-reuses): ``_socket``, a hand-written request, the agent's known answer shape
-read by hand, here with the token's expiry as well. Anything unusual (no agent
-yet, a config file holding a key or not to be trusted, a socket that is not
-provably our agent's, an answer in another shape) goes to the full client
-library, which starts the agent, refuses unsafe sockets and config files with
-their own messages, and is never asked twice for one request.
+(:mod:`compozy_client.fasttoken`, whose ``exchange`` this uses): ``_socket``,
+a hand-written request, the agent's known answer shape read by hand, here with
+the token's expiry as well. Anything unusual (no agent yet, a config file
+holding a key or ``rules:`` or not to be trusted, a socket that is not provably
+our agent's, an answer in another shape) goes to the full client library,
+which reads the config's rules (:mod:`compozy_client.rules`), starts the
+agent, and refuses unsafe sockets and config files with their own messages.
 
 Never interactive: nothing here starts a login, opens a browser or reads the
 terminal. A session that needs a login is a :class:`Refusal` naming the
@@ -21,13 +21,20 @@ hands out access tokens only.
 
 from __future__ import annotations
 
-import _socket
 import os
 import time
 
 from compozy_client import fasttoken
-from compozy_client.paths import socket_path
-from compozy_client.peercheck import peer_problem, socket_path_problem
+from compozy_client.paths import (
+    MAX_CONFIG_BYTES,
+    config_file_problem,
+    config_path,
+    open_config_file,
+)
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 _EXPIRES_KEY = b'"expires_at":'
 
@@ -79,81 +86,62 @@ def get(
     min_valid: float = 0.0,
     rejected_token: str | None = None,
     deadline: float | None = None,
+    *,
+    host: str | None = None,
+    url: Callable[[], str | None] | None = None,
 ) -> Answer | Refusal:
-    """A token of ``profile`` (default: ``$COMPOZY_PROFILE`` or ``default``) valid for
-    ``min_valid`` seconds, or why not. ``rejected_token`` is one a server refused."""
+    """A token valid for ``min_valid`` seconds, or why not. ``rejected_token`` is one a
+    server refused.
+
+    The profile and audience: those named, else what the config's first matching
+    ``rules:`` entry says for ``host`` (a registry's ``host[:port]``), the URL
+    ``url()`` returns (a cluster's server) or ``audience``; else
+    ``$COMPOZY_PROFILE`` or ``default``, as :mod:`compozy_client.rules` orders them.
+    """
     if deadline is None:
         deadline = time.monotonic() + fasttoken.budget()
-    profile = profile or os.environ.get("COMPOZY_PROFILE", "").strip() or "default"
-    if not fasttoken._config_needs_full_cli():
+    if _light_config():
         key = os.environ.get("FLYZT_API_KEY", "").strip()
         if key:
             return Answer(key, None)
-        request: dict[str, object] = {"profile": profile, "min_valid": float(min_valid)}
+        request: dict[str, object] = {
+            "profile": profile or os.environ.get("COMPOZY_PROFILE", "").strip() or "default",
+            "min_valid": float(min_valid)}
         if audience:
             request["audience"] = audience
         if rejected_token:
             request["rejected_token"] = rejected_token
         try:
-            answer = _ask_agent(request, deadline)
-        except fasttoken._TimedOut as timed_out:
+            response = fasttoken.exchange(request, deadline)
+        except fasttoken.TimedOut as timed_out:
             return Refusal("", f"the agent took the request but did not answer within "
                                f"{timed_out.args[0]:.0f} s; it was not asked again",
                            "compozy auth status")
+        answer = None if response is None else _parse_answer(response)
         if answer is not None:
             return answer
-    return _get_full(profile, audience, min_valid, rejected_token, deadline)
+    return _get_full(profile, audience, min_valid, rejected_token, deadline, host, url)
 
 
-def _ask_agent(request: dict[str, object], deadline: float) -> Answer | Refusal | None:
-    """The agent's answer; None to leave it to the full library (nothing was sent, or
-    the answer was not in a known shape). Raises fasttoken._TimedOut once sent."""
-    left = deadline - time.monotonic()
-    if left <= 0:
-        return None
-    request["timeout"] = float(left)
-    line = fasttoken._encode(request)
-    if line is None:
-        return None
-    path = socket_path()
-    if socket_path_problem(path) is not None:
-        return None  # the full library refuses it and says why
-    sent_at = None
-    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+def _light_config() -> bool:
+    """Whether the config file needs no YAML here: none, or one to be trusted holding no
+    key and no ``rules:``. Otherwise the full library reads it (or refuses it)."""
+    path = config_path()
     try:
-        sock.settimeout(min(left, 5.0))
-        sock.connect(path)
-        if peer_problem(sock, path) is not None:
-            return None  # nothing sent; the full library refuses it and says why
-        sock.settimeout(max(0.001, deadline - time.monotonic()))
-        sent_at = time.monotonic()
-        sock.sendall(line)
-        buffer = b""
-        while b"\n" not in buffer:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError
-            sock.settimeout(left)
-            chunk = sock.recv(65536)
-            if not chunk or len(buffer) + len(chunk) > fasttoken._MAX_ANSWER_BYTES:
-                return None
-            buffer += chunk
-    except TimeoutError:
-        if sent_at is None:
-            return None
-        raise fasttoken._TimedOut(time.monotonic() - sent_at) from None
+        with open(open_config_file(path), "rb") as file:
+            if config_file_problem(path, os.fstat(file.fileno())) is not None:
+                return False
+            text = file.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        return True
     except OSError:
-        if sent_at is None:
-            return None
-        return Refusal("", f"the agent on {path} closed the connection without an answer")
-    finally:
-        sock.close()
-    return _parse_answer(buffer.partition(b"\n")[0])
+        return False
+    return len(text) <= MAX_CONFIG_BYTES and b"api_key" not in text and b"rules" not in text
 
 
 def _parse_answer(response: bytes) -> Answer | Refusal | None:
-    if response.startswith(fasttoken._TOKEN_PREFIX):
-        rest = response[len(fasttoken._TOKEN_PREFIX):]
+    if response.startswith(fasttoken.TOKEN_PREFIX):
+        rest = response[len(fasttoken.TOKEN_PREFIX):]
         token, quote, rest = rest.partition(b'"')
         if quote and token and b"\\" not in token:
             expires_at: float | None = None
@@ -187,23 +175,32 @@ def _parse_answer(response: bytes) -> Answer | Refusal | None:
 
 
 def _get_full(
-    profile: str, audience: str | None, min_valid: float, rejected_token: str | None,
-    deadline: float,
+    profile: str | None, audience: str | None, min_valid: float, rejected_token: str | None,
+    deadline: float, host: str | None, url: Callable[[], str | None] | None,
 ) -> Answer | Refusal:
-    """The full library: the config file's key, an agent started when none runs, every
-    refusal with its own message. Never interactive either."""
+    """The full library: the config file's key and rules, an agent started when none
+    runs, every refusal with its own message. Never interactive either."""
     from compozy_client import protocol
-    from compozy_client.chain import static_credential
+    from compozy_client.chain import resolve_profile, static_credential
     from compozy_client.config import load_config
     from compozy_client.connection import connect
     from compozy_client.errors import AgentError, CompozyError
+    from compozy_client.rules import match_rule
 
     try:
-        static = static_credential(load_config())
+        config = load_config()
+        static = static_credential(config)
         if static is not None:
             return Answer(static.api_key, None)
-        request = protocol.Token(id=1, profile=profile, audience=audience or None,
-                                 min_valid=min_valid, rejected_token=rejected_token or None)
+        if config.rules and (profile is None or audience is None):
+            rule = match_rule(config, host=host, url=url() if url is not None else None,
+                              audience=audience)
+            if rule is not None:
+                profile = profile or rule.profile
+                audience = audience or rule.audience
+        request = protocol.Token(id=1, profile=resolve_profile(profile),
+                                 audience=audience or None, min_valid=min_valid,
+                                 rejected_token=rejected_token or None)
         with connect(timeout=max(0.001, deadline - time.monotonic()),
                      deadline=deadline) as conn:
             request.timeout = max(0.0, deadline - time.monotonic())

@@ -9,6 +9,10 @@ wants and whether the plugin may use the terminal (``spec.interactive``).
 
 What this plugin does about both:
 
+* the profile and audience are ``--profile``/``--audience``, else the config's
+  ``rules:`` matched by the cluster's server URL (passed when the exec entry
+  has ``provideClusterInfo: true``, as setup-kube writes it) or the audience,
+  else ``$COMPOZY_PROFILE`` or ``default``;
 * it answers in the apiVersion asked for, ``client.authentication.k8s.io/v1``
   or ``v1beta1`` (v1 when run by hand), and refuses any other with one line;
 * it never starts a login, opens a browser or reads stdin, whatever
@@ -43,13 +47,24 @@ _VALUE_FLAGS = ("--profile", "--audience")
 
 
 class ExecInfo:
-    """What kubectl asked for in ``KUBERNETES_EXEC_INFO``."""
+    """What kubectl asked for in ``KUBERNETES_EXEC_INFO`` (``raw``: the whole value)."""
 
-    __slots__ = ("api_version", "interactive")
+    __slots__ = ("api_version", "interactive", "raw")
 
-    def __init__(self, api_version: str, interactive: bool) -> None:
+    def __init__(self, api_version: str, interactive: bool, raw: str = "") -> None:
         self.api_version = api_version
         self.interactive = interactive
+        self.raw = raw
+
+    def cluster_server(self) -> str | None:
+        """The cluster's server URL, when kubectl passes it (``provideClusterInfo``)."""
+        import json
+
+        try:
+            server = json.loads(self.raw)["spec"]["cluster"]["server"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            return None
+        return server if isinstance(server, str) else None
 
 
 def run(args: list[str]) -> int | None:
@@ -79,7 +94,8 @@ def emit(profile: str | None, audience: str | None) -> int:
     if isinstance(info, str):
         os.write(2, (info + "\n").encode())
         return 1
-    answer = helpertoken.get(profile, audience, min_valid=MIN_VALID)
+    # Rules (compozy_client.rules) may pick the profile by the cluster's server URL.
+    answer = helpertoken.get(profile, audience, min_valid=MIN_VALID, url=info.cluster_server)
     if isinstance(answer, helpertoken.Refusal):
         os.write(2, (answer.line() + "\n").encode())
         return 1
@@ -106,7 +122,7 @@ def exec_info(value: str) -> ExecInfo | str:
     if api_version not in (API_V1, API_V1BETA1):
         return (f"compozy: kubectl asked for an ExecCredential of apiVersion {api_version!r}; "
                 f"compozy auth kube-token speaks {API_V1} and {API_V1BETA1}")
-    return ExecInfo(api_version, interactive)
+    return ExecInfo(api_version, interactive, value)
 
 
 def _exec_info_json(value: str) -> tuple[str, bool] | str:

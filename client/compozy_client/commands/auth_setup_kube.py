@@ -14,7 +14,7 @@ writes, for a cluster ``prod`` (``kubectl config view``)::
           command: /path/to/compozy
           args: [auth, kube-token]          # plus --profile/--audience when given
           interactiveMode: Never            # kubectl never hands it the terminal
-          provideClusterInfo: false
+          provideClusterInfo: true          # the server URL, for the config's rules:
 """
 
 from __future__ import annotations
@@ -97,6 +97,8 @@ def exec_options(command: str, profile: str | None, audience: str | None, *,
     options = [f"--exec-command={command}",
                f"--exec-api-version={API_V1 if interactive_mode else API_V1BETA1}"]
     options += [f"--exec-arg={arg}" for arg in plugin_args]
+    # The cluster's server URL reaches the plugin, so rules: can choose the profile by it.
+    options.append("--exec-provide-cluster-info=true")
     if interactive_mode:
         options.append("--exec-interactive-mode=Never")
     return options
