@@ -104,6 +104,7 @@ def test_setup_kube_writes_an_exec_user_that_never_gets_the_terminal(
     assert plugin["interactiveMode"] == "Never"
     assert os.path.isabs(plugin["command"]) and plugin["command"].endswith("/compozy")
     assert plugin["args"] == ["auth", "kube-token"]
+    assert plugin["provideClusterInfo"] is True  # the server URL, for rules:
     (context,) = config["contexts"]
     assert context["name"] == CLUSTER
     assert context["context"] == {"cluster": CLUSTER, "user": f"compozy-{CLUSTER}"}
@@ -186,3 +187,25 @@ def test_kube_token_answers_in_the_api_version_kubectl_asks_for(
         reported = calendar.timegm(time.strptime(credential["status"]["expirationTimestamp"],
                                                  "%Y-%m-%dT%H:%M:%SZ"))
         assert expires_at - 61 <= reported <= expires_at - 59
+
+
+def test_a_rule_for_the_cluster_url_picks_the_profile(
+    agent_env: AgentEnv, oidc_provider: OidcTestProvider, kubectl: str, api: KubeApiStandIn,
+    browser_marker: Path,
+) -> None:
+    """Only profile ``ops`` is signed in; a ``url_prefix`` rule for the cluster's server
+    sends kubectl there, with no --profile in the kubeconfig."""
+    configure(agent_env, oidc_provider, "default", "ops")
+    with agent_env.config.open("a") as config:
+        config.write(f"rules:\n  - match: {{url_prefix: 'https://127.0.0.1:{api.port}'}}\n"
+                     "    profile: ops\n")
+    process = start_agent(agent_env)
+    try:
+        login = login_browser(agent_env, "--profile", "ops")
+        assert login.returncode == 0, login.stderr
+        set_up_cluster(agent_env, kubectl, api)
+        result = kube(agent_env, kubectl, "--context", CLUSTER, "get", "--raw", "/api")
+        assert result.returncode == 0, result.stderr + process.log()
+        assert api.seen.accepted == 1
+    finally:
+        process.stop()

@@ -189,3 +189,24 @@ def test_as_the_default_store_it_answers_not_found_for_other_registries(
     assert (other.returncode, other.stdout) == (1, NOT_FOUND + "\n")
     ours = helper(agent_env, "get", host)
     assert ours.returncode == 0 and json.loads(ours.stdout)["ServerURL"] == host
+
+
+def test_a_rule_for_the_registry_host_picks_the_profile(
+    agent_env: AgentEnv, oidc_provider: OidcTestProvider, skopeo: str,
+    registry: RegistryStandIn,
+) -> None:
+    """Only profile ``ci`` is signed in; a ``host`` rule sends the registry's requests there."""
+    configure(agent_env, oidc_provider, "default", "ci")
+    with agent_env.config.open("a") as config:
+        config.write(f"rules:\n  - match: {{host: '127.0.0.1:{registry.port}'}}\n"
+                     "    profile: ci\n")
+    agent = start_agent(agent_env)
+    try:
+        login = login_browser(agent_env, "--profile", "ci")
+        assert login.returncode == 0, login.stderr
+        set_up(agent_env, registry)
+        result = inspect(agent_env, skopeo, registry)
+        assert result.returncode == 0, result.stderr + agent.log()
+        assert registry.seen.accepted >= 1
+    finally:
+        agent.stop()
