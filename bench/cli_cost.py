@@ -6,6 +6,12 @@ runs `python3 -c pass` and `compozy auth token` back to back (interleaved, so
 machine noise hits both alike) and the figure is the ratio of their medians.
 Target (issue: benchmarks): at most 1.5, with and without cached bytecode.
 
+The credential helpers other tools run are measured in the same rounds, each
+against the same bare interpreter: kubectl's exec plugin (`compozy auth
+kube-token`, with the ``KUBERNETES_EXEC_INFO`` kubectl passes) and
+`docker-credential-compozy get` (the registry's host on stdin). Their ratios are
+reported next to `compozy auth token`'s; the verdict is the token's.
+
 Two variants: the package's modules compiled (``.pyc``, as an installed package
 has them), and not compiled, as in an editable install run with
 ``PYTHONDONTWRITEBYTECODE=1`` (the package's ``__pycache__`` directories are
@@ -30,28 +36,49 @@ from _common import BINDIR, ROOT, bench_home, login, verdict
 TARGET = 1.5
 
 
-def timed(command: list[str], env: dict[str, str]) -> float:
+#: What kubectl (client-go) passes its exec plugin.
+EXEC_INFO = ('{"kind":"ExecCredential","apiVersion":"client.authentication.k8s.io/v1",'
+             '"spec":{"interactive":false}}')
+#: (label, command, stdin, extra environment): `compozy auth token` first.
+COMMANDS: list[tuple[str, list[str], bytes | None, dict[str, str]]] = [
+    ("compozy auth token", [str(BINDIR / "compozy"), "auth", "token"], None, {}),
+    ("compozy auth kube-token", [str(BINDIR / "compozy"), "auth", "kube-token"], None,
+     {"KUBERNETES_EXEC_INFO": EXEC_INFO}),
+    ("docker-credential-compozy get", [str(BINDIR / "docker-credential-compozy"), "get"],
+     b"registry.compozy.dev\n", {}),
+]
+
+
+def timed(command: list[str], env: dict[str, str], stdin: bytes | None = None) -> float:
     start = time.perf_counter()
-    subprocess.run(command, env=env, stdout=subprocess.DEVNULL, check=True)
+    subprocess.run(command, env=env, input=stdin, stdout=subprocess.DEVNULL, check=True)
     return time.perf_counter() - start
 
 
 def compare(name: str, env: dict[str, str], runs: int) -> float:
-    """Median of `compozy auth token` over median of `python3 -c pass`; prints both."""
-    token = [str(BINDIR / "compozy"), "auth", "token"]
+    """Median of each command over median of `python3 -c pass`, printed; returns
+    `compozy auth token`'s ratio."""
     bare = [sys.executable, "-c", "pass"]
-    for _ in range(3):  # warm the page cache for both
+    for _ in range(3):  # warm the page cache for all
         timed(bare, env)
-        timed(token, env)
-    bare_times, token_times = [], []
+        for _label, command, stdin, extra in COMMANDS:
+            timed(command, {**env, **extra}, stdin)
+    bare_times: list[float] = []
+    times: list[list[float]] = [[] for _ in COMMANDS]
     for _ in range(runs):
         bare_times.append(timed(bare, env))
-        token_times.append(timed(token, env))
+        for index, (_label, command, stdin, extra) in enumerate(COMMANDS):
+            times[index].append(timed(command, {**env, **extra}, stdin))
     bare_median = statistics.median(bare_times)
-    token_median = statistics.median(token_times)
-    print(f"[{name}] python3 -c pass      median {bare_median * 1000:6.1f} ms over {runs} runs")
-    print(f"[{name}] compozy auth token   median {token_median * 1000:6.1f} ms over {runs} runs")
-    return token_median / bare_median
+    print(f"[{name}] {'python3 -c pass':30} median {bare_median * 1000:6.1f} ms "
+          f"over {runs} runs")
+    ratios = []
+    for (label, *_rest), samples in zip(COMMANDS, times, strict=True):
+        median = statistics.median(samples)
+        ratios.append(median / bare_median)
+        print(f"[{name}] {label:30} median {median * 1000:6.1f} ms over {runs} runs "
+              f"= {median / bare_median:.2f}x")
+    return ratios[0]
 
 
 def remove_package_bytecode() -> None:
