@@ -243,3 +243,53 @@ def test_the_helpers_hot_paths_import_what_the_token_fast_path_does(
                     if line.startswith("import time:")}
         assert imported & expensive == set(), command
         assert {"compozy_client.helpertoken", "_socket"} <= imported
+
+
+# ---------------------------------------------------------------- compozy auth setup-docker
+
+def setup_docker(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {"HOME": str(tmp_path), "DOCKER_CONFIG": str(tmp_path / "docker"),
+           "PATH": "/usr/bin:/bin", "NO_COLOR": "1", "COMPOZY_AGENT_AUTOSTART": "0"}
+    return subprocess.run([sys.executable, str(BIN / "compozy"), "auth", "setup-docker", *args],
+                          capture_output=True, text=True, timeout=30, env=env)
+
+
+def test_setup_docker_writes_only_its_registry_and_unset_removes_only_that(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "docker" / "config.json"
+    config.parent.mkdir()
+    earlier = {"auths": {"r.example": {"auth": "dTpw"}}, "credHelpers": {"gcr.io": "gcloud"},
+               "currentContext": "desktop"}
+    config.write_text(json.dumps(earlier))
+    config.chmod(0o644)
+    done = setup_docker(tmp_path, "--registry", "https://Registry.Compozy.dev/")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(config.read_text()) == {
+        **earlier, "credHelpers": {"gcr.io": "gcloud", "registry.compozy.dev": "compozy"}}
+    assert config.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in config.parent.iterdir()] == ["config.json"]  # no temporary left
+    assert "not on PATH" in done.stderr  # PATH here holds no docker-credential-compozy
+    undone = setup_docker(tmp_path, "--registry", "registry.compozy.dev", "--unset")
+    assert undone.returncode == 0, undone.stderr
+    assert json.loads(config.read_text()) == earlier
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"credHelpers": "compozy"}'])
+def test_setup_docker_leaves_a_config_it_cannot_read_alone(tmp_path: Path, text: str) -> None:
+    config = tmp_path / "docker" / "config.json"
+    config.parent.mkdir()
+    config.write_text(text)
+    done = setup_docker(tmp_path, "--registry", "registry.compozy.dev")
+    assert done.returncode == 2 and "nothing was changed" in done.stderr
+    assert done.stderr.count("\n") == 1
+    assert config.read_text() == text
+
+
+def test_setup_docker_creates_a_private_config(tmp_path: Path) -> None:
+    done = setup_docker(tmp_path, "--registry", "127.0.0.1:5000")
+    assert done.returncode == 0, done.stderr
+    config = tmp_path / "docker" / "config.json"
+    assert json.loads(config.read_text()) == {"credHelpers": {"127.0.0.1:5000": "compozy"}}
+    assert config.stat().st_mode & 0o777 == 0o600
+    assert config.parent.stat().st_mode & 0o777 == 0o700

@@ -209,3 +209,17 @@ def test_a_rule_for_the_cluster_url_picks_the_profile(
         assert api.seen.accepted == 1
     finally:
         process.stop()
+
+
+def test_setup_kube_for_a_cluster_not_in_the_kubeconfig_changes_nothing(
+    agent_env: AgentEnv, kubectl: str, api: KubeApiStandIn,
+) -> None:
+    result = kube(agent_env, kubectl, "config", "set-cluster", CLUSTER,
+                  f"--server=https://127.0.0.1:{api.port}")
+    assert result.returncode == 0, result.stderr
+    before = Path(kube_env(agent_env)["KUBECONFIG"]).read_text()
+    setup = run_cli(agent_env, "auth", "setup-kube", "--cluster", "typo",
+                    **kube_env(agent_env))
+    assert setup.returncode == 2
+    assert f"no cluster 'typo' in the kubeconfig (it has: {CLUSTER})" in setup.stderr
+    assert Path(kube_env(agent_env)["KUBECONFIG"]).read_text() == before
