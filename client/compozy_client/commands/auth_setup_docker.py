@@ -30,8 +30,7 @@ EXAMPLES = """examples:
 
 def add_parser(subparsers: Any) -> None:
     parser = add_command(subparsers, "setup-docker",
-                         "Make docker, podman and skopeo get a registry's password from "
-                         "the agent", EXAMPLES)
+                         "Make container tools use the agent for a registry", EXAMPLES)
     parser.add_argument("--registry", required=True, metavar="HOST",
                         help="the registry's host (and :port), as in image names")
     parser.add_argument("--unset", action="store_true", help="remove the entry again")
