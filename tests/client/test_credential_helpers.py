@@ -145,7 +145,9 @@ def test_a_login_required_is_one_line_naming_compozy_login(
     agent.error = {"code": "login_required", "message": "needs a new login (\x1b[2Jgone\nx)",
                    "details": {"command": "compozy login --profile work"}}
     if helper == "kube-token":
-        result = kube_token(agent, tmp_path, "--profile", "work")
+        # Even where kubectl says the terminal is there: the plugin never logs in.
+        result = kube_token(agent, tmp_path, "--profile", "work",
+                            KUBERNETES_EXEC_INFO=exec_info(V1, interactive=True))
         lines = result.stderr
     else:
         result = docker(agent, tmp_path, "get", "registry.example", COMPOZY_PROFILE="work")

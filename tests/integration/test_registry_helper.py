@@ -210,3 +210,25 @@ def test_a_rule_for_the_registry_host_picks_the_profile(
         assert registry.seen.accepted >= 1
     finally:
         agent.stop()
+
+
+def test_skopeo_logout_makes_the_next_pull_use_a_new_token_and_keeps_the_session(
+    agent_env: AgentEnv, logged_in: AgentProcess, skopeo: str, registry: RegistryStandIn,
+    oidc_provider: OidcTestProvider,
+) -> None:
+    host = set_up(agent_env, registry)
+    assert inspect(agent_env, skopeo, registry).returncode == 0
+    refreshes = oidc_provider.count_token_calls("refresh_token")
+    env = {k: v for k, v in tool_env(agent_env).items()
+           if k not in ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG")}
+    # skopeo writes its own auth file unless told; --authfile names the Docker config.
+    logout = subprocess.run([skopeo, "logout", "--authfile", str(docker_config(agent_env)), host], capture_output=True, text=True,
+                            timeout=60, stdin=subprocess.DEVNULL, env=env)
+    assert logout.returncode == 0, logout.stderr
+    assert oidc_provider.count_token_calls("refresh_token") == refreshes + 1
+    assert inspect(agent_env, skopeo, registry).returncode == 0
+    first, *_, last = registry.seen.token_digests
+    assert first != last
+    assert json.loads(docker_config(agent_env).read_text())["credHelpers"][host] == "compozy"
+    status = run_cli(agent_env, "auth", "status", "--json")
+    assert json.loads(status.stdout)["authenticated"] is True
