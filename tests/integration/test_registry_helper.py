@@ -222,8 +222,9 @@ def test_skopeo_logout_makes_the_next_pull_use_a_new_token_and_keeps_the_session
     env = {k: v for k, v in tool_env(agent_env).items()
            if k not in ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG")}
     # skopeo writes its own auth file unless told; --authfile names the Docker config.
-    logout = subprocess.run([skopeo, "logout", "--authfile", str(docker_config(agent_env)), host], capture_output=True, text=True,
-                            timeout=60, stdin=subprocess.DEVNULL, env=env)
+    logout = subprocess.run(
+        [skopeo, "logout", "--authfile", str(docker_config(agent_env)), host],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, env=env)
     assert logout.returncode == 0, logout.stderr
     assert oidc_provider.count_token_calls("refresh_token") == refreshes + 1
     assert inspect(agent_env, skopeo, registry).returncode == 0
