@@ -295,3 +295,16 @@ def test_setup_docker_creates_a_private_config(tmp_path: Path) -> None:
     assert json.loads(config.read_text()) == {"credHelpers": {"127.0.0.1:5000": "compozy"}}
     assert config.stat().st_mode & 0o777 == 0o600
     assert config.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_setup_kube_options_for_new_and_old_kubectl() -> None:
+    from compozy_client.commands.auth_setup_kube import exec_options
+
+    new = exec_options("/opt/bin/compozy", "work", "https://k8s.example", interactive_mode=True)
+    assert new == ["--exec-command=/opt/bin/compozy", f"--exec-api-version={V1}",
+                   "--exec-arg=auth", "--exec-arg=kube-token", "--exec-arg=--profile",
+                   "--exec-arg=work", "--exec-arg=--audience", "--exec-arg=https://k8s.example",
+                   "--exec-interactive-mode=Never", "--exec-provide-cluster-info=true"]
+    old = exec_options("compozy", None, None, interactive_mode=False)
+    assert old == ["--exec-command=compozy", f"--exec-api-version={V1BETA1}",
+                   "--exec-arg=auth", "--exec-arg=kube-token"]

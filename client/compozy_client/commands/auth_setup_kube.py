@@ -83,10 +83,11 @@ def run(args: argparse.Namespace) -> int:
 
 def exec_options(command: str, profile: str | None, audience: str | None, *,
                  interactive_mode: bool) -> list[str]:
-    """``kubectl config set-credentials`` options for the exec entry. kubectl older
-    than 1.26 lacks ``--exec-interactive-mode``: it gets the v1beta1 plugin API, where
-    the mode may be left out (client-go then treats it as IfAvailable, and the
-    plugin still never prompts)."""
+    """``kubectl config set-credentials`` options for the exec entry. A kubectl whose
+    ``set-credentials`` lacks ``--exec-interactive-mode`` (older ones) gets the v1beta1
+    plugin API, where the mode may be left out (client-go then treats it as
+    IfAvailable, and the plugin still never prompts), and no
+    ``--exec-provide-cluster-info`` (rules: then match by audience only)."""
     plugin_args = ["auth", "kube-token"]
     if profile:
         plugin_args += ["--profile", profile]
@@ -97,10 +98,10 @@ def exec_options(command: str, profile: str | None, audience: str | None, *,
     options = [f"--exec-command={command}",
                f"--exec-api-version={API_V1 if interactive_mode else API_V1BETA1}"]
     options += [f"--exec-arg={arg}" for arg in plugin_args]
-    # The cluster's server URL reaches the plugin, so rules: can choose the profile by it.
-    options.append("--exec-provide-cluster-info=true")
     if interactive_mode:
         options.append("--exec-interactive-mode=Never")
+        # The cluster's server URL reaches the plugin, so rules: can choose the profile by it.
+        options.append("--exec-provide-cluster-info=true")
     return options
 
 
@@ -118,8 +119,8 @@ def _compozy_command() -> str:
 
 
 def _knows_interactive_mode(kubectl: str) -> bool:
-    return "--exec-interactive-mode" in _kubectl([kubectl, "config", "set-credentials",
-                                                  "--help"])
+    usage = _kubectl([kubectl, "config", "set-credentials", "--help"])
+    return "--exec-interactive-mode" in usage and "--exec-provide-cluster-info" in usage
 
 
 def _kubectl(command: list[str]) -> str:
