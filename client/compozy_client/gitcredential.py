@@ -154,8 +154,9 @@ def _may_carry_a_token(protocol: str, host: str) -> bool:
         return True
     if protocol != "http":
         return False
-    name = host.rpartition(":")[0] if host.count(":") == 1 or host.startswith("[") else host
-    return (name or host).lower() in _LOOPBACK_HOSTS
+    # A name or v4 address, with :port or not; or [v6 address], with :port or not.
+    name = host[: host.find("]") + 1] if host.startswith("[") else host.partition(":")[0]
+    return name.lower() in _LOOPBACK_HOSTS
 
 
 def _get(fields: dict[str, str], capabilities: set[str], challenges: list[str],

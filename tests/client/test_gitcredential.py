@@ -204,7 +204,8 @@ def test_store_and_unknown_operations_do_nothing(rig: Rig, operation: str) -> No
     ("protocol", "host", "answered"),
     [("http", "git.example.com", False), ("http", "10.0.0.1:8080", False),
      ("ftp", "git.example.com", False), ("http", "127.0.0.1:8080", True),
-     ("http", "localhost", True), ("http", "[::1]:9000", True),
+     ("http", "localhost", True), ("http", "[::1]:9000", True), ("http", "[::1]", True),
+     ("http", "[::2]", False), ("http", "LOCALHOST:1", True),
      ("http", "127.0.0.1.evil.test", False)],
 )
 def test_plain_http_gets_a_token_only_on_this_machine(
