@@ -100,6 +100,15 @@ def load_config(path: str | None = None) -> Config:
     (:func:`~compozy_client.paths.config_file_problem`).
     """
     path = path or config_path()
+    read = read_config_file(path)
+    if read is None:
+        return Config()
+    return parse_config(*read, path)
+
+
+def read_config_file(path: str) -> tuple[bytes, os.stat_result] | None:
+    """The config file's bytes and ``fstat``, or None when there is none; the checks and
+    errors of :func:`load_config`."""
     try:
         with open(open_config_file(path), "rb") as file:
             info = os.fstat(file.fileno())  # the file read, not whatever the path names later
@@ -107,12 +116,20 @@ def load_config(path: str | None = None) -> Config:
             if problem is not None:
                 raise UnsafeConfigFile(problem)
             raw = file.read(MAX_CONFIG_BYTES + 1)
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise ConfigError(f"config file {path} is larger than 1 MiB; is it the right file?")
-        text = raw.decode("utf-8")
     except FileNotFoundError:
-        return Config()
-    except (OSError, UnicodeDecodeError) as exc:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.__class__.__name__}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than 1 MiB; is it the right file?")
+    return raw, info
+
+
+def parse_config(raw: bytes, info: os.stat_result, path: str) -> Config:
+    """The config in ``raw``, the bytes :func:`read_config_file` read from ``path``."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.__class__.__name__}") from None
     import yaml  # only when a config file exists
 

@@ -48,7 +48,7 @@ from compozy_client import fasttoken
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from compozy_client.config import Config
+    from compozy_client.rules import HasRules
 
 #: git asks for a token that stays valid this long: a clone or push of a large
 #: repository runs many requests with it.
@@ -154,18 +154,21 @@ def _may_carry_a_token(protocol: str, host: str) -> bool:
         return True
     if protocol != "http":
         return False
-    name = host.rpartition(":")[0] if host.count(":") == 1 or host.startswith("[") else host
-    return (name or host).lower() in _LOOPBACK_HOSTS
+    # A name or v4 address, with :port or not; or [v6 address], with :port or not.
+    name = host[: host.find("]") + 1] if host.startswith("[") else host.partition(":")[0]
+    return name.lower() in _LOOPBACK_HOSTS
 
 
 def _get(fields: dict[str, str], capabilities: set[str], challenges: list[str],
          profile: str | None) -> int:
     deadline = time.monotonic() + fasttoken.budget()
     host, path = fields["host"], fields.get("path")
-    plan = _light_plan(profile)
+    plan = _light_plan(profile, host, path)
     answer: tuple[str, float | None] | tuple[str, str] | None = None
     if plan is not None:
         request: dict[str, object] = {"profile": plan.profile, "min_valid": MIN_VALID}
+        if plan.audience is not None:
+            request["audience"] = plan.audience
         try:
             response = fasttoken.exchange(request, deadline)
         except fasttoken.TimedOut as timed_out:
@@ -200,24 +203,27 @@ def _get(fields: dict[str, str], capabilities: set[str], challenges: list[str],
     return 0
 
 
-def _light_plan(profile: str | None) -> _Plan | None:
-    """The plan when the config file has no rules and no key (so no YAML is needed), or
-    None. Same checks as the token fast path: a config file not to be trusted is left
+def _light_plan(profile: str | None, host: str, path: str | None) -> _Plan | None:
+    """The plan without YAML, or None for the library path: when the config file has no
+    rules, or rules cached for its exact bytes (:mod:`compozy_client.rulecache`), and no
+    key. Same checks as the token fast path: a config file not to be trusted is left
     to the library, which refuses it and says why."""
     from compozy_client.paths import (
         MAX_CONFIG_BYTES,
         config_file_problem,
         config_path,
         open_config_file,
+        socket_path,
     )
 
-    path = config_path()
+    config = config_path()
+    text = b""
     try:
-        with open(open_config_file(path), "rb") as file:
-            if config_file_problem(path, os.fstat(file.fileno())) is not None:
+        with open(open_config_file(config), "rb") as file:
+            if config_file_problem(config, os.fstat(file.fileno())) is not None:
                 return None
             text = file.read(MAX_CONFIG_BYTES + 1)
-        if len(text) > MAX_CONFIG_BYTES or b"api_key" in text or b"rules" in text:
+        if len(text) > MAX_CONFIG_BYTES or b"api_key" in text:
             return None
     except FileNotFoundError:
         pass
@@ -225,8 +231,17 @@ def _light_plan(profile: str | None) -> _Plan | None:
         return None
     if os.environ.get("FLYZT_API_KEY", "").strip():
         return None
-    profile = profile or os.environ.get("COMPOZY_PROFILE", "").strip() or "default"
-    return _Plan(profile, None, False, None)
+    if b"rules" not in text:
+        return _Plan(_resolve_profile(profile), None, False, None)
+    from compozy_client.rulecache import read_cache
+
+    cached = read_cache(socket_path(), text)
+    return None if cached is None else _plan_by_rules(cached, host, path, profile)
+
+
+def _resolve_profile(explicit: str | None) -> str:
+    """As compozy_client.chain.resolve_profile (not imported: it loads msgspec)."""
+    return explicit or os.environ.get("COMPOZY_PROFILE", "").strip() or "default"
 
 
 def _read_answer(response: bytes) -> tuple[str, float | None] | tuple[str, str] | None:
@@ -263,17 +278,17 @@ def _read_answer(response: bytes) -> tuple[str, float | None] | tuple[str, str] 
         return None
 
 
-def _plan_by_rules(config: Config, host: str, path: str | None, profile: str | None) -> _Plan:
+def _plan_by_rules(config: HasRules, host: str, path: str | None,
+                   profile: str | None) -> _Plan:
     """The profile named on the helper's command line, else the first matching rule's,
     else ``$COMPOZY_PROFILE`` or ``default``; a rule for another profile than the one
     named does not apply."""
-    from compozy_client.chain import resolve_profile
     from compozy_client.rules import match_rule
 
     rule = match_rule(config, host=host, path=path)
     if rule is None or (profile is not None and rule.profile not in (None, profile)):
-        return _Plan(resolve_profile(profile), None, False, None)
-    return _Plan(resolve_profile(profile or rule.profile), rule.audience, rule.bearer,
+        return _Plan(_resolve_profile(profile), None, False, None)
+    return _Plan(_resolve_profile(profile or rule.profile), rule.audience, rule.bearer,
                  rule.username)
 
 
@@ -282,14 +297,19 @@ def _library_answer(
 ) -> tuple[_Plan, tuple[str, float | None] | tuple[str, str]]:
     """The plan and the answer, the general way (config file, rules, chain, agent start)."""
     from compozy_client import protocol
-    from compozy_client.chain import resolve_profile, static_credential
-    from compozy_client.config import load_config
+    from compozy_client.chain import static_credential
+    from compozy_client.config import Config, parse_config, read_config_file
     from compozy_client.connection import connect
     from compozy_client.errors import AgentError, CompozyError
+    from compozy_client.paths import config_path, socket_path
+    from compozy_client.rulecache import write_cache
 
-    plan = _Plan(resolve_profile(profile), None, False, None)
+    plan = _Plan(_resolve_profile(profile), None, False, None)
     try:
-        config = load_config()
+        read = read_config_file(config_path())
+        config = Config() if read is None else parse_config(*read, config_path())
+        if read is not None and config.rules:
+            write_cache(socket_path(), read[0], config.rules)  # the next run skips YAML
         plan = _plan_by_rules(config, host, path, profile)
         static = static_credential(config)
         if static is not None:

@@ -204,7 +204,8 @@ def test_store_and_unknown_operations_do_nothing(rig: Rig, operation: str) -> No
     ("protocol", "host", "answered"),
     [("http", "git.example.com", False), ("http", "10.0.0.1:8080", False),
      ("ftp", "git.example.com", False), ("http", "127.0.0.1:8080", True),
-     ("http", "localhost", True), ("http", "[::1]:9000", True),
+     ("http", "localhost", True), ("http", "[::1]:9000", True), ("http", "[::1]", True),
+     ("http", "[::2]", False), ("http", "LOCALHOST:1", True),
      ("http", "127.0.0.1.evil.test", False)],
 )
 def test_plain_http_gets_a_token_only_on_this_machine(
@@ -262,3 +263,67 @@ def test_the_common_get_loads_no_argparse_msgspec_or_yaml(rig: Rig) -> None:
     heavy = {m for m in loaded if m.split(".")[0] in ("msgspec", "yaml", "argparse", "typing",
                                                       "compozy_agent", "socket", "re")}
     assert not heavy, heavy
+
+
+def _modules_of_a_get(rig: Rig) -> set[str]:
+    code = (
+        "import sys\n"
+        f"sys.argv = [{str(HELPER)!r}, 'get']\n"
+        "from compozy_client.gitcredential import main\n"
+        "code = main(sys.argv[1:])\n"
+        "sys.stderr.write(' '.join(sorted(sys.modules)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], input=GET, capture_output=True,
+                            text=True, env=rig.env(), timeout=60)
+    assert "password=tok-123" in result.stdout, result.stderr
+    return set(result.stderr.split())
+
+
+def test_rules_are_read_without_yaml_once_cached_for_the_exact_config(rig: Rig) -> None:
+    rig.write_config(RULES)
+    first = _modules_of_a_get(rig)  # parses the YAML, and caches the rules
+    assert "yaml" in first
+    assert (rig.home / "rules.cache").stat().st_mode & 0o777 == 0o600
+    second = _modules_of_a_get(rig)
+    assert not {m for m in second if m.split(".")[0] in ("yaml", "msgspec", "re")}
+    assert [(r["profile"], r.get("audience")) for r in rig.seen] == [
+        ("work", "https://git.example.com")] * 2
+    # An edit is seen at once: the cache is for the old bytes.
+    rig.write_config(RULES.replace("profile: work", "profile: other"))
+    rig.run("get", stdin=GET)
+    assert rig.seen[-1]["profile"] == "other"
+
+
+def _plant_cache(rig: Rig, mode: int, owner: int | None = None) -> None:
+    config = RULES.encode()
+    rule = b"\t".join([b"git.example.com", b"", b"", b"", b"attacker", b"", b"0", b""])
+    cache = rig.home / "rules.cache"
+    cache.write_bytes(b"compozy-rules 1\n%d\n" % len(config) + config + b"\n" + rule + b"\n")
+    cache.chmod(mode)
+    if owner is not None:
+        os.chown(cache, owner, owner)
+
+
+@pytest.mark.parametrize(
+    ("mode", "owner"),
+    [(0o666, None), (0o620, None),
+     pytest.param(0o600, 65534, marks=pytest.mark.skipif(
+         os.getuid() != 0, reason="needs root to give a file to another uid"))],
+    ids=["world-writable", "group-writable", "another-uid"],
+)
+def test_a_rules_cache_others_could_write_is_not_used(
+    rig: Rig, mode: int, owner: int | None
+) -> None:
+    rig.write_config(RULES)
+    _plant_cache(rig, mode, owner)
+    result = rig.run("get", stdin=GET)
+    assert result.returncode == 0, result.stderr
+    assert rig.seen[-1]["profile"] == "work"  # from the config file, not the planted cache
+
+
+def test_a_planted_cache_is_used_only_when_it_is_ours_and_matches(rig: Rig) -> None:
+    """The control for the test above: the same cache, ours and 0600, is read."""
+    rig.write_config(RULES)
+    _plant_cache(rig, 0o600)
+    rig.run("get", stdin=GET)
+    assert rig.seen[-1]["profile"] == "attacker"

@@ -65,6 +65,12 @@ def run(args: argparse.Namespace) -> int:
 
         raise UsageError("name the git host: compozy auth setup-git --host git.example.com "
                          "(or add a rule for it to the config file's rules:)")
+    if args.profile and not _shell_safe(args.profile):
+        from compozy_client.errors import UsageError
+
+        # git runs the helper line through the shell.
+        raise UsageError("--profile: setup-git takes profile names of letters, digits, "
+                         "'.', '_' and '-'; name others in a rule of the config file")
     helper = HELPER + (f" --profile {args.profile}" if args.profile else "")
     for url in hosts:
         section = f"credential.{url}"
@@ -138,6 +144,11 @@ def _git_config(*args: str, missing_ok: bool = False) -> None:
     if done.returncode != 0 and not (missing_ok and done.returncode == 5):
         raise CompozyError(f"git config --global {' '.join(args[:2])} failed: "
                          f"{done.stderr.strip() or f'exit {done.returncode}'}")
+
+
+def _shell_safe(name: str) -> bool:
+    return all(char.isascii() and (char.isalnum() or char in "._-") for char in name) \
+        and not name.startswith("-")
 
 
 def _on_path(program: str) -> bool:
