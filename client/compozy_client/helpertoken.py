@@ -6,10 +6,11 @@ so the common case here costs what ``compozy auth token``'s fast path costs
 (:mod:`compozy_client.fasttoken`, whose ``exchange`` this uses): ``_socket``,
 a hand-written request, the agent's known answer shape read by hand, here with
 the token's expiry as well. Anything unusual (no agent yet, a config file
-holding a key or ``rules:`` or not to be trusted, a socket that is not provably
-our agent's, an answer in another shape) goes to the full client library,
-which reads the config's rules (:mod:`compozy_client.rules`), starts the
-agent, and refuses unsafe sockets and config files with their own messages.
+holding a key or not to be trusted, ``rules:`` not yet in the rules cache of
+:mod:`compozy_client.rulecache`, a socket that is not provably our agent's, an
+answer in another shape) goes to the full client library, which parses the
+config (and caches its rules for the next run), starts the agent, and refuses
+unsafe sockets and config files with their own messages.
 
 Never interactive: nothing here starts a login, opens a browser or reads the
 terminal. A session that needs a login is a :class:`Refusal` naming the
@@ -30,11 +31,14 @@ from compozy_client.paths import (
     config_file_problem,
     config_path,
     open_config_file,
+    socket_path,
 )
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from compozy_client.rules import HasRules
 
 _EXPIRES_KEY = b'"expires_at":'
 
@@ -100,10 +104,19 @@ def get(
     """
     if deadline is None:
         deadline = time.monotonic() + fasttoken.budget()
-    if _light_config():
+    text = _light_config_text()
+    if text is not None:
         key = os.environ.get("FLYZT_API_KEY", "").strip()
         if key:
             return Answer(key, None)
+        if b"rules" in text:
+            from compozy_client.rulecache import read_cache
+
+            cached = read_cache(socket_path(), text)
+            if cached is None:  # not cached for these very bytes: the library parses them
+                return _get_full(profile, audience, min_valid, rejected_token, deadline,
+                                 host, url)
+            profile, audience = _by_rules(cached, profile, audience, host, url)
         request: dict[str, object] = {
             "profile": profile or os.environ.get("COMPOZY_PROFILE", "").strip() or "default",
             "min_valid": float(min_valid)}
@@ -123,20 +136,37 @@ def get(
     return _get_full(profile, audience, min_valid, rejected_token, deadline, host, url)
 
 
-def _light_config() -> bool:
-    """Whether the config file needs no YAML here: none, or one to be trusted holding no
-    key and no ``rules:``. Otherwise the full library reads it (or refuses it)."""
+def _light_config_text() -> bytes | None:
+    """The config file's bytes (empty when there is none) when no YAML is needed to use
+    it here: one to be trusted, holding no key. None sends the caller to the full
+    library, which reads it (or refuses it and says why)."""
     path = config_path()
     try:
         with open(open_config_file(path), "rb") as file:
             if config_file_problem(path, os.fstat(file.fileno())) is not None:
-                return False
+                return None
             text = file.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
-        return True
+        return b""
     except OSError:
-        return False
-    return len(text) <= MAX_CONFIG_BYTES and b"api_key" not in text and b"rules" not in text
+        return None
+    return text if len(text) <= MAX_CONFIG_BYTES and b"api_key" not in text else None
+
+
+def _by_rules(
+    config: HasRules, profile: str | None, audience: str | None, host: str | None,
+    url: Callable[[], str | None] | None,
+) -> tuple[str | None, str | None]:
+    """The profile and audience: those named, else the first matching rule's."""
+    if profile is not None and audience is not None:
+        return profile, audience
+    from compozy_client.rules import match_rule
+
+    rule = match_rule(config, host=host, url=url() if url is not None else None,
+                      audience=audience)
+    if rule is None:
+        return profile, audience
+    return profile or rule.profile, audience or rule.audience
 
 
 def _parse_answer(response: bytes) -> Answer | Refusal | None:
@@ -182,22 +212,20 @@ def _get_full(
     runs, every refusal with its own message. Never interactive either."""
     from compozy_client import protocol
     from compozy_client.chain import resolve_profile, static_credential
-    from compozy_client.config import load_config
+    from compozy_client.config import Config, parse_config, read_config_file
     from compozy_client.connection import connect
     from compozy_client.errors import AgentError, CompozyError
-    from compozy_client.rules import match_rule
+    from compozy_client.rulecache import write_cache
 
     try:
-        config = load_config()
+        read = read_config_file(config_path())
+        config = Config() if read is None else parse_config(*read, config_path())
+        if read is not None and config.rules:
+            write_cache(socket_path(), read[0], config.rules)  # the next run skips YAML
         static = static_credential(config)
         if static is not None:
             return Answer(static.api_key, None)
-        if config.rules and (profile is None or audience is None):
-            rule = match_rule(config, host=host, url=url() if url is not None else None,
-                              audience=audience)
-            if rule is not None:
-                profile = profile or rule.profile
-                audience = audience or rule.audience
+        profile, audience = _by_rules(config, profile, audience, host, url)
         request = protocol.Token(id=1, profile=resolve_profile(profile),
                                  audience=audience or None, min_valid=min_valid,
                                  rejected_token=rejected_token or None)

@@ -308,3 +308,29 @@ def test_setup_kube_options_for_new_and_old_kubectl() -> None:
     old = exec_options("compozy", None, None, interactive_mode=False)
     assert old == ["--exec-command=compozy", f"--exec-api-version={V1BETA1}",
                    "--exec-arg=auth", "--exec-arg=kube-token"]
+
+
+def test_registry_rules_are_read_once_then_from_the_rules_cache_without_yaml(
+    agent: FakeAgent, tmp_path: Path
+) -> None:
+    """The first `get` parses the config (YAML) and caches its rules beside the socket;
+    later ones match the registry's host from the cache, importing no YAML or msgspec."""
+    config = tmp_path / "config.yaml"
+    config.write_text("rules:\n  - match: {host: 'registry.example:5000'}\n"
+                      "    profile: ci\n    audience: https://registry.example\n")
+    config.chmod(0o600)
+    seen = []
+    for _ in range(2):
+        result = subprocess.run(
+            [sys.executable, "-X", "importtime", str(BIN / "docker-credential-compozy"), "get"],
+            input="https://registry.example:5000", capture_output=True, text=True, timeout=30,
+            env=env_for(agent, tmp_path, COMPOZY_CONFIG=str(config)))
+        assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+        seen.append({line.split("|")[-1].strip() for line in result.stderr.splitlines()
+                     if line.startswith("import time:")})
+    assert "yaml" in seen[0] and (tmp_path / "rules.cache").exists()
+    assert not {"yaml", "msgspec", "json", "re"} & seen[1]
+    for request in agent.requests:
+        assert (request["profile"], request["audience"]) == ("ci", "https://registry.example")
+    other = docker(agent, tmp_path, "get", "other.example", COMPOZY_CONFIG=str(config))
+    assert other.returncode == 0 and agent.requests[-1]["profile"] == "default"
