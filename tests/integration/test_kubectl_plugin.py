@@ -223,3 +223,22 @@ def test_setup_kube_for_a_cluster_not_in_the_kubeconfig_changes_nothing(
     assert setup.returncode == 2
     assert f"no cluster 'typo' in the kubeconfig (it has: {CLUSTER})" in setup.stderr
     assert Path(kube_env(agent_env)["KUBECONFIG"]).read_text() == before
+
+
+def test_kubectl_with_a_v1beta1_exec_entry_gets_a_v1beta1_credential(
+    agent_env: AgentEnv, agent: AgentProcess, kubectl: str, api: KubeApiStandIn,
+) -> None:
+    """An exec entry written for an older kubectl (v1beta1, no interactiveMode): kubectl
+    asks for v1beta1 and accepts the answer."""
+    login = login_browser(agent_env)
+    assert login.returncode == 0, login.stderr
+    set_up_cluster(agent_env, kubectl, api)
+    rewrite = kube(agent_env, kubectl, "config", "set-credentials", f"compozy-{CLUSTER}",
+                   "--exec-api-version=client.authentication.k8s.io/v1beta1")
+    assert rewrite.returncode == 0, rewrite.stderr
+    plugin = json.loads(kube(agent_env, kubectl, "config", "view", "-o", "json").stdout)[
+        "users"][0]["user"]["exec"]
+    assert plugin["apiVersion"] == "client.authentication.k8s.io/v1beta1"
+    result = kube(agent_env, kubectl, "--context", CLUSTER, "get", "--raw", "/api")
+    assert result.returncode == 0, result.stderr
+    assert api.seen.accepted == 1
