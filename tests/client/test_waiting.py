@@ -138,3 +138,23 @@ def test_end_of_input_stops_the_offer_without_opening(monkeypatch: pytest.Monkey
         wait._thread.join(10)
         assert not wait._thread.is_alive()
         wait.stop()
+
+
+def test_the_line_is_cut_to_the_terminal_width(terminal_env: None) -> None:
+    # A line that wrapped could not be erased as one: on a 30-column terminal it stays
+    # within 29 columns.
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 30, 0, 0))
+    with os.fdopen(terminal, "w", encoding="utf-8") as stream, os.fdopen(controller,
+                                                                          "rb") as screen:
+        wait = WaitDisplay("Waiting for approval in the browser", 872.0, stream=stream,
+                           clock=lambda: 0.0)
+        assert wait.animated
+        wait.show()
+        drawn = screen.read1(4096).decode()
+    assert drawn == ERASE_LINE + "Waiting for approval in the b"

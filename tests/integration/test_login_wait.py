@@ -107,6 +107,26 @@ def test_enter_opens_the_device_page_in_the_browser(agent: AgentProcess, tmp_pat
     assert not launch_page.parent.exists()  # removed when the login ended
 
 
+def test_ctrl_c_while_the_browser_is_offered_cancels_the_login(
+    agent: AgentProcess, tmp_path: Path
+) -> None:
+    browser, marker = stub_browser(tmp_path)
+    env = terminal_env(agent, DISPLAY=":0", BROWSER=str(browser))
+    with Terminal(tmp_path, [*CLI, "login", "--device"], env) as terminal:
+        assert terminal.wait_for("in your browser"), terminal.output + agent.log()
+        assert terminal.wait_for(f"{WAITING}\u2026 "), terminal.output
+        terminal.send_keys("C-c")
+        status = terminal.exit_status(timeout=10)
+        screen = terminal.screen(scrolled_off=True)
+        output = terminal.output
+    assert status == 130, output
+    assert "Login cancelled" in screen and WAITING not in screen, repr(output)
+    assert "error" not in output and "Traceback" not in output, output
+    assert not marker.exists()
+    assert agent.wait_for_log("failed: cancelled", timeout=10), agent.log()
+    assert not list(Path(env["XDG_RUNTIME_DIR"]).glob("compozy-login-*"))  # page removed
+
+
 def test_dumb_terminal_gets_plain_lines_only(agent: AgentProcess, tmp_path: Path) -> None:
     env = terminal_env(agent, TERM="dumb")
     with Terminal(tmp_path, [*CLI, "login", "--device"], env) as terminal:

@@ -110,12 +110,21 @@ class WaitDisplay:
     def redraw(self, now: float) -> None:
         """Draw the line for ``now`` in place (on a terminal; elsewhere nothing)."""
         if self.animated:
-            self._write(ERASE_LINE + self.text(now))
+            self._write(ERASE_LINE + self._fitted(self.text(now)))
+
+    def _fitted(self, text: str) -> str:
+        """``text`` cut to the terminal's width: a line that wrapped could no longer be
+        erased as one."""
+        try:
+            columns = os.get_terminal_size(self.stream.fileno()).columns
+        except (AttributeError, OSError, ValueError):
+            return text
+        return text if len(text) < columns else text[:max(columns - 1, 0)]
 
     def say(self, message: str) -> None:
         """Print ``message`` as a line of its own above the status line."""
         if self.animated:
-            self._write(ERASE_LINE + message + "\n" + self.text(self.clock()))
+            self._write(ERASE_LINE + message + "\n" + self._fitted(self.text(self.clock())))
         else:
             self._write(message + "\n")
 
