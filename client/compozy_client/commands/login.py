@@ -129,8 +129,8 @@ def run(args: argparse.Namespace) -> int:
                                   time.monotonic() + lasts,
                                   prompt=one_line(prompt, MESSAGE_LIMIT) if prompt else None,
                                   open_on_enter=open_on_enter)
-            display.start()
             try:
+                display.start()  # inside: a Ctrl-C while it starts still erases the line
                 session = _wait_for_login(conn, started.login_id, args.timeout)
             finally:
                 display.stop()
