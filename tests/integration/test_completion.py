@@ -95,6 +95,7 @@ def test_bash_completes_commands_and_options(shell_env: dict[str, str], tmp_path
 def test_fish_completes_commands_and_options(shell_env: dict[str, str], tmp_path: Path) -> None:
     assert sorted(fish_complete(shell_env, tmp_path, "compozy auth re")) == AUTH_RE
     assert fish_complete(shell_env, tmp_path, "compozy auth token --min") == ["--min-valid"]
+    assert "completion" in fish_complete(shell_env, tmp_path, "compozy ")
 
 
 def test_zsh_completes_on_tab(shell_env: dict[str, str], tmp_path: Path) -> None:

@@ -85,7 +85,8 @@ _FUNC_complete() {
         COMPREPLY=($answer)
     fi
 }
-complete -o nosort -F _FUNC_complete PROG
+# -o nosort keeps the parser's order (bash 4.4 and later).
+complete -o nosort -F _FUNC_complete PROG 2>/dev/null || complete -F _FUNC_complete PROG
 """
 
 _ZSH = r"""#compdef PROG
