@@ -104,7 +104,7 @@ _FUNC() {
     candidates=("${(@f)answer}")
     (( ${#candidates} )) && [[ -n $answer ]] && _describe -V 'PROG' candidates
 }
-if [[ ${funcstack[1]} == _FUNC ]]; then
+if [[ ${funcstack[1]} == _FUNC || ${funcstack[1]} == _PROG ]]; then  # autoloaded from $fpath
     _FUNC "$@"
 else
     compdef _FUNC PROG

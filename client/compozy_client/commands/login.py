@@ -2,8 +2,10 @@
 
 The agent runs the login (``login_start``, then ``login_wait`` until a person
 completes it); this command opens the browser on a private launch page (never
-the authorization URL in argv), or prints the device code, and prints the
-outcome. ``--with-api-key`` reads a key from stdin and has the agent store it.
+the authorization URL in argv), or prints the device code (at a terminal with a
+display, offering to open the device page on Enter), shows a status line while
+it waits (:mod:`compozy_client.commands.waiting`), and prints the outcome.
+``--with-api-key`` reads a key from stdin and has the agent store it.
 """
 
 from __future__ import annotations
