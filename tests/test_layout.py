@@ -17,7 +17,7 @@ COMMANDS = ROOT / "client" / "compozy_client" / "commands"
 #: The session rooms, lowest first: each may import those before it, never those after.
 AGENT_ROOMS = ["scheduler", "sessions", "tokens", "revocation", "logins", "manager"]
 #: What every command module may share; nothing else in commands/ is imported by another.
-SHARED_COMMAND_MODULES = {"common", "output", "revoking"}
+SHARED_COMMAND_MODULES = {"common", "output", "revoking", "waiting"}
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -53,6 +53,7 @@ LOG_FILE: Final = "agent.log"
 _EPILOG = """commands:
   compozy-agent install-service [--now]   let your login session start the agent (systemd/launchd)
   compozy-agent uninstall-service [--now]
+  compozy-agent completion bash|zsh|fish  print a shell completion script
 
 examples:
   compozy-agent                          # run in the foreground, logging to stderr
@@ -104,12 +105,60 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_COMPLETION_EXAMPLES = """examples:
+  source <(compozy-agent completion bash)      # in ~/.bashrc
+  source <(compozy-agent completion zsh)       # in ~/.zshrc, after compinit
+  compozy-agent completion fish > ~/.config/fish/completions/compozy-agent.fish
+"""
+
+
+def _print_completion_script(argv: list[str]) -> int:
+    """``compozy-agent completion SHELL``: the same machinery as ``compozy completion``."""
+    from compozy_client.commands import completion
+
+    parser = argparse.ArgumentParser(
+        prog="compozy-agent completion",
+        description="Print a shell completion script for compozy-agent.",
+        epilog=_COMPLETION_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("shell", choices=completion.SHELLS, metavar="SHELL",
+                        help="bash, zsh or fish")
+    options = parser.parse_args(argv)
+    sys.stdout.write(completion.script(options.shell, "compozy-agent"))
+    return EXIT_OK
+
+
+def _completion_tree() -> argparse.ArgumentParser:
+    """The command line as completion sees it: the options, and the commands main()
+    dispatches before parsing them."""
+    from compozy_agent import service_install
+    from compozy_client.commands import completion
+
+    parser = build_parser()
+    commands = parser.add_subparsers(metavar="COMMAND")
+    for command, help_text in (("install-service", "let your login session start the agent"),
+                               ("uninstall-service", "remove what install-service installed")):
+        commands.add_parser(command, help=help_text, add_help=False,
+                            parents=[service_install.build_parser(command)])
+    commands.add_parser("completion", help="print a shell completion script").add_argument(
+        "shell", choices=completion.SHELLS)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] in (["install-service"], ["uninstall-service"]):
         from compozy_agent import service_install
 
         return service_install.main(args)
+    if args[:1] == ["completion"]:
+        return _print_completion_script(args[1:])
+    if args[:1] == ["__complete"]:
+        # The completion scripts' helper (compozy_client/commands/completion.py).
+        from compozy_client.commands import completion
+
+        return completion.complete(_completion_tree(), args[1:], completion.dynamic_values)
     options = build_parser().parse_args(args)
     _leave_the_working_directory(options)
     if options.sh or options.csh or options.fish:

@@ -65,6 +65,12 @@ def finish(args: list[str], deadline: float | None) -> NoReturn:
 def run(argv: list[str], deadline: float | None = None) -> int:
     """Run one command; returns the exit code. ``deadline`` (``time.monotonic()``) ends
     the command's budget; by default it is the budget from now."""
+    if argv[:1] == ["__complete"]:
+        # The completion scripts' helper (commands/completion.py): hidden, no config
+        # warnings, no agent started, nothing asked.
+        from compozy_client.commands import completion
+
+        return completion.complete(build_parser(), argv[1:], completion.dynamic_values)
     from compozy_client.commands.common import EXIT_FAILURE, EXIT_USAGE, read_config, start_budget
     from compozy_client.commands.output import error, report
     from compozy_client.errors import CompozyError, UsageError
@@ -95,7 +101,8 @@ EXAMPLES = """examples:
   compozy login                      # sign in with your browser
   compozy auth status                # who am I, and how long is my token good for
   compozy auth token                 # print an access token (for scripts)
-  FLYZT_API_KEY=... compozy deploy   # CI/CD: an API key, no login needed"""
+  FLYZT_API_KEY=... compozy deploy   # CI/CD: an API key, no login needed
+  source <(compozy completion bash)  # Tab completion (also zsh, fish)"""
 AUTH_EXAMPLES = """examples:
   compozy auth status
   compozy auth list --json
@@ -125,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         auth_status,
         auth_token,
         auth_unlock,
+        completion,
         login,
         logout,
     )
@@ -151,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Other tools' plug-in points (README "Use it from other tools").
     for command in (auth_kube_token, auth_setup_kube, auth_setup_docker):
         command.add_parser(auth_sub)
+    completion.add_parser(top)
     return parser
 
 

@@ -101,9 +101,11 @@ class Terminal:
     def send_keys(self, *keys: str) -> None:
         self._tmux("send-keys", "-t", "test", *keys)
 
-    def screen(self) -> str:
-        """What the terminal shows now."""
-        return self._tmux("capture-pane", "-p", "-t", "test")
+    def screen(self, *, scrolled_off: bool = False) -> str:
+        """What the terminal shows now; with ``scrolled_off``, the lines that scrolled
+        off its top as well (tmux's note that the pane is dead can scroll one off)."""
+        history = ["-S", "-"] if scrolled_off else []
+        return self._tmux("capture-pane", "-p", *history, "-t", "test")
 
     def close(self) -> None:
         subprocess.run([self.tmux, "-S", self.socket, "kill-server"], capture_output=True,

@@ -15,12 +15,14 @@
     compozy auth kube-token     auth_kube_token.py (after compozy_client/kubetoken.py)
     compozy auth setup-kube     auth_setup_kube.py
     compozy auth setup-docker   auth_setup_docker.py
+    compozy completion          completion.py (and the hidden compozy __complete)
 
 Each has ``add_parser(subparsers)`` (its options and examples) and
 ``run(args)`` (forward to the agent, print, return the exit code). They share
 ``output.py`` (printing), ``common.py`` (the config file, the agent
-connection, questions on the terminal) and ``revoking.py`` (what logout,
-revoke and revoke-all do when the provider cannot be reached).
+connection, questions on the terminal), ``revoking.py`` (what logout,
+revoke and revoke-all do when the provider cannot be reached) and
+``waiting.py`` (the status line while `compozy login` waits).
 ``compozy_client/cli.py`` builds the parser from them and runs one.
 
 Nothing here is imported by ``compozy auth token``'s fast path, and every

@@ -2,29 +2,35 @@
 
 The agent runs the login (``login_start``, then ``login_wait`` until a person
 completes it); this command opens the browser on a private launch page (never
-the authorization URL in argv), or prints the device code, and prints the
-outcome. ``--with-api-key`` reads a key from stdin and has the agent store it.
+the authorization URL in argv), or prints the device code (at a terminal with a
+display, offering to open the device page on Enter), shows a status line while
+it waits (:mod:`compozy_client.commands.waiting`), and prints the outcome.
+``--with-api-key`` reads a key from stdin and has the agent store it.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 from compozy_client.commands.common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     add_command,
     connect,
+    is_interactive,
     profile_option,
     split_scopes,
 )
-from compozy_client.commands.output import info, warn
+from compozy_client.commands.output import MESSAGE_LIMIT, info, warn
+from compozy_client.commands.waiting import WaitDisplay
 
 # No typing import at run time: see compozy_client/__init__.py.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
+    from collections.abc import Callable
     from typing import Any, Literal
 
     from compozy_client.connection import AgentConnection
@@ -79,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         warn("FLYZT_API_KEY is set: commands will keep using it instead of this login "
              "until you unset it")
     from compozy_client.protocol import LoginStart, LoginStartResult
+    from compozy_client.safetext import one_line
 
     use_device = args.device or (not args.no_browser and not _can_open_browser())
     flow: Literal["browser", "device"] = "device" if use_device else "browser"
@@ -91,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
         scope=split_scopes(args.scope),
     )
     launcher: str | None = None  # the private directory of the page the browser opens
+    prompt: str | None = None  # the device flow's offer to open the browser on Enter
+    open_on_enter: Callable[[], str] | None = None
     login_id: str | None = None
     try:
         with connect() as conn:
@@ -111,7 +120,22 @@ def run(args: argparse.Namespace) -> int:
                      f"enter the code {started.user_code}")
                 if started.verification_uri_complete:
                     info(f"  or open: {started.verification_uri_complete}")
-            session = _wait_for_login(conn, started.login_id, args.timeout)
+                target = started.verification_uri_complete or started.verification_uri
+                if target and _offers_to_open_the_browser():
+                    launcher = _browser_launcher(target)
+                    if launcher is not None:
+                        prompt = f"Press Enter to open {target} in your browser"
+                        open_on_enter = _opener(launcher)
+            lasts = min(args.timeout, started.expires_in or args.timeout)
+            display = WaitDisplay("Waiting for approval in the browser",
+                                  time.monotonic() + lasts,
+                                  prompt=one_line(prompt, MESSAGE_LIMIT) if prompt else None,
+                                  open_on_enter=open_on_enter)
+            try:
+                display.start()  # inside: a Ctrl-C while it starts still erases the line
+                session = _wait_for_login(conn, started.login_id, args.timeout)
+            finally:
+                display.stop()
     except KeyboardInterrupt:
         # The person chose to stop: end the login at the agent now, not after its
         # current answer (up to 25 s), and say nothing that sounds like a failure.
@@ -130,8 +154,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _wait_for_login(conn: AgentConnection, login_id: str, timeout: float) -> SessionInfo:
-    import time
-
     from compozy_client.errors import LoginFailed
     from compozy_client.protocol import Empty, LoginCancel, LoginWait, LoginWaitResult
 
@@ -171,6 +193,22 @@ def _cancel_login(login_id: str) -> None:
             conn.call(LoginCancel(id=0, login_id=login_id), Empty)
     except (CompozyError, OSError, KeyboardInterrupt):
         pass  # a second Ctrl-C, or no agent: the closing connection ends the login
+
+
+def _offers_to_open_the_browser() -> bool:
+    """Whether the device flow offers to open the browser on Enter (as ``gh auth login``
+    does): only for a person at a terminal (stdin a tty, not CI), where a browser can
+    be shown. Nobody is ever asked, let alone waited for, in a script."""
+    return is_interactive() and _can_open_browser()
+
+
+def _opener(launcher: str) -> Callable[[], str]:
+    """What Enter does: open the launcher page; returns the line to print."""
+    def open_it() -> str:
+        if _open_browser(launcher):
+            return "Opened your browser"
+        return "Could not open a browser; open the address above yourself"
+    return open_it
 
 
 def _can_open_browser() -> bool:
