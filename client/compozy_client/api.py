@@ -9,6 +9,11 @@ file another uid owns or others can write
 provably our own agent's (:class:`~compozy_client.errors.UnsafeAgentSocket`,
 raised before anything is sent).
 
+``url`` (the request the token is for) and ``audience`` pick a profile and an
+audience from the config file's ``rules:`` (:mod:`compozy_client.rules`); an
+explicit ``profile`` or ``audience`` wins over the rule's, and the rule over
+``$COMPOZY_PROFILE``.
+
 ``timeout`` is one budget for the whole call (connecting, starting an agent,
 the answer); the agent is told how long is left, so it answers before then
 with what it knows, and a request is never sent twice.
@@ -20,7 +25,7 @@ import time
 
 from compozy_client import protocol
 from compozy_client.chain import resolve_profile, static_credential
-from compozy_client.config import load_config
+from compozy_client.config import Config, load_config
 from compozy_client.connection import DEFAULT_TIMEOUT, connect
 from compozy_client.errors import (
     AgentTimedOut,
@@ -30,6 +35,22 @@ from compozy_client.errors import (
 )
 from compozy_client.paths import socket_path
 from compozy_client.peercheck import peer_problem, socket_path_problem
+from compozy_client.rules import match_rule
+
+
+def _by_rules(
+    config: Config, profile: str | None, audience: str | None, url: str | None
+) -> tuple[str | None, str | None]:
+    """``profile`` and ``audience``, each filled from the first matching rule when not given.
+
+    A rule for another profile than the one named explicitly does not apply at all (its
+    audience is that profile's business)."""
+    if (profile is not None and audience is not None) or (url is None and audience is None):
+        return profile, audience
+    rule = match_rule(config, url=url, audience=audience)
+    if rule is None or (profile is not None and rule.profile not in (None, profile)):
+        return profile, audience
+    return profile or rule.profile, audience or rule.audience
 
 
 def _request(
@@ -60,6 +81,7 @@ def get_token(
     force_new: bool = False,
     rejected_token: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    url: str | None = None,
 ) -> str:
     """Return an access token (or API key) for ``profile``.
 
@@ -67,14 +89,17 @@ def get_token(
     stays valid that many seconds; pass the token a server refused with 401 as
     ``rejected_token`` (or ``force_new=True``) to get a new one (at most one
     forced every 5 s: a second rejection sooner raises RefreshFailed). ``timeout``
-    bounds the whole call.
+    bounds the whole call. ``url``, the request the token is for, and ``audience``
+    choose the profile (and audience) by the config file's ``rules:``.
     Raises :class:`~compozy_client.errors.NotLoggedIn` when the profile needs
     ``compozy login``, and other :class:`~compozy_client.errors.CompozyError`\\ s.
     """
     deadline = time.monotonic() + timeout
-    static = static_credential(load_config())
+    config = load_config()
+    static = static_credential(config)
     if static is not None:
         return static.api_key
+    profile, audience = _by_rules(config, profile, audience, url)
     request = _request(profile, scope, audience, min_valid, force_new, rejected_token)
     with connect(timeout=timeout, deadline=deadline) as conn:
         request.timeout = max(0.0, deadline - time.monotonic())
@@ -90,15 +115,18 @@ async def async_get_token(
     force_new: bool = False,
     rejected_token: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    url: str | None = None,
 ) -> str:
     """The asyncio version of :func:`get_token`; starts no agent (use the CLI or service)."""
     import asyncio
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    static = static_credential(load_config())
+    config = load_config()
+    static = static_credential(config)
     if static is not None:
         return static.api_key
+    profile, audience = _by_rules(config, profile, audience, url)
     request = _request(profile, scope, audience, min_valid, force_new, rejected_token)
     path = socket_path()
     problem = socket_path_problem(path)

@@ -109,6 +109,7 @@ AUTH_EXAMPLES = """examples:
   compozy auth token --scope compozy:read
   compozy auth revoke 3f9a1c2e
   compozy auth log                   # who got tokens lately
+  compozy auth setup-git --host git.example.com   # git gets its tokens from compozy
   compozy auth lock                  # hand out nothing until `compozy auth unlock`"""
 
 
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         auth_refresh,
         auth_revoke,
         auth_revoke_all,
+        auth_setup_git,
         auth_status,
         auth_token,
         auth_unlock,
@@ -149,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     auth_sub = auth.add_subparsers(title="commands", metavar="COMMAND")
     auth.set_defaults(handler=lambda _o: _usage(auth))
     for command in (auth_status, auth_list, auth_refresh, auth_revoke, auth_revoke_all,
-                    auth_lock, auth_unlock, auth_log, auth_token):
+                    auth_lock, auth_unlock, auth_log, auth_token, auth_setup_git):
         command.add_parser(auth_sub)
     completion.add_parser(top)
     return parser

@@ -11,6 +11,9 @@ Shape (every key optional)::
         client_id: compozy-cli
         scopes: [openid, profile, email, offline_access]
         resources: [https://api.compozy.dev]
+    rules:                    # which profile a host, URL or API uses (compozy_client.rules)
+      - match: {host: git.example.com}
+        profile: work
 
 Unknown keys are errors, so typos surface. A file owned by another uid or
 writable by others is refused, never used (it could set the issuer or the
@@ -57,10 +60,32 @@ class ProfileConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     resources: list[str] | None = None
 
 
+class RuleMatchConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """What a rule matches: exactly one of host (optionally with path), url_prefix, audience."""
+
+    host: str | None = None
+    path: str | None = None
+    url_prefix: str | None = None
+    audience: str | None = None
+
+
+class RuleConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """One entry of ``rules:`` (:mod:`compozy_client.rules` says how they match)."""
+
+    match: RuleMatchConfig
+    profile: str | None = None
+    audience: str | None = None
+    #: The host accepts ``Authorization: Bearer`` (git's ``authtype`` capability).
+    bearer: bool = False
+    #: The user name git sends with the token (hosts differ: ``oauth2``, ``x-access-token``).
+    username: str | None = None
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     auth: AuthSection = msgspec.field(default_factory=AuthSection)
     storage: Literal["auto", "keyring", "file", "memory"] = "auto"
     profiles: dict[str, ProfileConfig] = msgspec.field(default_factory=dict)
+    rules: list[RuleConfig] = msgspec.field(default_factory=list)
     #: Where the config was read from, and whether others can read it.
     path: str | None = None
     readable_by_others: bool = False
@@ -75,6 +100,15 @@ def load_config(path: str | None = None) -> Config:
     (:func:`~compozy_client.paths.config_file_problem`).
     """
     path = path or config_path()
+    read = read_config_file(path)
+    if read is None:
+        return Config()
+    return parse_config(*read, path)
+
+
+def read_config_file(path: str) -> tuple[bytes, os.stat_result] | None:
+    """The config file's bytes and ``fstat``, or None when there is none; the checks and
+    errors of :func:`load_config`."""
     try:
         with open(open_config_file(path), "rb") as file:
             info = os.fstat(file.fileno())  # the file read, not whatever the path names later
@@ -82,12 +116,20 @@ def load_config(path: str | None = None) -> Config:
             if problem is not None:
                 raise UnsafeConfigFile(problem)
             raw = file.read(MAX_CONFIG_BYTES + 1)
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise ConfigError(f"config file {path} is larger than 1 MiB; is it the right file?")
-        text = raw.decode("utf-8")
     except FileNotFoundError:
-        return Config()
-    except (OSError, UnicodeDecodeError) as exc:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.__class__.__name__}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than 1 MiB; is it the right file?")
+    return raw, info
+
+
+def parse_config(raw: bytes, info: os.stat_result, path: str) -> Config:
+    """The config in ``raw``, the bytes :func:`read_config_file` read from ``path``."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.__class__.__name__}") from None
     import yaml  # only when a config file exists
 
@@ -104,13 +146,20 @@ def load_config(path: str | None = None) -> Config:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must be a mapping (auth:, profiles:, storage:)")
+        raise ConfigError(
+            f"config file {path} must be a mapping (auth:, profiles:, rules:, storage:)")
     if "path" in data or "readable_by_others" in data:
         raise ConfigError(f"config file {path}: unknown key")
     try:
         config = msgspec.convert(data, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
+    from compozy_client.rules import rule_problem
+
+    for index, rule in enumerate(config.rules):
+        problem = rule_problem(rule)
+        if problem is not None:
+            raise ConfigError(f"config file {path}: rules[{index}]: {problem}")
     config.path = path
     config.readable_by_others = bool(info.st_mode & (stat.S_IRGRP | stat.S_IROTH))
     return config

@@ -51,6 +51,11 @@ class _TimedOut(Exception):
     """The agent took the request and did not answer within the budget."""
 
 
+#: For the other light paths (compozy_client.gitcredential).
+TimedOut = _TimedOut
+TOKEN_PREFIX = _TOKEN_PREFIX
+
+
 def budget() -> float:
     """The time budget in seconds, as compozy_client.connection.budget() computes it."""
     try:
@@ -176,6 +181,24 @@ def _ask_agent(request: dict[str, object], deadline: float) -> str | tuple[str, 
 
     Raises _TimedOut when the request was sent and no answer came by ``deadline``.
     """
+    response = exchange(request, deadline)
+    if response is None:
+        return None
+    if response.startswith(_TOKEN_PREFIX):
+        token, quote, _ = response[len(_TOKEN_PREFIX):].partition(b'"')
+        if quote and b"\\" not in token and token:
+            return token.decode()
+    return _token_from_json(response)
+
+
+def exchange(request: dict[str, object], deadline: float) -> bytes | None:
+    """Send one ``token`` request (a dict of plain strings, string lists and floats) to
+    the agent and return its response line; None when nothing was sent or no
+    answer came that the full CLI could not read better (it then redoes the work).
+
+    The socket checks of :mod:`compozy_client.peercheck` run first. Raises
+    _TimedOut when the request was sent and no answer came by ``deadline``.
+    """
     left = deadline - time.monotonic()
     if left <= 0:
         return None
@@ -215,12 +238,7 @@ def _ask_agent(request: dict[str, object], deadline: float) -> str | tuple[str, 
         return None
     finally:
         sock.close()
-    response = buffer.partition(b"\n")[0]
-    if response.startswith(_TOKEN_PREFIX):
-        token, quote, _ = response[len(_TOKEN_PREFIX):].partition(b'"')
-        if quote and b"\\" not in token and token:
-            return token.decode()
-    return _token_from_json(response)
+    return buffer.partition(b"\n")[0]
 
 
 def _token_from_json(response: bytes) -> str | tuple[str, str] | None:

@@ -616,7 +616,7 @@ def test_broken_config_is_a_clear_handled_error(agent_env: AgentEnv) -> None:
     "command",
     [[], ["login"], ["logout"], ["auth"], ["auth", "status"], ["auth", "list"],
      ["auth", "refresh"], ["auth", "revoke"], ["auth", "revoke-all"], ["auth", "token"],
-     ["auth", "lock"], ["auth", "unlock"], ["auth", "log"]],
+     ["auth", "lock"], ["auth", "unlock"], ["auth", "log"], ["auth", "setup-git"]],
 )
 def test_every_command_has_help_with_examples(agent_env: AgentEnv, command: list[str]) -> None:
     result = run_cli(agent_env, *command, "--help")

@@ -27,6 +27,10 @@ from support.wire import ask
 NOBODY = 65534
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = ROOT / "client" / "bin" / "compozy"
+GIT_HELPER = ROOT / "client" / "bin" / "git-credential-compozy"
+#: Client paths that try a light path before the library, so connect twice to a peer
+#: they then refuse: `compozy auth token` and git's `get`.
+LIGHT_PATHS = 2
 AGENT_SCRIPT = Path(sys.executable).parent / "compozy-agent"
 
 # --------------------------------------------------------------------------
@@ -269,6 +273,12 @@ def every_client_path(agent_env: AgentEnv, **env: str) -> dict[str, tuple[int, s
         cli = subprocess.run([sys.executable, str(LAUNCHER), *args], input=stdin,
                              capture_output=True, text=True, env=agent_env.env(**env), timeout=60)
         results[name] = (cli.returncode, cli.stdout + cli.stderr)
+    # git's credential helper, as git runs it: it tells git to stop, with the reason.
+    helper = subprocess.run([sys.executable, str(GIT_HELPER), "get"],
+                            input="protocol=https\nhost=git.example.com\n\n",
+                            capture_output=True, text=True, env=agent_env.env(**env), timeout=60)
+    assert helper.stdout in ("", "quit=1\n"), "the helper answered git with credentials"
+    results["git-credential-compozy get"] = (helper.returncode, helper.stdout + helper.stderr)
     for name in ("get_token", "async"):
         call = subprocess.run([sys.executable, "-c", _LIBRARY_CALL, name], capture_output=True,
                               text=True, env=agent_env.env(**env), timeout=60)
@@ -326,7 +336,8 @@ def test_another_users_listener_in_our_private_directory_gets_nothing(
             assert f"{ours} belongs to uid {NOBODY}" in output, name
         else:
             assert f"served by a process of uid {NOBODY}" in output, name
-    assert connections == (0 if socket_owner == "theirs" else len(results) + 1)  # +1: fast path
+    # A light path connects, refuses the peer, and the library connects and refuses again.
+    assert connections == (0 if socket_owner == "theirs" else len(results) + LIGHT_PATHS)
     assert ours.exists() and not (agent_env.state_dir / "agent.log").exists()
 
 

@@ -11,6 +11,7 @@
     compozy auth unlock         auth_unlock.py
     compozy auth log            auth_log.py
     compozy auth token          auth_token.py (after compozy_client/fasttoken.py)
+    compozy auth setup-git      auth_setup_git.py (the helper: compozy_client/gitcredential.py)
     compozy completion          completion.py (and the hidden compozy __complete)
 
 Each has ``add_parser(subparsers)`` (its options and examples) and
