@@ -68,7 +68,7 @@ def test_every_command_is_the_module_named_after_it() -> None:
     """`compozy auth revoke-all` is commands/auth_revoke_all.py: its parser, its run."""
     found = commands_of(cli.build_parser())
     # Every module of commands/ but the shared ones is a command, and the other way round.
-    shared = {"__init__", "common", "output", "revoking", "waiting"}
+    shared = {"__init__", *SHARED_COMMAND_MODULES}
     modules = {path.stem for path in (Path(cli.__file__).parent / "commands").glob("*.py")}
     assert "login" in found and "auth revoke-all" in found, found
     assert {c.replace(" ", "_").replace("-", "_") for c in found} == modules - shared, found

@@ -25,7 +25,8 @@ import resource
 import signal
 import sys
 import time
-from typing import Final
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
 
 import anyio
 
@@ -41,6 +42,9 @@ from compozy_agent.server import (
 )
 from compozy_client import __version__
 from compozy_client.paths import absolute_path_variables, default_socket_path, socket_path
+
+if TYPE_CHECKING:
+    from compozy_agent.store import SessionStore, StorageChoice, StoreError
 
 log = logging.getLogger("compozy_agent")
 
@@ -276,15 +280,6 @@ async def _serve(options: argparse.Namespace, bound: list[BoundSocket], path: st
     from compozy_agent.agent_lock import LOCK_FILE, AgentLock, describe_locked_at
     from compozy_agent.audit import AuditLog
     from compozy_agent.clock import SystemClock
-    from compozy_agent.http import ProviderClient
-    from compozy_agent.manager import SessionManager
-    from compozy_agent.store import (
-        SecretStoreUnavailable,
-        SessionStore,
-        StorageChoice,
-        UnavailableSecrets,
-        open_store,
-    )
     from compozy_client.config import load_config
     from compozy_client.errors import ConfigError
 
@@ -293,15 +288,23 @@ async def _serve(options: argparse.Namespace, bound: list[BoundSocket], path: st
         storage = load_config().storage
     except ConfigError as exc:
         log.error("%s; using automatic storage", exc)
-    try:
-        store = await open_store(storage, state_dir())
-    except SecretStoreUnavailable as exc:
-        # Keep serving: status shows why, logins work (their refresh tokens stay in
-        # memory, the writes are retried), and the stored sessions are left untouched.
-        log.error("%s", exc)
-        store = SessionStore(state_dir(), UnavailableSecrets(str(exc)), str(exc))
+    # A cold start (docs/performance.md): the keyring's import runs in its own
+    # thread, then its probe waits on D-Bus while this thread imports the HTTP
+    # stack and a worker loads the CA bundle (OpenSSL releases the GIL there).
+    # Imports hold the GIL, so the two imports are not run side by side.
+    keyring_loaded = anyio.Event()
+    opened: list[SessionStore | StoreError] = []
+    async with anyio.create_task_group() as opening:
+        opening.start_soon(_open_session_store, storage, keyring_loaded.set, opened)
+        await keyring_loaded.wait()
+        from compozy_agent.http import ProviderClient
+        from compozy_agent.manager import SessionManager
+
+        provider = await anyio.to_thread.run_sync(ProviderClient, time.time)
+    store = opened[0]
+    if isinstance(store, BaseException):
+        raise store  # a StoreError: main() says why, as for any unusable state directory
     log.info("secrets: %s (%s)", store.info.backend, store.info.detail)
-    provider = ProviderClient(now=time.time)
     backend = SessionManager(store, provider)
     forwarded = frozenset(options.forward_profile) if options.forward_profile else None
     clock = SystemClock()
@@ -331,6 +334,31 @@ async def _serve(options: argparse.Namespace, bound: list[BoundSocket], path: st
         audit.close()
         with anyio.CancelScope(shield=True):
             await provider.aclose()
+
+
+async def _open_session_store(storage: StorageChoice, loaded: Callable[[], object],
+                              opened: list[SessionStore | StoreError]) -> None:
+    """Append the store to ``opened``, or the StoreError that left none (raised by the
+    caller, outside the task group, which would wrap it)."""
+    from compozy_agent.store import (
+        SecretStoreUnavailable,
+        SessionStore,
+        StoreError,
+        UnavailableSecrets,
+        open_store,
+    )
+
+    try:
+        store = await open_store(storage, state_dir(), loaded=loaded)
+    except SecretStoreUnavailable as exc:
+        # Keep serving: status shows why, logins work (their refresh tokens stay in
+        # memory, the writes are retried), and the stored sessions are left untouched.
+        log.error("%s", exc)
+        store = SessionStore(state_dir(), UnavailableSecrets(str(exc)), str(exc))
+    except StoreError as exc:
+        opened.append(exc)
+        return
+    opened.append(store)
 
 
 async def _stop_on_signal(scope: anyio.CancelScope) -> None:

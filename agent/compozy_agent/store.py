@@ -53,6 +53,7 @@ import secrets
 import stat
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, Final, Generic, Literal, Protocol, TypeVar
 
@@ -854,7 +855,11 @@ def _probe_keyring() -> KeyringSecrets:
     Blocking, and may hang on a locked Secret Service: run under a deadline.
     Raises :class:`SecretStoreUnavailable` with a plain reason.
     """
-    candidate = KeyringSecrets(_load_keyring())
+    return _probe(KeyringSecrets(_load_keyring()))
+
+
+def _probe(candidate: KeyringSecrets) -> KeyringSecrets:
+    """``candidate``, once it has stored, returned and deleted a probe entry (blocking)."""
     expected = secrets.token_hex(16)
     try:
         candidate.put(PROBE_USER, expected)
@@ -875,6 +880,7 @@ async def open_store(
     *,
     probe_timeout: float = PROBE_TIMEOUT,
     call_timeout: float = CALL_TIMEOUT,
+    loaded: Callable[[], object] | None = None,
 ) -> SessionStore:
     """The store ``choice`` asks for (see :data:`StorageChoice`).
 
@@ -883,7 +889,26 @@ async def open_store(
     back to memory and says why in ``info.detail``, ``keyring`` raises
     :class:`SecretStoreUnavailable`. Raises :class:`StoreError` for an unusable
     state directory.
+
+    ``loaded`` is called (in the event loop, possibly more than once) once the
+    keyring package is imported and its backend chosen, or was not needed, or
+    failed to load: from then on the probe
+    mostly waits on D-Bus, so the agent's start imports the rest meanwhile.
     """
+    try:
+        return await _open_store(choice, state_dir, probe_timeout, call_timeout, loaded)
+    finally:
+        if loaded is not None:
+            loaded()  # also when there was nothing to load, or loading failed
+
+
+async def _open_store(
+    choice: StorageChoice,
+    state_dir: str,
+    probe_timeout: float,
+    call_timeout: float,
+    loaded: Callable[[], object] | None,
+) -> SessionStore:
     prepare_state_dir(state_dir)
     if choice == "memory":
         return SessionStore(state_dir, MemorySecrets(), "storage: memory in the config",
@@ -894,8 +919,13 @@ async def open_store(
                             f"plaintext file {path} (storage: file in the config)",
                             call_timeout=call_timeout)
     calls = _CallThread("compozy-agent keyring")
+    started = time.monotonic()
     try:
-        keyring_secrets = await calls.run(_probe_keyring, probe_timeout)
+        candidate = KeyringSecrets(await calls.run(_load_keyring, probe_timeout))
+        if loaded is not None:
+            loaded()
+        left = max(0.0, probe_timeout - (time.monotonic() - started))
+        keyring_secrets = await calls.run(lambda: _probe(candidate), left)
     except _Deadline:
         reason = f"the keyring did not answer within {probe_timeout:g} s (locked or hung?)"
     except SecretStoreUnavailable as exc:

@@ -17,21 +17,29 @@ from __future__ import annotations
 import itertools
 import os
 import socket
-import subprocess
-import sys
 import time
-from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
 from compozy_client import peercheck, protocol
+from compozy_client.autostart import (  # noqa: F401  (re-exported: the old home of these)
+    AGENT_ENV_NAMES,
+    AGENT_ENV_PREFIXES,
+    AUTOSTART_ENV,
+    AUTOSTART_TIMEOUT,
+    SEARCH_PATH_VARIABLES,
+    agent_environment,
+    autostart_allowed,
+    start_agent,
+    start_once,
+)
 from compozy_client.errors import (
     AgentTimedOut,
     AgentUnavailable,
     UnsafeAgentSocket,
     error_from_wire,
 )
-from compozy_client.paths import absolute_path_variables, socket_path
+from compozy_client.paths import socket_path
 
 _T = TypeVar("_T")
 
@@ -40,10 +48,6 @@ _T = TypeVar("_T")
 DEFAULT_TIMEOUT: Final = 30.0
 #: Overrides DEFAULT_TIMEOUT for the CLI (a number of seconds).
 TIMEOUT_ENV: Final = "COMPOZY_TIMEOUT"
-#: How long the CLI waits for an agent it started to answer.
-AUTOSTART_TIMEOUT: Final = 10.0
-#: Set to "0" to keep the CLI from starting an agent by itself.
-AUTOSTART_ENV: Final = "COMPOZY_AGENT_AUTOSTART"
 
 
 def budget() -> float:
@@ -186,10 +190,6 @@ class AgentConnection:
                 return b"".join(chunks)
 
 
-def autostart_allowed() -> bool:
-    return os.environ.get(AUTOSTART_ENV, "1").strip().lower() not in ("0", "false", "no")
-
-
 def connect(
     path: str | None = None, timeout: float = DEFAULT_TIMEOUT, *, autostart: bool = True,
     deadline: float | None = None,
@@ -211,8 +211,7 @@ def connect(
     except AgentUnavailable:
         if not (autostart and autostart_allowed()):
             raise
-    start_agent(path)
-    spawned_at = time.monotonic()
+    spawned_at = start_once(path)
     started_by = spawned_at + AUTOSTART_TIMEOUT
     if deadline is not None:
         started_by = min(started_by, deadline)
@@ -231,79 +230,3 @@ def connect(
             # A failed connect costs microseconds; a coarse poll would add up to its
             # interval to every cold start (bench/cold_start.py).
             delay = min(delay * 2, 0.02)
-
-
-def start_agent(path: str) -> None:
-    """Spawn a detached agent serving ``path``; its log goes to the agent's log file.
-
-    The agent holds every refresh token, so it starts isolated from its caller:
-
-    * ``-P``: the caller's working directory is not put on ``sys.path`` (by
-      default ``python -m`` puts it first, so an ``anyio.py`` in a cloned
-      repository would run inside the agent). Not ``-I``: that also implies
-      ``-s``, which drops the user site-packages where ``pip install --user``
-      puts the agent, and ``-E``, which drops the ``PYTHONPATH`` an install
-      may rely on; the environment is curated here instead.
-    * ``cwd="/"``, so no relative path resolves into the caller's directory
-      (the agent also moves to ``/`` by itself).
-    * an environment built from :func:`agent_environment`'s allowlist, so the
-      agent never holds ``FLYZT_API_KEY``, cloud credentials or anything else
-      the first caller happened to have.
-    """
-    subprocess.Popen(
-        [sys.executable, "-P", "-m", "compozy_agent", "--autostarted"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd="/",
-        env=agent_environment(os.environ, os.path.abspath(path)),
-        start_new_session=True,
-        close_fds=True,
-    )
-
-
-#: Variables an autostarted agent keeps, by exact name. docs/security.md lists
-#: them with the reason for each; everything else is left behind.
-AGENT_ENV_NAMES: Final = frozenset({
-    # who and where the user is (platformdirs, the config path, getpass)
-    "HOME", "USER", "LOGNAME", "PATH", "TMPDIR",
-    # the keyring: the D-Bus session bus (Secret Service, KWallet), the backend
-    # chosen by hand, macOS's keychain file
-    "DBUS_SESSION_BUS_ADDRESS", "PYTHON_KEYRING_BACKEND", "KEYCHAIN_PATH",
-    # locale and time zone of log lines and messages
-    "LANG", "LANGUAGE", "TZ",
-    # the provider's HTTPS: proxies (httpx reads both cases) and CA bundles
-    "http_proxy", "https_proxy", "all_proxy", "no_proxy",
-    "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY",
-    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE",
-    # how the caller's interpreter found this installation and its shared
-    # libraries (the search paths: absolute entries only, see agent_environment)
-    "PYTHONPATH", "PYTHONHOME", "PYTHONUSERBASE", "PYTHONNOUSERSITE", "LD_LIBRARY_PATH",
-})
-#: Search paths among them, where an empty or relative entry means the working directory.
-SEARCH_PATH_VARIABLES: Final = ("PYTHONPATH", "LD_LIBRARY_PATH")
-#: Variables an autostarted agent keeps, by prefix: the agent's own settings,
-#: the XDG base and runtime directories, locale categories, keyring properties.
-AGENT_ENV_PREFIXES: Final = ("COMPOZY_", "XDG_", "LC_", "KEYRING_PROPERTY_")
-
-
-def agent_environment(environ: Mapping[str, str], socket: str) -> dict[str, str]:
-    """The environment of an agent started for a caller whose environment is ``environ``.
-
-    Only allowlisted variables pass. Paths the caller gave relative to its
-    working directory are made absolute, so the agent (working in ``/``) uses
-    the same files; search paths (``PYTHONPATH``, ``LD_LIBRARY_PATH``) keep
-    only absolute entries, since a relative or empty one means "the working
-    directory".
-    """
-    env = {
-        name: value for name, value in environ.items()
-        if name in AGENT_ENV_NAMES or name.startswith(AGENT_ENV_PREFIXES)
-    }
-    for name in SEARCH_PATH_VARIABLES:
-        entries = [entry for entry in env.pop(name, "").split(os.pathsep) if os.path.isabs(entry)]
-        if entries:
-            env[name] = os.pathsep.join(entries)
-    absolute_path_variables(env)
-    env["COMPOZY_AGENT_SOCK"] = socket
-    return env

@@ -199,23 +199,26 @@ def exchange(request: dict[str, object], deadline: float) -> bytes | None:
     The socket checks of :mod:`compozy_client.peercheck` run first. Raises
     _TimedOut when the request was sent and no answer came by ``deadline``.
     """
-    left = deadline - time.monotonic()
-    if left <= 0:
-        return None
-    # The agent answers this long before the caller gives up (its own ANSWER_MARGIN).
-    request["timeout"] = float(left)
-    line = _encode(request)
-    if line is None:
+    if deadline <= time.monotonic() or _encode(request) is None:
         return None
     path = socket_path()
     if socket_path_problem(path) is not None:
         return None
     sent_at = None
-    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    sock = _connect(path, deadline)
+    if sock is None:
+        return None
     try:
-        sock.settimeout(min(left, 5.0))
-        sock.connect(path)
-        if peer_problem(sock, path) is not None:
+        # Again: the directory may have been created while an agent was starting.
+        if socket_path_problem(path) is not None or peer_problem(sock, path) is not None:
+            return None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        # The agent answers this long before the caller gives up (its own ANSWER_MARGIN).
+        request["timeout"] = float(left)
+        line = _encode(request)
+        if line is None:
             return None
         sock.settimeout(max(0.001, deadline - time.monotonic()))
         sent_at = time.monotonic()
@@ -239,6 +242,42 @@ def exchange(request: dict[str, object], deadline: float) -> bytes | None:
     finally:
         sock.close()
     return buffer.partition(b"\n")[0]
+
+
+def _connect(path: str, deadline: float) -> _socket.socket | None:
+    """A socket connected to ``path``; None when nothing answers there in time.
+
+    When no agent listens and autostart is allowed, start one here rather than
+    leave it to the full CLI: loading the full CLI first would only delay the
+    start. The full CLI, if it must take over, waits for this agent instead of
+    starting another (:func:`compozy_client.autostart.start_once`).
+    """
+    started_by = None
+    delay = 0.005
+    while True:
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        try:
+            sock.settimeout(max(0.001, min(deadline - time.monotonic(), 5.0)))
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+        except OSError:
+            sock.close()
+            return None
+        if started_by is None:
+            from compozy_client import autostart
+
+            if not autostart.autostart_allowed():
+                return None
+            started_by = min(autostart.start_once(path) + autostart.AUTOSTART_TIMEOUT,
+                             deadline)
+        if time.monotonic() >= started_by:
+            return None  # the full CLI waits out what is left and says what went wrong
+        time.sleep(delay)
+        # A failed connect costs microseconds; a coarse poll would add up to its
+        # interval to every cold start (bench/cold_start.py).
+        delay = min(delay * 2, 0.02)
 
 
 def _token_from_json(response: bytes) -> str | tuple[str, str] | None:

@@ -124,7 +124,10 @@ def _read_description() -> tuple[dict[str, str], set[str], list[str]]:
     values, the ``capability[]`` values and the ``wwwauth[]`` values."""
     data = b""
     while b"\n\n" not in data and len(data) <= _MAX_INPUT:
-        chunk = os.read(0, 65536)
+        try:
+            chunk = os.read(0, 65536)
+        except OSError:  # no stdin at all: an empty description
+            break
         if not chunk:
             break
         data += chunk

@@ -327,3 +327,12 @@ def test_a_planted_cache_is_used_only_when_it_is_ours_and_matches(rig: Rig) -> N
     _plant_cache(rig, 0o600)
     rig.run("get", stdin=GET)
     assert rig.seen[-1]["profile"] == "attacker"
+
+
+def test_rules_the_cache_format_cannot_hold_are_read_from_the_config_each_time(rig: Rig) -> None:
+    rig.write_config(RULES.replace("profile: work", 'profile: "wo\\trk"'))
+    for _ in range(2):
+        result = rig.run("get", stdin=GET)
+        assert result.returncode == 0, result.stderr
+    assert not (rig.home / "rules.cache").exists()
+    assert [r["profile"] for r in rig.seen] == ["wo\trk", "wo\trk"]

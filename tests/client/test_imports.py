@@ -41,6 +41,7 @@ def test_token_fast_path_loads_no_argparse_msgspec_or_yaml(tmp_path: object) -> 
     code = (
         "import os\n"
         "os.environ['COMPOZY_AGENT_SOCK'] = '/nonexistent/agent.sock'\n"
+        "os.environ['COMPOZY_AGENT_AUTOSTART'] = '0'\n"
         "from compozy_client import fasttoken\n"
         "assert fasttoken.run(['--profile', 'dev']) is None\n"
     )

@@ -557,6 +557,26 @@ def test_cli_starts_the_agent_on_demand(agent_env: AgentEnv) -> None:
     assert stat.S_IMODE(log_file.stat().st_mode) == 0o600
 
 
+def test_a_cold_auth_token_starts_the_agent_without_loading_the_full_cli(
+    agent_env: AgentEnv,
+) -> None:
+    """Cold start (issue 15, item 5): the token fast path starts the agent itself, rather
+    than first loading the full CLI (argparse, msgspec, every command) to do it."""
+    from support.agent import prepare_dirs
+
+    prepare_dirs(agent_env)
+    launcher = Path(__file__).resolve().parents[2] / "client" / "bin" / "compozy"
+    result = subprocess.run([sys.executable, "-X", "importtime", str(launcher), "auth", "token"],
+                            env=agent_env.env(), capture_output=True, text=True, timeout=60)
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    # No session yet: the agent's own answer, given through the fast path.
+    assert result.returncode == 1 and "compozy login" in result.stderr, result.stderr[-2000:]
+    assert "compozy_client.autostart" in imported
+    assert {"compozy_client.cli", "compozy_client.connection", "msgspec"} & imported == set()
+    assert len(agent_pids(agent_env)) == 1
+
+
 def test_concurrent_clis_start_exactly_one_agent(agent_env: AgentEnv) -> None:
     from support.agent import prepare_dirs
 

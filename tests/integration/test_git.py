@@ -56,9 +56,14 @@ class GitRig:
 
 
 def configure_with_rule(agent_env: AgentEnv, provider: OidcTestProvider, host: str) -> None:
+    """The repository's path picks the profile: git must send it (credential.useHttpPath,
+    which setup-git sets because a rule names a path); the host alone would pick a
+    profile that is never logged in."""
     configure(agent_env, provider, "work", storage="memory")
     with agent_env.config.open("a") as config:
-        config.write(f"rules:\n  - match: {{host: \"{host}\"}}\n    profile: work\n")
+        config.write(f"rules:\n"
+                     f"  - match: {{host: \"{host}\", path: repo}}\n    profile: work\n"
+                     f"  - match: {{host: \"{host}\"}}\n    profile: elsewhere\n")
 
 
 @pytest.fixture
@@ -83,6 +88,8 @@ def setup_git(rig: GitRig) -> None:
     assert f"git now asks compozy for {rig.server.url}" in setup.stderr
     helpers = rig.git("config", "--global", "--get-all", f"credential.{rig.server.url}.helper")
     assert helpers.stdout == "\ncompozy\n"  # an empty helper first, as gh auth setup-git
+    http_path = rig.git("config", "--global", f"credential.{rig.server.url}.useHttpPath")
+    assert http_path.stdout == "true\n"
 
 
 def test_clone_push_and_a_refused_token_renewed_through_erase(rig: GitRig) -> None:
