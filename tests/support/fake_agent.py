@@ -28,8 +28,15 @@ def answering_socket(path: str, answer: Callable[[dict[str, Any]], bytes]) -> It
                 for line in conn.makefile("rb"):
                     conn.sendall(answer(json.loads(line)))
 
-    threading.Thread(target=serve, daemon=True).start()
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
     try:
         yield path
     finally:
+        # Wake the thread out of accept() and let it end before the descriptor is
+        # closed: closed first, its number could be reused by the next test's socket
+        # (a git server's, say) while the thread still calls accept() on it.
+        with contextlib.suppress(OSError):
+            server.shutdown(socket.SHUT_RDWR)
+        thread.join(10)
         server.close()
