@@ -4,7 +4,8 @@
 :class:`TokenSource` into their library's auth hook. The rule they both follow
 (the same as azure-core's ``BearerTokenCredentialPolicy``):
 
-1. Every request asks the agent for the profile's token (the agent caches it
+1. A token goes over https, or plain http to this machine (:func:`check_transport`).
+   Every request asks the agent for the profile's token (the agent caches it
    and refreshes it ahead of expiry; asking costs one round trip on a Unix
    socket), and carries it in the headers :func:`authorization_headers` builds:
    the only place an ``Authorization`` header is made.
@@ -23,11 +24,13 @@ This module imports neither httpx nor requests.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from compozy_client.api import async_get_token, get_token
 from compozy_client.connection import DEFAULT_TIMEOUT
-from compozy_client.errors import RefreshFailed
+from compozy_client.errors import RefreshFailed, UsageError
 
 
 def authorization_headers(token: str, *, method: str, url: str) -> dict[str, str]:
@@ -40,6 +43,30 @@ def authorization_headers(token: str, *, method: str, url: str) -> dict[str, str
     return {"Authorization": f"Bearer {token}"}
 
 
+def check_transport(url: str, https_only: bool) -> None:
+    """Refuse to send a token in the clear beyond this machine (RFC 6750 section 5.3: bearer
+    tokens travel over TLS only); plain http to a loopback address stays on the machine.
+
+    Raises :class:`~compozy_client.errors.UsageError` before any token is asked for.
+    """
+    parts = urlsplit(url)
+    if not https_only or parts.scheme == "https" or _is_loopback(parts.hostname or ""):
+        return
+    raise UsageError(
+        f"refusing to send a Compozy token over {parts.scheme or 'an unknown scheme'} to "
+        f"{parts.hostname or 'an unnamed host'}: anyone on the path could read it; use https "
+        "(or CompozyAuth(https_only=False) for a network you trust)")
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+        return True  # RFC 6761 section 6.3
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def same_token(sent: str, received: str) -> bool:
     """Whether two token strings are equal, compared in constant time."""
     return hmac.compare_digest(sent.encode(), received.encode())
@@ -50,7 +77,8 @@ class TokenSource:
     """Which token an adapter asks for: the arguments of :func:`~compozy_client.get_token`.
 
     ``timeout`` bounds each call to the agent; ``min_valid`` makes sure a
-    token stays valid that many seconds after it is handed out.
+    token stays valid that many seconds after it is handed out. ``https_only``
+    is for the adapters: see :func:`check_transport`.
     """
 
     profile: str | None = None
@@ -58,6 +86,7 @@ class TokenSource:
     audience: str | None = None
     min_valid: float = 0.0
     timeout: float = DEFAULT_TIMEOUT
+    https_only: bool = True
 
     def token(self) -> str:
         """The token to send (raises :class:`~compozy_client.errors.NotLoggedIn` and the
@@ -108,13 +137,15 @@ def token_source(
     audience: str | None,
     min_valid: float,
     timeout: float,
+    https_only: bool,
 ) -> TokenSource:
     """A :class:`TokenSource` from an adapter's arguments; ``scope`` may be one string,
     space-separated as in OAuth (RFC 6749 section 3.3)."""
     scopes = tuple(scope.split()) if isinstance(scope, str) else \
         None if scope is None else tuple(scope)
     return TokenSource(profile=profile, scope=scopes, audience=audience,
-                       min_valid=min_valid, timeout=timeout)
+                       min_valid=min_valid, timeout=timeout, https_only=https_only)
 
 
-__all__ = ["TokenSource", "authorization_headers", "same_token", "token_source"]
+__all__ = ["TokenSource", "authorization_headers", "check_transport", "same_token",
+           "token_source"]

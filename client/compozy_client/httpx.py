@@ -27,7 +27,12 @@ from collections.abc import AsyncGenerator, Generator
 import httpx
 
 from compozy_client.connection import DEFAULT_TIMEOUT
-from compozy_client.httpauth import TokenSource, authorization_headers, token_source
+from compozy_client.httpauth import (
+    TokenSource,
+    authorization_headers,
+    check_transport,
+    token_source,
+)
 
 
 class CompozyAuth(httpx.Auth):
@@ -39,6 +44,9 @@ class CompozyAuth(httpx.Auth):
     :func:`~compozy_client.get_token`, which raises
     :class:`~compozy_client.errors.NotLoggedIn` (and the other
     :class:`~compozy_client.errors.CompozyError`\\ s) out of the request.
+    A token is sent over https, or plain http to a loopback address; any other
+    URL raises :class:`~compozy_client.errors.UsageError` before a token is
+    asked for, unless ``https_only=False``.
     """
 
     def __init__(
@@ -49,13 +57,16 @@ class CompozyAuth(httpx.Auth):
         audience: str | None = None,
         min_valid: float = 0.0,
         timeout: float = DEFAULT_TIMEOUT,
+        https_only: bool = True,
     ) -> None:
-        self.source: TokenSource = token_source(profile, scope, audience, min_valid, timeout)
+        self.source: TokenSource = token_source(profile, scope, audience, min_valid, timeout,
+                                                https_only)
 
     def __repr__(self) -> str:
         return f"CompozyAuth({self.source!r})"
 
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response]:
+        check_transport(str(request.url), self.source.https_only)
         token = self.source.token()
         sent = _authorize(request, token)
         response = yield request
@@ -69,6 +80,7 @@ class CompozyAuth(httpx.Auth):
     async def async_auth_flow(
         self, request: httpx.Request
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        check_transport(str(request.url), self.source.https_only)
         token = await self.source.async_token()
         sent = _authorize(request, token)
         response = yield request

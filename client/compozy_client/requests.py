@@ -30,7 +30,12 @@ from requests.auth import AuthBase
 from requests.cookies import extract_cookies_to_jar
 
 from compozy_client.connection import DEFAULT_TIMEOUT
-from compozy_client.httpauth import TokenSource, authorization_headers, token_source
+from compozy_client.httpauth import (
+    TokenSource,
+    authorization_headers,
+    check_transport,
+    token_source,
+)
 
 
 class CompozyAuth(AuthBase):
@@ -42,6 +47,9 @@ class CompozyAuth(AuthBase):
     :func:`~compozy_client.get_token`, which raises
     :class:`~compozy_client.errors.NotLoggedIn` (and the other
     :class:`~compozy_client.errors.CompozyError`\\ s) out of the request.
+    A token is sent over https, or plain http to a loopback address; any other
+    URL raises :class:`~compozy_client.errors.UsageError` before a token is
+    asked for, unless ``https_only=False``.
     """
 
     def __init__(
@@ -52,13 +60,16 @@ class CompozyAuth(AuthBase):
         audience: str | None = None,
         min_valid: float = 0.0,
         timeout: float = DEFAULT_TIMEOUT,
+        https_only: bool = True,
     ) -> None:
-        self.source: TokenSource = token_source(profile, scope, audience, min_valid, timeout)
+        self.source: TokenSource = token_source(profile, scope, audience, min_valid, timeout,
+                                                https_only)
 
     def __repr__(self) -> str:
         return f"CompozyAuth({self.source!r})"
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        check_transport(request.url or "", self.source.https_only)
         token = self.source.token()
         sent = _authorize(request, token)
         # Everything the hook needs travels with this request, not in self:

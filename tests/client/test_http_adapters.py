@@ -20,7 +20,8 @@ import httpx
 import pytest
 import requests
 
-from compozy_client.errors import AgentUnavailable, NotLoggedIn
+from compozy_client.errors import AgentUnavailable, NotLoggedIn, UsageError
+from compozy_client.httpauth import check_transport
 from compozy_client.httpx import CompozyAuth as HttpxAuth
 from compozy_client.requests import CompozyAuth as RequestsAuth
 from support.bearer_server import BearerServer, chunks
@@ -222,3 +223,34 @@ def test_scope_may_be_a_space_separated_string() -> None:
     assert HttpxAuth(scope="a b").source.scope == ("a", "b")
     assert RequestsAuth(scope=["a", "b"]).source.scope == ("a", "b")
     assert RequestsAuth().source.scope is None
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize("url", ["http://api.example.test/things", "http://10.0.0.1/things",
+                                 "http://127.0.0.1.example.test/things"])
+def test_no_token_goes_over_plain_http_beyond_this_machine(
+    agent_path: str, client: str, url: str
+) -> None:
+    """RFC 6750 section 5.3: refused before the agent is asked, so nothing is sent anywhere
+    (the hosts are never resolved: the refusal comes first)."""
+    agent = StandInAgent()
+    with answering_socket(agent_path, agent), \
+            pytest.raises(UsageError, match="refusing to send a Compozy token over http"):
+        send(client, url)
+    assert agent.requests == []
+
+
+@pytest.mark.parametrize(
+    ("url", "https_only", "allowed"),
+    [("https://api.example.test/", True, True), ("http://127.0.0.1:8080/", True, True),
+     ("http://127.3.4.5/", True, True), ("http://[::1]:8080/", True, True),
+     ("http://localhost/", True, True), ("http://api.localhost/", True, True),
+     ("http://api.example.test/", True, False), ("http://[::2]/", True, False),
+     ("ftp://api.example.test/", True, False), ("http://api.example.test/", False, True)],
+)
+def test_which_urls_a_token_may_be_sent_to(url: str, https_only: bool, allowed: bool) -> None:
+    if allowed:
+        check_transport(url, https_only)
+    else:
+        with pytest.raises(UsageError):
+            check_transport(url, https_only)
