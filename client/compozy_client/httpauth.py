@@ -4,17 +4,18 @@
 :class:`TokenSource` into their library's auth hook. The rule they both follow
 (the same as azure-core's ``BearerTokenCredentialPolicy``):
 
-1. A token goes over https, or plain http to this machine (:func:`check_transport`).
-   Every request asks the agent for the profile's token (the agent caches it
+1. A token goes over https, or plain http to this machine only
+   (:func:`check_transport`).
+2. Every request asks the agent for the profile's token (the agent caches it
    and refreshes it ahead of expiry; asking costs one round trip on a Unix
    socket), and carries it in the headers :func:`authorization_headers` builds:
    the only place an ``Authorization`` header is made.
-2. A 401 answering a request that carried that token is reported to the agent
+3. A 401 answering a request that carried that token is reported to the agent
    as ``rejected_token`` (:meth:`TokenSource.replacement`): the agent drops the
    token and refreshes once however many callers report it at the same time
    (lifecycle rule 7), so 50 concurrent requests that all get a 401 cost one
    refresh at the provider.
-3. The request is sent again once, with the new token, if its body can be sent
+4. The request is sent again once, with the new token, if its body can be sent
    again. The second answer is returned as it is, whatever it is: never a loop.
 
 No lock is held anywhere here: the agent is where concurrent callers meet.
