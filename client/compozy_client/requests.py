@@ -89,7 +89,10 @@ class CompozyAuth(AuthBase):
                 or response.request.headers.get("Authorization") != sent:
             return response
         replacement = self.source.replacement(token)
-        if replacement is None or not _rewind(response.request.body, body_position):
+        # No transport adapter to send it again through (a test double may leave it unset).
+        adapter = getattr(response, "connection", None)
+        if replacement is None or adapter is None \
+                or not _rewind(response.request.body, body_position):
             return response
         response.content  # noqa: B018 (read it, so its connection goes back to the pool)
         response.close()
@@ -100,7 +103,7 @@ class CompozyAuth(AuthBase):
         _authorize(retry, replacement)
         # Sent through the adapter, not the session: the session's hooks (this one
         # included) do not run again, so there is no second retry.
-        second = response.connection.send(retry, **send_options)
+        second: requests.Response = adapter.send(retry, **send_options)
         second.history.append(response)
         second.request = retry
         return second
