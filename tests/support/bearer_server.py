@@ -45,6 +45,9 @@ class BearerServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as a real API
+            # Headers and body go out in two writes: without TCP_NODELAY the body waits
+            # for the client's delayed ACK (40 ms a request).
+            disable_nagle_algorithm = True
 
             def log_message(self, format: str, *args: object) -> None:
                 pass  # nothing on stderr (a request line could carry anything)
