@@ -24,7 +24,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Generator
 
-import httpx
+try:
+    import httpx
+except ModuleNotFoundError as missing:
+    raise ModuleNotFoundError("compozy_client.httpx needs httpx: "
+                              "pip install 'compozy-agent[httpx]'", name="httpx") from missing
 
 from compozy_client.connection import DEFAULT_TIMEOUT
 from compozy_client.httpauth import (

@@ -25,9 +25,13 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import requests
-from requests.auth import AuthBase
-from requests.cookies import extract_cookies_to_jar
+try:
+    import requests
+    from requests.auth import AuthBase
+    from requests.cookies import extract_cookies_to_jar
+except ModuleNotFoundError as missing:
+    raise ModuleNotFoundError("compozy_client.requests needs requests: "
+                              "pip install 'compozy-agent[requests]'", name="requests") from missing
 
 from compozy_client.connection import DEFAULT_TIMEOUT
 from compozy_client.httpauth import (

@@ -140,3 +140,13 @@ def test_the_compozy_launcher_falls_back_to_the_full_cli(tmp_path: Path) -> None
     version = subprocess.run([sys.executable, str(launcher), "--version"],
                              capture_output=True, text=True, env=env, timeout=30)
     assert version.returncode == 0 and version.stdout.startswith("compozy ")
+
+
+def test_an_adapter_without_its_library_says_which_extra_to_install() -> None:
+    for adapter in ("httpx", "requests"):
+        code = (f"import sys\nsys.modules[{adapter!r}] = None  # as if not installed\n"
+                f"import compozy_client.{adapter}\n")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert result.returncode == 1
+        assert f"ModuleNotFoundError: compozy_client.{adapter} needs {adapter}: " \
+               f"pip install 'compozy-agent[{adapter}]'" in result.stderr
