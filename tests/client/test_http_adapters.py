@@ -3,7 +3,7 @@
 Each behaviour runs with the three ways a program sends: httpx's sync client,
 httpx's async client, requests. The agent stand-in answers token requests the
 way the real one does (a new token for a ``rejected_token`` naming the current
-one); the real agent and provider are in tests/integration/test_http_adapters.py.
+one); the real agent and provider are in tests/integration/test_http_clients.py.
 """
 
 from __future__ import annotations
