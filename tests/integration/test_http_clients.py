@@ -7,8 +7,9 @@ learnt that token was revoked. (Revoking an access token at the node provider
 revokes its whole grant, so the refusal is the API's alone.) Tokens are opaque
 (no API resource asked for), which the provider can introspect.
 
-50 concurrent requests that all carry that first token all get a 401: each is
-retried exactly once and succeeds, and the provider sees exactly one refresh.
+50 concurrent requests that all carry that first token (the server holds them
+until all 50 have arrived) all get a 401: each is retried exactly once and
+succeeds, and the provider sees exactly one refresh.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def logged_in(agent: AgentProcess) -> AgentProcess:
 @pytest.fixture
 def api(oidc_provider: OidcTestProvider) -> Iterator[BearerServer]:
     active = introspector(oidc_provider.introspection_endpoint, oidc_provider.client_id)
-    with BearerServer(RejectFirstToken(active)) as server:
+    with BearerServer(RejectFirstToken(active), together=CONCURRENT) as server:
         yield server
 
 
@@ -170,11 +171,9 @@ def test_a_server_refusing_every_token_gets_one_retry_then_its_401(
 
 
 @pytest.mark.parametrize("client", ["httpx-sync", "httpx-async", "requests"])
-def test_not_logged_in_raises_not_logged_in_at_once(
-    agent: AgentProcess, api: BearerServer, client: str
-) -> None:
+def test_not_logged_in_raises_not_logged_in_at_once(agent: AgentProcess, client: str) -> None:
     """A running agent with no session: the library's typed error, fast, nothing sent."""
-    def call() -> None:
+    def call(api: BearerServer) -> None:
         if client == "requests":
             requests.get(f"{api.url}/things", auth=RequestsAuth(), timeout=30)
         elif client == "httpx-sync":
@@ -187,7 +186,8 @@ def test_not_logged_in_raises_not_logged_in_at_once(
             asyncio.run(run())
 
     started = time.monotonic()
-    with pytest.raises(NotLoggedIn, match=r"not logged in \(profile 'default'\)"):
-        call()
+    with BearerServer(lambda token: True) as api, \
+            pytest.raises(NotLoggedIn, match=r"not logged in \(profile 'default'\)"):
+        call(api)
     assert time.monotonic() - started < 10
     assert api.seen == []

@@ -7,6 +7,10 @@ policy accepts the request's bearer token, else 401 with
 ``/redirect?to=URL`` answers 302 to URL. It records what each request carried
 (tokens are kept in memory for assertions, never printed).
 
+``together=N`` holds the first N requests until all N have arrived, so they
+are in flight at once: each carries whatever token its client had before any
+of them was answered.
+
 ``RejectFirstToken`` is the policy of an API that has just learnt of a
 revocation: the first token it ever sees is refused for good, and any other is
 accepted when ``active(token)`` says so (the test provider's introspection).
@@ -37,10 +41,15 @@ class Seen:
 class BearerServer:
     """See the module docstring; use as a context manager."""
 
-    def __init__(self, accepts: Callable[[str], bool], host: str = "127.0.0.1") -> None:
+    def __init__(self, accepts: Callable[[str], bool], host: str = "127.0.0.1",
+                 together: int = 0, hold_timeout: float = 60.0) -> None:
         self.accepts = accepts
         self.seen: list[Seen] = []
         self._lock = threading.Lock()
+        self._together = together
+        self._hold_timeout = hold_timeout
+        self._arrived = 0
+        self._all_arrived = threading.Condition(self._lock)
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -91,6 +100,14 @@ class BearerServer:
 
     def _answer(self, handler: BaseHTTPRequestHandler) -> None:
         body = _read_body(handler)
+        with self._all_arrived:
+            self._arrived += 1
+            if self._arrived <= self._together:
+                self._all_arrived.notify_all()
+                if not self._all_arrived.wait_for(lambda: self._arrived >= self._together,
+                                                  self._hold_timeout):
+                    raise TimeoutError(f"only {self._arrived} of {self._together} requests "
+                                       f"arrived within {self._hold_timeout:.0f} s")
         target = urlsplit(handler.path)
         authorization = handler.headers.get("Authorization", "")
         token = authorization[len("Bearer "):] if authorization.startswith("Bearer ") else None
