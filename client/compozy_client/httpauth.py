@@ -6,8 +6,9 @@
 
 1. A token goes over https, or plain http to this machine only
    (:func:`check_transport`).
-2. Every request asks the agent for the profile's token (the agent caches it
-   and refreshes it ahead of expiry; asking costs one round trip on a Unix
+2. Every request asks the agent for a token of the profile given, or else of
+   the one the ``rules:`` match for the request's URL (the agent caches it and
+   refreshes it ahead of expiry; asking costs one round trip on a Unix
    socket), and carries it in the headers :func:`authorization_headers` builds:
    the only place an ``Authorization`` header is made.
 3. A 401 answering a request that carried that token is reported to the agent
@@ -89,19 +90,21 @@ class TokenSource:
     timeout: float = DEFAULT_TIMEOUT
     https_only: bool = True
 
-    def token(self) -> str:
-        """The token to send (raises :class:`~compozy_client.errors.NotLoggedIn` and the
-        other :class:`~compozy_client.errors.CompozyError`\\ s)."""
+    def token(self, url: str) -> str:
+        """The token to send to ``url`` (raises :class:`~compozy_client.errors.NotLoggedIn`
+        and the other :class:`~compozy_client.errors.CompozyError`\\ s). ``url`` picks the
+        profile and audience not given here by the config file's ``rules:``."""
         return get_token(self.profile, scope=self._scope(), audience=self.audience,
-                         min_valid=self.min_valid, timeout=self.timeout)
+                         min_valid=self.min_valid, timeout=self.timeout, url=url)
 
-    async def async_token(self) -> str:
+    async def async_token(self, url: str) -> str:
         """:meth:`token` under asyncio."""
         return await async_get_token(self.profile, scope=self._scope(), audience=self.audience,
-                                     min_valid=self.min_valid, timeout=self.timeout)
+                                     min_valid=self.min_valid, timeout=self.timeout, url=url)
 
-    def replacement(self, rejected: str) -> str | None:
-        """Tell the agent a server refused ``rejected`` (401); the token to retry with.
+    def replacement(self, rejected: str, url: str) -> str | None:
+        """Tell the agent a server at ``url`` refused ``rejected`` (401); the token to retry
+        with.
 
         None means "do not retry": the agent refused to replace a token it had
         itself made as a replacement less than 5 s ago (a server that refuses
@@ -113,17 +116,18 @@ class TokenSource:
         try:
             new = get_token(self.profile, scope=self._scope(), audience=self.audience,
                             min_valid=self.min_valid, rejected_token=rejected,
-                            timeout=self.timeout)
+                            timeout=self.timeout, url=url)
         except RefreshFailed:
             return None
         return None if same_token(rejected, new) else new
 
-    async def async_replacement(self, rejected: str) -> str | None:
+    async def async_replacement(self, rejected: str, url: str) -> str | None:
         """:meth:`replacement` under asyncio."""
         try:
             new = await async_get_token(self.profile, scope=self._scope(),
                                         audience=self.audience, min_valid=self.min_valid,
-                                        rejected_token=rejected, timeout=self.timeout)
+                                        rejected_token=rejected, timeout=self.timeout,
+                                        url=url)
         except RefreshFailed:
             return None
         return None if same_token(rejected, new) else new

@@ -42,7 +42,10 @@ from compozy_client.httpauth import (
 class CompozyAuth(httpx.Auth):
     """An ``httpx.Auth`` presenting the agent's token for ``profile``.
 
-    ``scope`` (a list, or one space-separated string) and ``audience`` ask for
+    Without ``profile`` (or ``audience``), the config file's ``rules:`` pick
+    them by each request's URL (``match: {url_prefix: ...}``), then
+    ``$COMPOZY_PROFILE``, then ``default``: one client can call APIs of
+    several sessions. ``scope`` (a list, or one space-separated string) and ``audience`` ask for
     a narrower token, ``min_valid`` for one valid that many more seconds,
     ``timeout`` bounds each call to the agent: as in
     :func:`~compozy_client.get_token`, which raises
@@ -70,13 +73,14 @@ class CompozyAuth(httpx.Auth):
         return f"CompozyAuth({self.source!r})"
 
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response]:
-        check_transport(str(request.url), self.source.https_only)
-        token = self.source.token()
+        url = str(request.url)
+        check_transport(url, self.source.https_only)
+        token = self.source.token(url)
         sent = _authorize(request, token)
         response = yield request
         if not _rejected(response, sent):
             return
-        replacement = self.source.replacement(token)
+        replacement = self.source.replacement(token, url)
         if replacement is not None and _body_was_read(request):
             _authorize(request, replacement)
             yield request
@@ -84,13 +88,14 @@ class CompozyAuth(httpx.Auth):
     async def async_auth_flow(
         self, request: httpx.Request
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        check_transport(str(request.url), self.source.https_only)
-        token = await self.source.async_token()
+        url = str(request.url)
+        check_transport(url, self.source.https_only)
+        token = await self.source.async_token(url)
         sent = _authorize(request, token)
         response = yield request
         if not _rejected(response, sent):
             return
-        replacement = await self.source.async_replacement(token)
+        replacement = await self.source.async_replacement(token, url)
         if replacement is not None and _body_was_read(request):
             _authorize(request, replacement)
             yield request

@@ -45,7 +45,10 @@ from compozy_client.httpauth import (
 class CompozyAuth(AuthBase):
     """A ``requests`` auth presenting the agent's token for ``profile``.
 
-    ``scope`` (a list, or one space-separated string) and ``audience`` ask for
+    Without ``profile`` (or ``audience``), the config file's ``rules:`` pick
+    them by each request's URL (``match: {url_prefix: ...}``), then
+    ``$COMPOZY_PROFILE``, then ``default``: one client can call APIs of
+    several sessions. ``scope`` (a list, or one space-separated string) and ``audience`` ask for
     a narrower token, ``min_valid`` for one valid that many more seconds,
     ``timeout`` bounds each call to the agent: as in
     :func:`~compozy_client.get_token`, which raises
@@ -73,18 +76,19 @@ class CompozyAuth(AuthBase):
         return f"CompozyAuth({self.source!r})"
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        check_transport(request.url or "", self.source.https_only)
-        token = self.source.token()
+        url = request.url or ""
+        check_transport(url, self.source.https_only)
+        token = self.source.token(url)
         sent = _authorize(request, token)
         # Everything the hook needs travels with this request, not in self:
         # concurrent requests through one CompozyAuth never see each other's.
         request.register_hook("response", functools.partial(
-            self._retry_once_on_401, token=token, sent=sent,
+            self._retry_once_on_401, token=token, sent=sent, url=url,
             body_position=_body_position(request.body)))
         return request
 
     def _retry_once_on_401(
-        self, response: requests.Response, *, token: str, sent: str,
+        self, response: requests.Response, *, token: str, sent: str, url: str,
         body_position: int | None, **send_options: Any,
     ) -> requests.Response:
         # A redirect to another host drops the header (requests' rebuild_auth), and the
@@ -92,7 +96,7 @@ class CompozyAuth(AuthBase):
         if response.status_code != 401 \
                 or response.request.headers.get("Authorization") != sent:
             return response
-        replacement = self.source.replacement(token)
+        replacement = self.source.replacement(token, url)
         # No transport adapter to send it again through (a test double may leave it unset).
         adapter = getattr(response, "connection", None)
         if replacement is None or adapter is None \

@@ -254,3 +254,28 @@ def test_which_urls_a_token_may_be_sent_to(url: str, https_only: bool, allowed: 
     else:
         with pytest.raises(UsageError):
             check_transport(url, https_only)
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_the_config_rules_pick_the_profile_and_audience_by_the_request_url(
+    agent_path: str, tmp_path: Path, client: str
+) -> None:
+    """`rules:` with a url_prefix: one adapter, two APIs, two sessions; the retry after a 401
+    asks the same session. An explicit profile wins over the rule."""
+    config = tmp_path / ".compozy" / "config.yaml"
+    config.parent.mkdir()
+    agent = StandInAgent()
+    with answering_socket(agent_path, agent), BearerServer(refuse_first()) as api:
+        config.write_text("rules:\n"
+                          f"  - match: {{url_prefix: '{api.url}/work/'}}\n"
+                          "    profile: work\n"
+                          "    audience: https://api.work.test\n")
+        config.chmod(0o600)
+        assert send(client, f"{api.url}/work/things") == (200, 1)
+        assert send(client, f"{api.url}/other") == (200, 0)
+        assert send(client, f"{api.url}/work/things", profile="mine") == (200, 0)
+    asked = [(request["profile"], request.get("audience"), request.get("rejected_token"))
+             for request in agent.requests]
+    assert asked == [("work", "https://api.work.test", None),
+                     ("work", "https://api.work.test", "tok-1"),
+                     ("default", None, None), ("mine", None, None)]
