@@ -11,7 +11,7 @@ from pathlib import Path
 
 import compozy_client
 
-HEAVY = ("httpx", "aiohttp", "anyio", "keyring", "platformdirs", "compozy_agent")
+HEAVY = ("httpx", "requests", "aiohttp", "anyio", "keyring", "platformdirs", "compozy_agent")
 
 
 def modules_after(code: str, env: dict[str, str] | None = None) -> set[str]:
@@ -34,6 +34,17 @@ def test_the_full_cli_never_loads_agent_dependencies() -> None:
         "cli.build_parser()"
     )
     assert not {m for m in loaded if m.split(".")[0] in HEAVY}
+
+
+def test_each_http_adapter_loads_only_its_own_http_library() -> None:
+    """compozy_client.httpx and compozy_client.requests are optional (extras): the part they
+    share loads neither library, and each loads only its own (and no agent dependency)."""
+    shared = modules_after("from compozy_client import httpauth")
+    assert not {m for m in shared if m.split(".")[0] in HEAVY}
+    for adapter, library in (("httpx", "httpx"), ("requests", "requests")):
+        loaded = modules_after(f"from compozy_client.{adapter} import CompozyAuth")
+        assert library in loaded
+        assert not {m for m in loaded if m.split(".")[0] in HEAVY and m.split(".")[0] != library}
 
 
 def test_token_fast_path_loads_no_argparse_msgspec_or_yaml(tmp_path: object) -> None:
@@ -129,3 +140,13 @@ def test_the_compozy_launcher_falls_back_to_the_full_cli(tmp_path: Path) -> None
     version = subprocess.run([sys.executable, str(launcher), "--version"],
                              capture_output=True, text=True, env=env, timeout=30)
     assert version.returncode == 0 and version.stdout.startswith("compozy ")
+
+
+def test_an_adapter_without_its_library_says_which_extra_to_install() -> None:
+    for adapter in ("httpx", "requests"):
+        code = (f"import sys\nsys.modules[{adapter!r}] = None  # as if not installed\n"
+                f"import compozy_client.{adapter}\n")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert result.returncode == 1
+        assert f"ModuleNotFoundError: compozy_client.{adapter} needs {adapter}: " \
+               f"pip install 'compozy-agent[{adapter}]'" in result.stderr

@@ -80,3 +80,14 @@ def test_cold_start_benchmark_restores_from_the_real_keyring() -> None:
     assert "secret store: keyring" in result.stdout, result.stdout + result.stderr[-2000:]
     assert re.search(r"^cold start ratio \d+\.\d\d of python3 -c pass", result.stdout,
                      re.MULTILINE), result.stdout
+
+
+@pytest.mark.real_provider
+def test_adapter_cost_benchmark_runs_and_reports_what_the_adapters_add() -> None:
+    result = subprocess.run([sys.executable, str(BENCH / "adapter_cost.py"), "--requests", "5",
+                             "--rounds", "1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for library in ("httpx", "requests"):
+        assert re.search(rf"^{library}: CompozyAuth adds -?\d+\.\d{{3}} ms \(get_token alone "
+                         r"\d+\.\d{3} ms\); ratio \d+\.\d\d \(no target\)$",
+                         result.stdout, re.MULTILINE), result.stdout
