@@ -182,7 +182,7 @@ def main() -> None:
     from django.core.servers.basehttp import ThreadedWSGIServer, WSGIRequestHandler
 
     class QuietHandler(WSGIRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: Any) -> None:
             pass  # request lines go nowhere: the counted calls are on stdout
 
     server = ThreadedWSGIServer(("127.0.0.1", port), QuietHandler, bind_and_activate=False)

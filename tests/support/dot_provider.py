@@ -435,7 +435,7 @@ def _leaves(authorization_url: str) -> Callable[[str], bool]:
 
     def leaves(location: str) -> bool:
         target = urlsplit(location)
-        return bool(redirect_uri) and location.startswith(redirect_uri.split("?")[0]) or \
+        return (bool(redirect_uri) and location.startswith(redirect_uri.split("?")[0])) or \
             (target.scheme, target.netloc) != (provider.scheme, provider.netloc)
 
     return leaves
