@@ -512,7 +512,10 @@ def device_authorization_request(
 ) -> HttpRequest:
     """Start a device flow (RFC 8628 section 3.1). Raises MalformedResponse when unsupported."""
     if not metadata.device_authorization_endpoint:
-        raise MalformedResponse("the provider does not support the device flow; use the browser")
+        raise MalformedResponse(
+            "the provider's metadata names no device authorization endpoint, so the device "
+            "flow cannot start: log in with the browser, or name it with "
+            "device_authorization_endpoint in the profile")
     form = [("client_id", client_id), ("scope", " ".join(scopes))]
     form.extend(("resource", r) for r in resources)
     return HttpRequest(method="POST", url=metadata.device_authorization_endpoint, form=form)
@@ -563,7 +566,9 @@ def revocation_request(
     Raises MalformedResponse when the provider has no revocation endpoint.
     """
     if not metadata.revocation_endpoint:
-        raise MalformedResponse("the provider has no revocation endpoint")
+        raise MalformedResponse(
+            "the provider's metadata names no revocation endpoint (revocation_endpoint "
+            "in the profile names one)")
     form = [("token", token)]
     if hint:
         form.append(("token_type_hint", hint))
