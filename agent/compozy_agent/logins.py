@@ -292,6 +292,14 @@ class Logins(Mapping[str, Login]):
                         case "access_denied":
                             self._fail_login(login, ErrorCode.ACCESS_DENIED,
                                              "the login was denied")
+                        case "device_not_found" | "invalid_grant":
+                            # Not RFC 8628 codes, but what providers say (404
+                            # device_not_found from django-oauth-toolkit) once a device
+                            # code is gone: expired, used, or lost in a restart.
+                            self._fail_login(
+                                login, ErrorCode.LOGIN_TIMEOUT,
+                                f"the provider no longer knows this device code ({exc.error}"
+                                "): it expired or was already used; run the login again")
                         case _:
                             self._fail_login(login, ErrorCode.LOGIN_FAILED,
                                              f"the provider said {exc}")

@@ -173,6 +173,8 @@ class FakeProvider:
         self.device_interval: int | None = 1
         self.device_expires_in = 600
         self.user_code = "WDJB-MJHT"
+        #: Send ``verification_uri_complete`` (RFC 8628 section 3.3.1: OPTIONAL).
+        self.device_uri_complete = True
         #: Requests now waiting in a ``hold`` behaviour.
         self.holding = 0
         #: Parameters of the authorization response to change (a value of None removes it).
@@ -449,9 +451,11 @@ class FakeProvider:
                 "device_code": f"fake-dc-{next(self._codes)}",
                 "user_code": self.user_code,
                 "verification_uri": self.url("/device"),
-                "verification_uri_complete": self.url(f"/device?user_code={self.user_code}"),
                 "expires_in": self.device_expires_in,
             }
+            if self.device_uri_complete:
+                body["verification_uri_complete"] = self.url(
+                    f"/device?user_code={self.user_code}")
             if self.device_interval is not None:
                 body["interval"] = self.device_interval
             return web.json_response(body)
