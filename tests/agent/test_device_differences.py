@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from compozy_agent.backend import OpError
@@ -80,7 +81,7 @@ async def finish(manager: SessionManager, clock: FakeClock, login_id: str) -> p.
             while True:
                 await clock.wait_for_sleepers(2)  # the scheduler and the poll loop
                 clock.advance(1.0)
-                await anyio.sleep(0)
+                await anyio.lowlevel.checkpoint()
     if failure:
         raise failure[0]
     return result[0]
