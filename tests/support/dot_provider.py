@@ -214,6 +214,13 @@ class DotProvider:
             match["grant_type"] = grant_type
         return self.count("token", **match)
 
+    def wait_for(self, event: str, count: int, timeout: float = 30.0, **match: Any) -> bool:
+        """Block until the provider has logged ``count`` such events; False on timeout."""
+        with self._arrived:
+            return self._arrived.wait_for(
+                lambda: sum(1 for e in self._events if _matches(e, event, match)) >= count,
+                timeout)
+
     # -- endpoints (DOT's URL names under /o/) ------------------------------
 
     def url(self, path: str) -> str:
