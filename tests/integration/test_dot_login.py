@@ -237,6 +237,10 @@ def test_dot_session_survives_a_restart_from_the_keyring(
         assert result.returncode == 0, result.stderr + second.log()
         assert status(agent_env)["session"]["token_id"] == token_id
         assert dot_provider.userinfo_status(token(agent_env)) == 200
+        # The keyring is shared by the test run: leave nothing in it for other tests.
+        assert run_cli(agent_env, "logout").returncode == 0
+        assert not [item for item in secret_service.items()
+                    if item[0].get("username") == f"{token_id}:refresh_token"]
     finally:
         second.stop()
 
