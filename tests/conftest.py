@@ -7,6 +7,7 @@ import pytest
 pytest_plugins: list[str] = [
     "support.agent",
     "support.provider",
+    "support.dot_provider",
     "support.keyring_fixture",
     "support.browser",
     "support.fake_provider",

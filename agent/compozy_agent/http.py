@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, overload
@@ -98,6 +98,16 @@ _CONNECT_CAUSES: Final = (
     ("Network is unreachable", "the network is unreachable"),
     ("No route to host", "no route to host"),
 )
+
+
+def _is_metadata(body: bytes) -> bool:
+    """Whether ``body`` is a JSON object with an ``issuer``: a metadata document, as
+    opposed to the page a single-page app serves on every path."""
+    try:
+        decoded = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return False
+    return isinstance(decoded, dict) and "issuer" in decoded
 
 
 def host_of(url: str) -> str:
@@ -277,42 +287,72 @@ class ProviderClient:
 
     # ---------------------------------------------------------------- discovery
 
-    async def discover(self, issuer: str) -> oidc.ProviderMetadata:
-        """Metadata for ``issuer``: OIDC Discovery, then RFC 8414; cached for an hour.
+    async def discover(
+        self, issuer: str, endpoints: Mapping[str, str] | None = None
+    ) -> oidc.ProviderMetadata:
+        """Metadata for ``issuer``: OIDC Discovery's document, with the gaps filled from
+        RFC 8414's; cached for an hour. ``endpoints`` (a profile's
+        ``device_authorization_endpoint`` and the like) win over both.
 
-        A URL that answers 4xx, or 200 with a document that fails the checks of
-        ``oidc.parse_discovery``, gives way to the next. Raises
-        TransientProviderError (5xx/429), ProviderUnreachable, or
-        MalformedResponse when no URL yields valid metadata.
+        RFC 8414's document is fetched only when OIDC's lacks an endpoint the agent
+        uses (``oidc.ENDPOINT_FIELDS``). A URL that answers 4xx is not there; a
+        document that names another issuer or a plain-http endpoint is refused
+        whichever it is (``oidc.parse_metadata_document``), and so is an answer that
+        is not metadata when no document is usable. When the second document cannot
+        be had for now (5xx, no answer), the first is used, uncached. Raises
+        TransientProviderError (5xx/429), ProviderUnreachable, or MalformedResponse.
         """
         cached = self._metadata.get(issuer)
         if cached is not None and cached[0] > self._now():
-            return cached[1]
+            metadata = cached[1]
+        else:
+            metadata = await self._discover(issuer)
+        return oidc.with_endpoints(metadata, endpoints) if endpoints else metadata
+
+    async def _discover(self, issuer: str) -> oidc.ProviderMetadata:
         oidc.check_issuer(issuer)
         statuses: list[int] = []
-        first_problem: oidc.MalformedResponse | None = None
+        unreadable: oidc.MalformedResponse | None = None
+        documents: list[oidc.MetadataDocument] = []
+        received_at = self._now()
+        complete = True
         for url in oidc.discovery_urls(issuer):
-            response = await self.send(oidc.HttpRequest(method="GET", url=url))
-            if response.status == 429 or response.status >= 500:
-                oidc.check_status(response.status, response.headers, response.body,
-                                  response.received_at)
+            if documents and not oidc.metadata_gaps(documents[0]):
+                break  # OIDC's document names every endpoint the agent uses
+            try:
+                response = await self.send(oidc.HttpRequest(method="GET", url=url))
+                if response.status == 429 or response.status >= 500:
+                    oidc.check_status(response.status, response.headers, response.body,
+                                      response.received_at)
+            except (oidc.TransientProviderError, oidc.ProviderUnreachable) as exc:
+                if not documents:
+                    raise
+                log.warning("discovery for %s: %s not read (%s); using the OpenID "
+                            "metadata alone for now", issuer, url, exc)
+                complete = False
+                break
             if response.status != 200:
                 statuses.append(response.status)
                 continue
+            received_at = response.received_at
             try:
-                metadata = oidc.parse_discovery(issuer, response.body)
+                documents.append(oidc.parse_metadata_document(issuer, response.body))
             except oidc.MalformedResponse as exc:
-                first_problem = first_problem or exc
-                continue
-            self._metadata[issuer] = (response.received_at + self._discovery_ttl, metadata)
-            return metadata
-        if first_problem is not None:
-            raise first_problem
-        raise oidc.MalformedResponse(
-            f"{host_of(issuer)} publishes no OpenID or OAuth metadata "
-            f"(HTTP {', '.join(map(str, statuses))}); is {issuer} the right issuer?",
-            statuses[-1] if statuses else None,
-        )
+                if _is_metadata(response.body):
+                    raise  # metadata, but not for this issuer or not safe to use
+                unreadable = unreadable or exc  # an HTML page on a catch-all route
+        if not documents:
+            if unreadable is not None:
+                raise unreadable
+            raise oidc.MalformedResponse(
+                f"{host_of(issuer)} publishes no OpenID or OAuth metadata "
+                f"(HTTP {', '.join(map(str, statuses))}); is {issuer} the right issuer?",
+                statuses[-1] if statuses else None,
+            )
+        metadata = oidc.merge_metadata(documents)
+        if complete:
+            self._metadata[issuer] = (received_at + self._discovery_ttl, metadata)
+        return metadata
 
     def forget_metadata(self, issuer: str | None = None) -> None:
         """Drop cached metadata for ``issuer``, or for every issuer."""

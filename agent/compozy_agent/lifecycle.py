@@ -169,7 +169,9 @@ takes ``now`` (wall-clock epoch seconds) and answers with what the driver
 # ended since the request began (attempt_ended_at >= asked_at) and still
 # cannot serve it, the request fails; it never starts another, except under
 # rule 8b. (It does wait for a refresh of its slot already in flight: that
-# one may serve it.)
+# one may serve it.) A force_new request that waited for a refresh nobody
+# forced (begun before it asked, e.g. on restore) is not served by it: it then
+# starts its own forced refresh, once.
 #
 # Rule 10: an event the phase does not allow (a result for a refresh that is
 # not in flight, a second revoke) raises IllegalTransition and changes
@@ -603,6 +605,9 @@ class AccessTokenSlot:
     refresh_due_at: float | None = None
     #: Rule 9: when the last refresh of this slot ended (success or not).
     attempt_ended_at: float | None = None
+    #: Rule 9: whether that refresh was forced (a force_new caller it did not serve
+    #: joined one begun for something else, and gets one of its own).
+    attempt_forced: bool = True
     #: What callers who waited for that refresh are told if it did not serve them.
     failure: Fail | None = None
     #: Rule 8: a refused narrower slot is not asked for again before this.
@@ -822,8 +827,11 @@ class SessionLifecycle:
         keeps_trying = self._retry_at is not None \
             and (token is None or token.remaining(now) <= 0) \
             and now - asked_at < EARLY_RETRY_WINDOW
+        # Rule 9; a forcing caller is owed one forced refresh, not one begun for others.
+        owed_own = forced and cache is not None and not cache.attempt_forced
         if cache is not None and cache.attempt_ended_at is not None \
-                and cache.attempt_ended_at >= asked_at and not keeps_trying:  # rule 9
+                and cache.attempt_ended_at >= asked_at and not keeps_trying \
+                and not owed_own:  # rule 9
             return cache.failure or Fail(ErrorCode.REFRESH_FAILED, (
                 "the new token had already expired when it arrived; check the system clock"
                 if cache.token is not None else
@@ -902,6 +910,7 @@ class SessionLifecycle:
         if flight.forced:
             cache.forced_at = issued  # rule 7: spaced from the forced token's issue
         cache.attempt_ended_at = now
+        cache.attempt_forced = flight.forced
         cache.failure = None
         if token.remaining(now) <= 0 and now - issued >= token.lifetime > 0:
             # Rule 2: never handed out; a caller still in its window tries again (8b).
@@ -955,6 +964,7 @@ class SessionLifecycle:
         self._last_refresh_outcome = f"failed: {reason}"
         cache = self._cache_for(flight)
         cache.attempt_ended_at = now
+        cache.attempt_forced = True  # a failure ends every waiting request (rule 9)
         cache.failure = Fail(ErrorCode.REFRESH_FAILED, f"could not refresh the token ({reason}); "
                              + _retry_hint(flight.slot, delay))
         return self.tick(now)
@@ -988,6 +998,7 @@ class SessionLifecycle:
         self._end_refresh(refresh_id, Event.REFRESH_REFUSED)
         cache = self._cache_for(flight)
         cache.attempt_ended_at = now
+        cache.attempt_forced = True
         cache.refused_until = now + REFUSAL_TTL
         cache.failure = Fail(ErrorCode.PROVIDER_ERROR,
                              f"the provider will not issue a token for that scope or "

@@ -26,6 +26,7 @@ import anyio
 
 from compozy_agent import oidc
 from compozy_agent.backend import OpError
+from compozy_agent.endpoints import for_issuer
 from compozy_agent.http import ProviderClient
 from compozy_agent.lifecycle import SessionLifecycle, usable_token
 from compozy_agent.revocation import Revocation
@@ -110,18 +111,31 @@ class Logins(Mapping[str, Login]):
     def now(self) -> float:
         return self.clock.now()
 
-    def _login_settings(self, request: p.LoginStart) -> tuple[str, str, list[str], list[str]]:
+    def _login_settings(
+        self, request: p.LoginStart
+    ) -> tuple[str, str, list[str], list[str], dict[str, str]]:
+        """Issuer, client id, scopes, resources and the endpoints the profile names.
+
+        The device flow uses the profile's ``device_client_id`` when it names one (a
+        provider may not let one client hold both grants); the profile's endpoints
+        and device client apply only to the profile's own issuer (endpoints.py).
+        """
         try:
             config = self.config_loader()
         except ConfigError as exc:
             raise OpError(ErrorCode.CONFIG_ERROR, str(exc)) from None
         profile = config.profiles.get(request.profile)
-        issuer = request.issuer or (profile.issuer if profile else None) or DEFAULT_ISSUER
-        client_id = request.client_id or (profile.client_id if profile else None) \
-            or DEFAULT_CLIENT_ID
+        issuer = (request.issuer or (profile.issuer if profile else None)
+                  or DEFAULT_ISSUER).rstrip("/")
+        same_provider = for_issuer(profile, issuer)
+        endpoints = same_provider.endpoints() if same_provider is not None else {}
+        device_client_id = same_provider.device_client_id \
+            if same_provider is not None and request.flow == "device" else None
+        client_id = request.client_id or device_client_id \
+            or (profile.client_id if profile else None) or DEFAULT_CLIENT_ID
         scopes = request.scope or (profile.scopes if profile else None) or list(DEFAULT_SCOPES)
         resources = (profile.resources if profile and profile.resources else [])
-        return issuer.rstrip("/"), client_id, list(scopes), list(resources)
+        return issuer, client_id, list(scopes), list(resources), endpoints
 
     def _hold_login(self, login: Login) -> None:
         """Hold a new login: it replaces the profile's pending one, and at most MAX_LOGINS
@@ -160,9 +174,9 @@ class Logins(Mapping[str, Login]):
     async def login_start(
         self, request: p.LoginStart, owner: object = None
     ) -> p.LoginStartResult:
-        issuer, client_id, scopes, resources = self._login_settings(request)
+        issuer, client_id, scopes, resources, endpoints = self._login_settings(request)
         try:
-            metadata = await self.provider.discover(issuer)
+            metadata = await self.provider.discover(issuer, endpoints)
         except oidc.ProviderUnreachable as exc:
             raise OpError(ErrorCode.PROVIDER_UNREACHABLE,
                           f"cannot reach the provider {issuer}: {exc}") from None
@@ -278,6 +292,14 @@ class Logins(Mapping[str, Login]):
                         case "access_denied":
                             self._fail_login(login, ErrorCode.ACCESS_DENIED,
                                              "the login was denied")
+                        case "device_not_found" | "invalid_grant":
+                            # Not RFC 8628 codes, but what providers say (404
+                            # device_not_found from django-oauth-toolkit) once a device
+                            # code is gone: expired, used, or lost in a restart.
+                            self._fail_login(
+                                login, ErrorCode.LOGIN_TIMEOUT,
+                                f"the provider no longer knows this device code ({exc.error}"
+                                "): it expired or was already used; run the login again")
                         case _:
                             self._fail_login(login, ErrorCode.LOGIN_FAILED,
                                              f"the provider said {exc}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from compozy_agent.clock import Clock
+from compozy_agent.endpoints import endpoints_from
 from compozy_agent.http import ProviderClient
 from compozy_agent.logins import Logins
 from compozy_agent.revocation import Revocation
@@ -38,7 +39,8 @@ class SessionManager:
         config_loader: Callable[[], Config] = load_config,
     ) -> None:
         self.store = store
-        self.driver = driver = SessionDriver(store, provider, clock=clock)
+        self.driver = driver = SessionDriver(store, provider, clock=clock,
+                                             endpoints=endpoints_from(config_loader))
         self.tokens = tokens = TokenService(driver)
         self.revocation = revocation = Revocation(driver, provider)
         self.logins = logins = Logins(driver, revocation, provider, config_loader=config_loader)

@@ -51,6 +51,7 @@ from compozy_client.safetext import one_line
 __all__ = [
     "DEFAULT_LIFETIME",
     "DEVICE_GRANT",
+    "ENDPOINT_FIELDS",
     "LOOPBACK_HOSTS",
     "CallbackError",
     "DeviceAuthorization",
@@ -58,6 +59,7 @@ __all__ = [
     "DeviceSlowDown",
     "HttpRequest",
     "MalformedResponse",
+    "MetadataDocument",
     "OAuthError",
     "OAuthFailure",
     "Pkce",
@@ -78,6 +80,8 @@ __all__ = [
     "device_token_request",
     "discovery_urls",
     "loopback_redirect_uri",
+    "merge_metadata",
+    "metadata_gaps",
     "new_nonce",
     "new_pkce",
     "new_state",
@@ -85,6 +89,7 @@ __all__ = [
     "parse_device_authorization",
     "parse_device_poll",
     "parse_discovery",
+    "parse_metadata_document",
     "parse_refresh_response",
     "parse_revocation_response",
     "parse_token_response",
@@ -96,6 +101,7 @@ __all__ = [
     "userinfo_request",
     "validate_id_token_claims",
     "validate_refresh_id_token",
+    "with_endpoints",
 ]
 
 #: RFC 8628 section 3.4.
@@ -255,32 +261,118 @@ def _same_issuer(stated: str, expected: str) -> bool:
     return stated == expected or stated.rstrip("/") == expected.rstrip("/")
 
 
-def parse_discovery(issuer: str, body: bytes) -> ProviderMetadata:
-    """Parse a metadata document for ``issuer`` and check it.
+#: The endpoints the agent calls, by their RFC 8414 section 2 names: what a profile may
+#: name when no metadata document does (``device_authorization_endpoint`` is RFC 8628
+#: section 4, ``userinfo_endpoint`` OIDC Discovery section 3).
+ENDPOINT_FIELDS: Final = (
+    "authorization_endpoint",
+    "token_endpoint",
+    "device_authorization_endpoint",
+    "revocation_endpoint",
+    "userinfo_endpoint",
+)
+
+
+class MetadataDocument(msgspec.Struct, kw_only=True):
+    """One metadata document as published: every field but ``issuer`` may be missing
+    (RFC 8414 documents often lack ``userinfo_endpoint``, OIDC ones
+    ``revocation_endpoint``); :func:`merge_metadata` combines documents."""
+
+    issuer: str
+    token_endpoint: str | None = None
+    authorization_endpoint: str | None = None
+    device_authorization_endpoint: str | None = None
+    revocation_endpoint: str | None = None
+    userinfo_endpoint: str | None = None
+    introspection_endpoint: str | None = None
+    code_challenge_methods_supported: list[str] | None = None
+    scopes_supported: list[str] | None = None
+    grant_types_supported: list[str] | None = None
+    authorization_response_iss_parameter_supported: bool | None = None
+
+
+def parse_metadata_document(issuer: str, body: bytes) -> MetadataDocument:
+    """Parse one metadata document for ``issuer`` and check it.
 
     The document must name ``issuer`` itself (RFC 8414 section 3.3, OIDC
     Discovery 4.3: defends against mix-up), and every endpoint must be https
     except on loopback. Raises MalformedResponse.
     """
     try:
-        metadata = msgspec.json.decode(body, type=ProviderMetadata)
+        document = msgspec.json.decode(body, type=MetadataDocument)
     except msgspec.ValidationError as exc:
         # msgspec names the field ("$.token_endpoint"), never its value.
         raise MalformedResponse(f"the discovery document is not valid metadata: {exc}") \
             from None
     except msgspec.DecodeError:
         raise MalformedResponse("the discovery document is not JSON") from None
-    if not _same_issuer(metadata.issuer, issuer):
+    if not _same_issuer(document.issuer, issuer):
         raise MalformedResponse(
-            f"the discovery document names issuer {_safe_text(metadata.issuer, 200)!r}, "
+            f"the discovery document names issuer {_safe_text(document.issuer, 200)!r}, "
             f"not {issuer!r}; refusing it (RFC 8414 3.3)"
         )
-    for url in (metadata.token_endpoint, metadata.authorization_endpoint,
-                metadata.device_authorization_endpoint, metadata.revocation_endpoint,
-                metadata.userinfo_endpoint, metadata.introspection_endpoint):
+    for url in (document.token_endpoint, document.authorization_endpoint,
+                document.device_authorization_endpoint, document.revocation_endpoint,
+                document.userinfo_endpoint, document.introspection_endpoint):
         if url is not None:
             check_endpoint_url(url)
-    return metadata
+    return document
+
+
+def metadata_gaps(document: MetadataDocument | ProviderMetadata) -> list[str]:
+    """The endpoints the agent uses that ``document`` does not name."""
+    return [name for name in ENDPOINT_FIELDS if getattr(document, name) is None]
+
+
+def merge_metadata(documents: Sequence[MetadataDocument]) -> ProviderMetadata:
+    """One view of the provider from its documents, in order of precedence.
+
+    OIDC Discovery's document comes first and RFC 8414's fills its gaps: each field
+    is taken from the first document that has it. Every document was checked by
+    :func:`parse_metadata_document` (same issuer, https endpoints). Raises
+    MalformedResponse when none names a token endpoint (RFC 8414 section 2).
+    """
+    if not documents:
+        raise MalformedResponse("no metadata document to read")
+    merged: dict[str, Any] = {}
+    for document in documents:
+        for name in MetadataDocument.__struct_fields__:
+            value = getattr(document, name)
+            if value is not None and name not in merged:
+                merged[name] = value
+    if merged.get("token_endpoint") is None:
+        raise MalformedResponse(
+            "the discovery document is not valid metadata: Object missing required field "
+            "`token_endpoint`")
+    if merged.get("authorization_response_iss_parameter_supported") is None:
+        merged.pop("authorization_response_iss_parameter_supported", None)
+    return ProviderMetadata(**merged)
+
+
+def parse_discovery(issuer: str, body: bytes) -> ProviderMetadata:
+    """Parse a single metadata document for ``issuer`` (checked as
+    :func:`parse_metadata_document`) into the agent's view of the provider."""
+    return merge_metadata([parse_metadata_document(issuer, body)])
+
+
+def with_endpoints(metadata: ProviderMetadata, endpoints: Mapping[str, str]) -> ProviderMetadata:
+    """``metadata`` with the endpoints a profile names (keys of :data:`ENDPOINT_FIELDS`),
+    which win over the documents'.
+
+    Each is checked as a discovered one is (https except on loopback, no fragment):
+    a profile cannot weaken what discovery would refuse. Raises MalformedResponse
+    (naming the setting) or ValueError for a name the agent does not use.
+    """
+    changes: dict[str, str] = {}
+    for name, url in endpoints.items():
+        if name not in ENDPOINT_FIELDS:
+            raise ValueError(f"not an endpoint the agent uses: {name}")
+        try:
+            check_endpoint_url(url)
+        except MalformedResponse as exc:
+            raise MalformedResponse(f"the profile's {name}: {exc}") from None
+        changes[name] = url
+    return msgspec.structs.replace(metadata, **changes) if changes else metadata
 
 
 # --------------------------------------------------------------------------
@@ -420,7 +512,10 @@ def device_authorization_request(
 ) -> HttpRequest:
     """Start a device flow (RFC 8628 section 3.1). Raises MalformedResponse when unsupported."""
     if not metadata.device_authorization_endpoint:
-        raise MalformedResponse("the provider does not support the device flow; use the browser")
+        raise MalformedResponse(
+            "the provider's metadata names no device authorization endpoint, so the device "
+            "flow cannot start: log in with the browser, or name it with "
+            "device_authorization_endpoint in the profile")
     form = [("client_id", client_id), ("scope", " ".join(scopes))]
     form.extend(("resource", r) for r in resources)
     return HttpRequest(method="POST", url=metadata.device_authorization_endpoint, form=form)
@@ -471,7 +566,9 @@ def revocation_request(
     Raises MalformedResponse when the provider has no revocation endpoint.
     """
     if not metadata.revocation_endpoint:
-        raise MalformedResponse("the provider has no revocation endpoint")
+        raise MalformedResponse(
+            "the provider's metadata names no revocation endpoint (revocation_endpoint "
+            "in the profile names one)")
     form = [("token", token)]
     if hint:
         form.append(("token_type_hint", hint))

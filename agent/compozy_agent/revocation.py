@@ -3,9 +3,12 @@
 ``revoke`` (one session by token id), ``revoke_all`` and ``logout`` (a
 profile's sessions, or all) revoke each session's refresh token at the
 provider, then its access tokens (best effort), then have the driver forget
-it: secret deleted, metadata saved. A session whose provider cannot be
-reached is kept unless the request says ``force``: removing it locally would
-leave it valid at the provider with nobody holding it. ``logins.py`` uses
+it: secret deleted, metadata saved. A session that could not be revoked at
+its provider (unreachable, refused, or no revocation endpoint in its metadata
+or profile) is kept unless the request says ``force``: removing it locally
+would leave its refresh token valid at the provider, with nobody holding it,
+until it expires. An API key is the exception: it is revoked in the dashboard,
+so forgetting it here is all a logout can do. ``logins.py`` uses
 :meth:`Revocation.revoke_at_provider` for the session a new login replaces.
 """
 
@@ -25,6 +28,9 @@ from compozy_client.errors import ErrorCode
 
 #: How long a revocation waits for a refresh in flight, so it revokes the newest token.
 REVOKE_WAIT: Final = 10.0
+API_KEY_NOTE: Final = "an API key is revoked in the Compozy Cloud dashboard, not here"
+#: What a session forgotten without being revoked leaves behind.
+LEFT_VALID: Final = "its refresh token stays valid at the provider until it expires"
 
 
 class Revocation:
@@ -38,7 +44,7 @@ class Revocation:
         """Revoke at the provider (RFC 7009, refresh token first); the failure reason or None."""
         meta = session.meta
         if session.api_key is not None:
-            return "an API key is revoked in the Compozy Cloud dashboard, not here"
+            return API_KEY_NOTE
         lifecycle = session.lifecycle
         assert lifecycle is not None
         # A refresh in flight may rotate the refresh token: revoke the newest one.
@@ -49,7 +55,7 @@ class Revocation:
         if refresh_token is None or meta.issuer is None or meta.client_id is None:
             return None  # nothing left that the provider would accept
         try:
-            metadata = await self.provider.discover(meta.issuer)
+            metadata = await self.driver.metadata(meta)
             await self.provider.revoke(metadata, client_id=meta.client_id,
                                        token=refresh_token.reveal(), hint="refresh_token")
         except (oidc.ProviderUnreachable, oidc.TransientProviderError) as exc:
@@ -66,26 +72,30 @@ class Revocation:
 
     async def _revoke_sessions(self, targets: list[Session], force: bool) -> p.RevokeResult:
         result = p.RevokeResult(forgotten=[], revoked_at_provider=[], not_revoked={})
-        unreachable: dict[str, str] = {}
+        kept: dict[str, str] = {}
         for session in targets:
             token_id = session.meta.token_id
             reason = await self.revoke_at_provider(session)
             if reason is None:
                 result.revoked_at_provider.append(token_id)
-            elif "could not be reached" in reason and not force:
-                unreachable[token_id] = reason
+            elif reason == API_KEY_NOTE:
+                result.not_revoked[token_id] = reason
+            elif not force:
+                kept[token_id] = reason
                 continue
             else:
-                result.not_revoked[token_id] = reason
+                result.not_revoked[token_id] = f"{reason}; {LEFT_VALID}"
             await self.driver.forget(session)
             result.forgotten.append(token_id)
-        if unreachable:
+        if kept:
             done = f"; {len(result.forgotten)} other session(s) were revoked and removed" \
                 if result.forgotten else ""
+            unreachable = all("could not be reached" in reason for reason in kept.values())
             raise OpError(
-                ErrorCode.PROVIDER_UNREACHABLE,
+                ErrorCode.PROVIDER_UNREACHABLE if unreachable else ErrorCode.PROVIDER_ERROR,
                 "not revoked, so not removed: " + "; ".join(
-                    f"{token_id}: {reason}" for token_id, reason in unreachable.items()) + done,
+                    f"{token_id}: {reason}" for token_id, reason in kept.items())
+                + f" ({LEFT_VALID} if removed here){done}",
                 {"command": "retry with --force to remove locally anyway"},
             )
         return result

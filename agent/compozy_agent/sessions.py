@@ -35,6 +35,7 @@ import anyio.abc
 from compozy_agent import oidc
 from compozy_agent.backend import OpError
 from compozy_agent.clock import Clock, SystemClock
+from compozy_agent.endpoints import EndpointsFor, no_endpoints
 from compozy_agent.http import ProviderClient
 from compozy_agent.lifecycle import (
     DEFAULT_SLOT,
@@ -93,9 +94,12 @@ class SessionDriver:
         provider: ProviderClient,
         *,
         clock: Clock | None = None,
+        endpoints: EndpointsFor = no_endpoints,
     ) -> None:
         self.store = store
         self.provider = provider
+        #: The endpoints a session's profile names (endpoints.py).
+        self.endpoints = endpoints
         self.clock: Clock = clock if clock is not None else SystemClock()
         self.by_id: dict[str, Session] = {}
         #: The session each profile's requests go to (one per profile, O(1) per request).
@@ -115,6 +119,12 @@ class SessionDriver:
 
     def now(self) -> float:
         return self.clock.now()
+
+    async def metadata(self, meta: StoredSession) -> oidc.ProviderMetadata:
+        """The provider's metadata for a session: discovery, with its profile's endpoints."""
+        assert meta.issuer is not None
+        return await self.provider.discover(meta.issuer,
+                                            self.endpoints(meta.profile, meta.issuer))
 
     def _add(self, session: Session) -> None:
         """Hold ``session``; it becomes its profile's session (the newest one wins)."""
@@ -231,7 +241,7 @@ class SessionDriver:
         try:
             assert meta.issuer is not None and meta.client_id is not None
             async with self._refresh_slots:
-                metadata = await self.provider.discover(meta.issuer)
+                metadata = await self.metadata(meta)
                 response = await self.provider.refresh(
                     metadata, client_id=meta.client_id,
                     refresh_token=start.refresh_token.reveal(), scopes=start.scopes,

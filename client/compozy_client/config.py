@@ -11,6 +11,11 @@ Shape (every key optional)::
         client_id: compozy-cli
         scopes: [openid, profile, email, offline_access]
         resources: [https://api.compozy.dev]
+        # What the provider's metadata does not say (RFC 8414 names); each wins
+        # over discovery and is checked like a discovered one (https but loopback):
+        device_authorization_endpoint: https://auth.example.com/device
+        revocation_endpoint: https://auth.example.com/revoke
+        device_client_id: compozy-device   # the device flow's client, if separate
     rules:                    # which profile a host, URL or API uses (compozy_client.rules)
       - match: {host: git.example.com}
         profile: work
@@ -58,6 +63,31 @@ class ProfileConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     #: APIs (RFC 8707 resource indicators) the login asks access for, so that
     #: `compozy auth token --audience URI` can later get a token for one of them.
     resources: list[str] | None = None
+    #: Endpoints the provider's metadata does not name, by their RFC 8414 names
+    #: (userinfo's by OIDC Discovery's); each wins over discovery.
+    authorization_endpoint: str | None = None
+    token_endpoint: str | None = None
+    device_authorization_endpoint: str | None = None
+    revocation_endpoint: str | None = None
+    userinfo_endpoint: str | None = None
+    #: The client of the device flow, for providers where one client cannot hold
+    #: both grants (django-oauth-toolkit: one grant type per application).
+    device_client_id: str | None = None
+
+    def endpoints(self) -> dict[str, str]:
+        """The endpoints this profile names, by field name."""
+        return {name: value for name in ENDPOINT_SETTINGS
+                if (value := getattr(self, name)) is not None}
+
+
+#: The profile settings that name a provider endpoint (the agent's oidc.ENDPOINT_FIELDS).
+ENDPOINT_SETTINGS: Final = (
+    "authorization_endpoint",
+    "token_endpoint",
+    "device_authorization_endpoint",
+    "revocation_endpoint",
+    "userinfo_endpoint",
+)
 
 
 class RuleMatchConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):

@@ -137,10 +137,16 @@ async def test_an_oversized_body_is_refused(client: ProviderClient, fake: FakePr
 # -------------------------------------------------------------------- discovery
 
 
+def complete_document(issuer: str = ISSUER) -> dict[str, object]:
+    """A document naming every endpoint the agent uses: nothing left to fill."""
+    return {**{name: f"{issuer}/{name}" for name in oidc.ENDPOINT_FIELDS},
+            **metadata_document(issuer)}
+
+
 async def test_discovery_uses_openid_configuration_and_caches_it(
     client: ProviderClient, fake: FakeProvider, clock: Clock
 ) -> None:
-    fake.handler = lambda request: httpx.Response(200, json=metadata_document())
+    fake.handler = lambda request: httpx.Response(200, json=complete_document())
     first = await client.discover(ISSUER)
     assert first.token_endpoint == f"{ISSUER}/token"
     assert [str(r.url) for r in fake.requests] == [OIDC_URL]
@@ -162,7 +168,6 @@ async def test_discovery_uses_openid_configuration_and_caches_it(
     [
         httpx.Response(404),
         httpx.Response(200, text="<html>a single-page app answers every path</html>"),
-        httpx.Response(200, json={"issuer": "https://evil.test", "token_endpoint": "https://e/t"}),
     ],
 )
 async def test_discovery_falls_back_to_rfc8414_with_path_insertion(
@@ -182,6 +187,93 @@ async def test_discovery_falls_back_to_rfc8414_with_path_insertion(
         f"{issuer}/.well-known/openid-configuration",
         f"{ISSUER}/.well-known/oauth-authorization-server/tenant1",
     ]
+
+
+async def test_discovery_merges_a_sparse_oidc_document_with_rfc8414(
+    client: ProviderClient, fake: FakeProvider, clock: Clock
+) -> None:
+    # As django-oauth-toolkit publishes them: OIDC lacks revocation and device, RFC 8414
+    # has revocation but no userinfo; neither has the device endpoint.
+    issuer = f"{ISSUER}/o"
+    openid = {"issuer": issuer, "token_endpoint": f"{issuer}/token/",
+              "authorization_endpoint": f"{issuer}/authorize/",
+              "userinfo_endpoint": f"{issuer}/userinfo/"}
+    rfc8414 = {"issuer": issuer, "token_endpoint": f"{issuer}/other-token/",
+               "revocation_endpoint": f"{issuer}/revoke_token/",
+               "introspection_endpoint": f"{issuer}/introspect/",
+               "authorization_response_iss_parameter_supported": True}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/o/.well-known/openid-configuration":
+            return httpx.Response(200, json=openid)
+        if request.url.path == "/.well-known/oauth-authorization-server/o":
+            return httpx.Response(200, json=rfc8414)
+        return httpx.Response(404)
+
+    fake.handler = handler
+    metadata = await client.discover(issuer)
+    assert metadata.token_endpoint == f"{issuer}/token/"  # OIDC first
+    assert metadata.userinfo_endpoint == f"{issuer}/userinfo/"  # only in OIDC
+    assert metadata.revocation_endpoint == f"{issuer}/revoke_token/"  # filled by RFC 8414
+    assert metadata.introspection_endpoint == f"{issuer}/introspect/"
+    assert metadata.authorization_response_iss_parameter_supported
+    assert metadata.device_authorization_endpoint is None  # in neither
+    assert len(fake.requests) == 2
+    assert await client.discover(issuer) is metadata  # the merge is what is cached
+    assert len(fake.requests) == 2
+    # A profile names what no document says; the override is not cached.
+    device = f"{issuer}/device-authorization/"
+    named = await client.discover(issuer, {"device_authorization_endpoint": device})
+    assert named.device_authorization_endpoint == device
+    assert named.revocation_endpoint == metadata.revocation_endpoint
+    assert (await client.discover(issuer)).device_authorization_endpoint is None
+
+
+@pytest.mark.parametrize("wrong", ["openid", "rfc8414"])
+@pytest.mark.parametrize("answer", [
+    {"issuer": "https://evil.test", "token_endpoint": "https://evil.test/t"},
+    {"issuer": ISSUER, "token_endpoint": f"{ISSUER}/t",
+     "revocation_endpoint": "http://auth.example.test/revoke"},
+])
+async def test_discovery_refuses_a_bad_document_in_either_place(
+    client: ProviderClient, fake: FakeProvider, wrong: str, answer: dict[str, object]
+) -> None:
+    good = metadata_document()  # sparse: the second document is always read
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        is_openid = request.url.path.endswith("openid-configuration")
+        return httpx.Response(200, json=answer if is_openid == (wrong == "openid") else good)
+
+    fake.handler = handler
+    with pytest.raises(oidc.MalformedResponse, match=r"evil\.test|non-HTTPS"):
+        await client.discover(ISSUER)
+    fake.handler = lambda request: httpx.Response(200, json=good)
+    assert (await client.discover(ISSUER)).issuer == ISSUER  # the refusal was not cached
+
+
+async def test_discovery_uses_openid_alone_uncached_when_rfc8414_cannot_be_read(
+    client: ProviderClient, fake: FakeProvider
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("openid-configuration"):
+            return httpx.Response(200, json=metadata_document())
+        return httpx.Response(503)
+
+    fake.handler = handler
+    assert (await client.discover(ISSUER)).revocation_endpoint is None
+    await client.discover(ISSUER)
+    assert len(fake.requests) == 4  # asked again: a partial view is not kept for an hour
+
+
+async def test_profile_endpoints_are_checked_like_discovered_ones(
+    client: ProviderClient, fake: FakeProvider
+) -> None:
+    fake.handler = lambda request: httpx.Response(200, json=metadata_document())
+    with pytest.raises(oidc.MalformedResponse,
+                       match="profile's revocation_endpoint: refusing a non-HTTPS"):
+        await client.discover(ISSUER, {"revocation_endpoint": "http://auth.example.test/r"})
+    loopback = await client.discover(ISSUER, {"token_endpoint": "http://127.0.0.1:9/token"})
+    assert loopback.token_endpoint == "http://127.0.0.1:9/token"
 
 
 async def test_discovery_failures(client: ProviderClient, fake: FakeProvider) -> None:

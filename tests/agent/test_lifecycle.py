@@ -353,6 +353,23 @@ def test_force_new() -> None:
     assert start(machine.request_token(now + 1 + RECENT, force_new=True)).refresh_id == 2
 
 
+def test_force_new_during_a_refresh_nobody_forced_gets_one_of_its_own() -> None:
+    """A restored session refreshes at once; `compozy auth refresh` asked meanwhile waits
+    for that refresh, whose token was asked for before it and so is not new, then gets a
+    refresh of its own (found by the django-oauth-toolkit restart test: it failed with
+    "the new token had already expired when it arrived")."""
+    machine = SessionLifecycle(T0, refresh_token="rt-0", rng=random.Random(1))
+    restore = start(only(machine.tick(T0)))
+    asked_at = T0 + 0.01
+    assert machine.request_token(asked_at, force_new=True, recent=0) == WaitForRefresh(1)
+    machine.refresh_succeeded(T0 + 0.1, restore.refresh_id, "at-1", T0 + HOUR, issued_at=T0)
+    own = start(machine.request_token(T0 + 0.1, force_new=True, asked_at=asked_at, recent=0))
+    machine.refresh_succeeded(T0 + 0.2, own.refresh_id, "at-2", T0 + HOUR,
+                              issued_at=T0 + 0.15)
+    assert ready_value(machine.request_token(T0 + 0.2, force_new=True, asked_at=asked_at,
+                                             recent=0)) == "at-2"
+
+
 def test_rejected_token_is_dropped_and_refreshed_once() -> None:
     machine = logged_in()
     now = T0 + 600

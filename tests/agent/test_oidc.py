@@ -202,6 +202,47 @@ def test_discovery_without_token_endpoint_or_json_is_malformed() -> None:
         oidc.parse_discovery(ISSUER, b"<html>sign in</html>")
 
 
+def test_merge_takes_each_field_from_the_first_document_that_has_it() -> None:
+    openid = oidc.parse_metadata_document(ISSUER, json.dumps({
+        "issuer": ISSUER, "token_endpoint": f"{ISSUER}/token",
+        "userinfo_endpoint": f"{ISSUER}/me"}).encode())
+    rfc8414 = oidc.parse_metadata_document(ISSUER + "/", json.dumps({
+        "issuer": ISSUER, "token_endpoint": f"{ISSUER}/elsewhere",
+        "revocation_endpoint": f"{ISSUER}/revoke",
+        "grant_types_supported": [oidc.DEVICE_GRANT]}).encode())
+    merged = oidc.merge_metadata([openid, rfc8414])
+    assert merged.token_endpoint == f"{ISSUER}/token"
+    assert merged.userinfo_endpoint == f"{ISSUER}/me"
+    assert merged.revocation_endpoint == f"{ISSUER}/revoke"
+    assert merged.grant_types_supported == [oidc.DEVICE_GRANT]
+    assert merged.device_authorization_endpoint is None
+    assert oidc.metadata_gaps(merged) == ["authorization_endpoint",
+                                          "device_authorization_endpoint"]
+    # RFC 8414 alone may serve, and a document without a token endpoint cannot.
+    assert oidc.merge_metadata([rfc8414]).token_endpoint == f"{ISSUER}/elsewhere"
+    no_token = oidc.parse_metadata_document(ISSUER, json.dumps({"issuer": ISSUER}).encode())
+    with pytest.raises(oidc.MalformedResponse, match="token_endpoint"):
+        oidc.merge_metadata([no_token])
+
+
+@pytest.mark.parametrize("stated", ["https://evil.test", f"{ISSUER}/other"])
+def test_each_metadata_document_must_name_the_issuer(stated: str) -> None:
+    with pytest.raises(oidc.MalformedResponse, match=r"RFC 8414 3\.3"):
+        oidc.parse_metadata_document(ISSUER, json.dumps({"issuer": stated}).encode())
+
+
+def test_profile_endpoints_win_and_are_checked() -> None:
+    named = oidc.with_endpoints(META, {"revocation_endpoint": f"{ISSUER}/r2"})
+    assert named.revocation_endpoint == f"{ISSUER}/r2" and named.token_endpoint == \
+        META.token_endpoint
+    with pytest.raises(oidc.MalformedResponse, match="device_authorization_endpoint"):
+        oidc.with_endpoints(META, {"device_authorization_endpoint": "http://a.test/d"})
+    with pytest.raises(oidc.MalformedResponse, match="fragment"):
+        oidc.with_endpoints(META, {"token_endpoint": f"{ISSUER}/t#x"})
+    with pytest.raises(ValueError, match="not an endpoint"):
+        oidc.with_endpoints(META, {"jwks_uri": f"{ISSUER}/jwks"})
+
+
 # ----------------------------------------------------------------------- requests
 
 

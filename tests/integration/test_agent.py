@@ -32,6 +32,7 @@ from support.agent import (
     can_connect,
     prepare_dirs,
     run_cli,
+    settled_agent_pids,
     start_agent,
 )
 from support.other_user import answer_to_another_user
@@ -586,7 +587,7 @@ def test_concurrent_clis_start_exactly_one_agent(agent_env: AgentEnv) -> None:
     pids = {json.loads(r.stdout)["agent"]["pid"] for r in results}
     assert len(pids) == 1, [r.stderr for r in results]
     # Every agent that lost the race has exited; the winner is the only one left.
-    losers_gone = [pid for pid in agent_pids(agent_env)]
+    losers_gone = settled_agent_pids(agent_env)
     assert losers_gone == list(pids)
 
 

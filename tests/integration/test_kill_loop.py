@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from support.agent import AgentEnv, agent_pids, run_cli
+from support.agent import AgentEnv, agent_pids, run_cli, settled_agent_pids
 from support.login import CLI, configure, login_browser
 from support.provider import OidcTestProvider
 
@@ -163,4 +163,4 @@ def test_many_clis_during_a_restart_start_one_agent_and_all_get_answers(
                 timeout=120), range(20)))
         assert [r.returncode for r in results] == [0] * 20, [r.stderr for r in results]
         assert len({r.stdout.strip() for r in results}) == 1  # one restore, one token
-        assert len(agent_pids(agent_env)) == 1
+        assert len(settled_agent_pids(agent_env)) == 1

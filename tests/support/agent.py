@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import signal
 import socket
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,6 +198,36 @@ def run_cli(
     if args[:2] != ("auth", "token"):  # its stdout is a token by design
         agent_env.outputs.append((f"stdout of `compozy {command}`", result.stdout))
     return result
+
+
+def settled_agent_pids(agent_env: AgentEnv, timeout: float = START_TIMEOUT) -> list[int]:
+    """:func:`agent_pids` once every agent that lost a start-up race has exited.
+
+    A CLI that found no agent starts one; when many do at once, exactly one
+    binds the socket and the others exit as soon as they find it taken, which
+    a loaded machine may delay past the CLIs' answers. Waits on the losers'
+    pidfds (no polling), at most ``timeout`` seconds; returns whatever is
+    left then.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = agent_pids(agent_env)
+        left = deadline - time.monotonic()
+        if len(pids) <= 1 or left <= 0:
+            return pids
+        poller = select.poll()
+        handles = []
+        for pid in pids:
+            try:
+                handles.append(os.pidfd_open(pid))
+            except ProcessLookupError:
+                continue
+            poller.register(handles[-1], select.POLLIN)
+        try:
+            poller.poll(left * 1000)  # wakes as soon as one of them exits
+        finally:
+            for handle in handles:
+                os.close(handle)
 
 
 def agent_pids(agent_env: AgentEnv) -> list[int]:

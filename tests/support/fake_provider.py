@@ -27,8 +27,9 @@ It also plays a malicious or broken provider where a test asks it to:
 :attr:`FakeProvider.relay_authorization_to` sends the browser on to another
 provider's authorization endpoint with the same query (the mix-up attacker of
 RFC 9207), :attr:`FakeProvider.userinfo_claims` answers userinfo about someone
-else, and :attr:`FakeProvider.advertises_iss` drops
-``authorization_response_iss_parameter_supported`` from the metadata.
+else, :attr:`FakeProvider.advertises_iss` drops
+``authorization_response_iss_parameter_supported`` from the metadata, and
+:attr:`FakeProvider.omitted_metadata` leaves any field out of it (sparse discovery).
 
 Three ways in: ``async with FakeProvider() as fake`` in async code; the
 ``fake_provider`` fixture in anyio tests (asyncio backend: aiohttp is
@@ -172,6 +173,8 @@ class FakeProvider:
         self.device_interval: int | None = 1
         self.device_expires_in = 600
         self.user_code = "WDJB-MJHT"
+        #: Send ``verification_uri_complete`` (RFC 8628 section 3.3.1: OPTIONAL).
+        self.device_uri_complete = True
         #: Requests now waiting in a ``hold`` behaviour.
         self.holding = 0
         #: Parameters of the authorization response to change (a value of None removes it).
@@ -182,6 +185,8 @@ class FakeProvider:
         self.userinfo_claims: dict[str, Any] | None = None
         #: Say in the metadata that authorization responses carry ``iss`` (RFC 9207).
         self.advertises_iss = True
+        #: Fields left out of the metadata document (a sparse provider's discovery).
+        self.omitted_metadata: set[str] = set()
         self._tokens = itertools.count(1)  # numbers the ok token answers
         self._codes = itertools.count(1)
         self._nonces: dict[str, str | None] = {}
@@ -355,7 +360,7 @@ class FakeProvider:
         return await self._answer(request, lambda _: web.json_response(self.metadata()))
 
     def metadata(self) -> dict[str, Any]:
-        return {
+        document = {
             "issuer": self.base_url,
             "authorization_endpoint": self.url(AUTHORIZATION),
             "token_endpoint": self.url(TOKEN),
@@ -369,6 +374,7 @@ class FakeProvider:
             "scopes_supported": ["openid", "profile", "email", "offline_access"],
             "authorization_response_iss_parameter_supported": self.advertises_iss,
         }
+        return {k: v for k, v in document.items() if k not in self.omitted_metadata}
 
     async def _authorize(self, request: web.Request) -> web.StreamResponse:
         """A person who always allows: redirect to ``redirect_uri`` with a code at once."""
@@ -445,9 +451,11 @@ class FakeProvider:
                 "device_code": f"fake-dc-{next(self._codes)}",
                 "user_code": self.user_code,
                 "verification_uri": self.url("/device"),
-                "verification_uri_complete": self.url(f"/device?user_code={self.user_code}"),
                 "expires_in": self.device_expires_in,
             }
+            if self.device_uri_complete:
+                body["verification_uri_complete"] = self.url(
+                    f"/device?user_code={self.user_code}")
             if self.device_interval is not None:
                 body["interval"] = self.device_interval
             return web.json_response(body)

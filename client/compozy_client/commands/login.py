@@ -116,8 +116,10 @@ def run(args: argparse.Namespace) -> int:
                     info("Open this URL in a browser to log in:")
                 info(f"  {started.authorization_url}")
             else:
+                # Verbatim: some providers match user codes case-sensitively and
+                # without the hyphen others print (django-oauth-toolkit).
                 info(f"To log in to {started.issuer}, open {started.verification_uri} and "
-                     f"enter the code {started.user_code}")
+                     f"enter the code {started.user_code} exactly as shown")
                 if started.verification_uri_complete:
                     info(f"  or open: {started.verification_uri_complete}")
                 target = started.verification_uri_complete or started.verification_uri
