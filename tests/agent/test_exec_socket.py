@@ -158,7 +158,7 @@ async def test_an_exec_socket_serves_only_its_profile_scope_and_audience() -> No
         status = await child.ask({"op": "status"})
         assert [s["profile"] for s in status["result"]["sessions"]] == ["dev"]
 
-        refused = [
+        refused: list[dict[str, Any]] = [
             {"op": "token", "profile": "prod"},
             {"op": "token"},  # "default", not this socket's profile
             {"op": "token", "profile": "dev", "token_id": "prod"},
