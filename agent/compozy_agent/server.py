@@ -690,7 +690,7 @@ class AgentServer:
                 return p.StatusResult(
                     agent_version=__version__,
                     pid=os.getpid(),
-                    socket=self.socket_path,
+                    socket=client.grant.path if client.grant is not None else self.socket_path,
                     storage=backend.storage_info(),
                     sessions=sessions,
                     clock_skew_seconds=backend.clock_skew(),
