@@ -61,6 +61,8 @@ REFRESH_AT_SHARE = 2.0 / 3.0
 #: ...but never more often than this (seconds), and after a failure retried this late at most.
 MIN_REFRESH_INTERVAL = 1.0
 MAX_RETRY_INTERVAL = 10.0
+#: How long to wait at the end for the agent to remove the command's socket (seconds).
+SOCKET_REMOVAL_WAIT = 5.0
 EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
 
@@ -128,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
         finally:
             if token_file is not None:
                 token_file.remove()
+            # Gone before we exit, so that whoever waits for us finds it gone.
+            conn.close_and_wait(SOCKET_REMOVAL_WAIT)
 
 
 def _check_env_name(name: str | None) -> None:
@@ -152,7 +156,8 @@ class TokenFile:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._inode: int | None = None
+        #: What names the file we wrote last (inodes are reused: not the inode alone).
+        self._identity: tuple[int, int, int, int] | None = None
 
     def create(self, token: str) -> None:
         from compozy_client.errors import UsageError
@@ -162,7 +167,11 @@ class TokenFile:
                              "does not (it is removed when the command ends)")
         if not os.path.isdir(os.path.dirname(self.path)):
             raise UsageError(f"--token-file {self.path}: its directory does not exist")
-        self.write(token)
+        try:
+            self.write(token)
+        except OSError as exc:
+            raise UsageError(f"cannot write --token-file {self.path}: "
+                             f"{exc.strerror or exc}") from None
 
     def write(self, token: str) -> None:
         """Write ``token`` to a new 0600 file beside the path, then rename it over the path."""
@@ -175,24 +184,28 @@ class TokenFile:
             while data:
                 data = data[os.write(fd, data):]
             os.fsync(fd)
-            inode = os.fstat(fd).st_ino
+            info = os.fstat(fd)  # a rename changes neither size nor mtime
         except BaseException:
             os.close(fd)
             os.unlink(temporary)
             raise
         os.close(fd)
         os.replace(temporary, self.path)
-        self._inode = inode
+        self._identity = _identity(info)
 
     def remove(self) -> None:
-        if self._inode is None:
+        if self._identity is None:
             return
         try:
-            if os.lstat(self.path).st_ino == self._inode:
+            if _identity(os.lstat(self.path)) == self._identity:
                 os.unlink(self.path)
         except OSError:
             pass
-        self._inode = None
+        self._identity = None
+
+
+def _identity(info: os.stat_result) -> tuple[int, int, int, int]:
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
 
 
 class Refresher:
