@@ -262,6 +262,16 @@ def test_the_commands_exit_status_is_compozy_execs(keyed: AgentProcess, command:
     assert result.returncode == code, result.stderr
 
 
+def test_the_exit_status_passes_through_when_started_with_sigchld_ignored(
+        keyed: AgentProcess) -> None:
+    """Ignored SIGCHLD is inherited, and makes the kernel reap children unseen."""
+    result = subprocess.run(
+        [*CLI, "exec", "--", "sh", "-c", "exit 4"], capture_output=True, text=True,
+        timeout=60, env=keyed.agent_env.env(),
+        preexec_fn=lambda: signal.signal(signal.SIGCHLD, signal.SIG_IGN))
+    assert result.returncode == 4, result.stderr
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_sent_to_compozy_exec_reaches_the_command_once(keyed: AgentProcess,
                                                                 signum: int) -> None:

@@ -61,6 +61,8 @@ REFRESH_AT_SHARE = 2.0 / 3.0
 #: ...but never more often than this (seconds), and after a failure retried this late at most.
 MIN_REFRESH_INTERVAL = 1.0
 MAX_RETRY_INTERVAL = 10.0
+#: The longest wait between two looks at whether the command has ended (seconds).
+CHILD_CHECK_INTERVAL = 1.0
 #: How long to wait at the end for the agent to remove the command's socket (seconds).
 SOCKET_REMOVAL_WAIT = 5.0
 EXIT_NOT_EXECUTABLE = 126
@@ -281,6 +283,8 @@ def supervise(command: list[str], env: dict[str, str], refresher: Refresher | No
         return _supervise_with_handlers(command, env, refresher)
     forwarded = {getattr(signal, name) for name in FORWARDED_SIGNALS}
     watched = forwarded | {signal.SIGCHLD}
+    # Ignored SIGCHLD (inherited from whoever started us) would reap the command unseen.
+    previous_sigchld = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     # Blocked, so that they wait for sigtimedwait: nothing is lost between two waits.
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
     try:
@@ -289,18 +293,17 @@ def supervise(command: list[str], env: dict[str, str], refresher: Refresher | No
             return -pid
         while True:
             due = refresher.seconds_until_due() if refresher is not None else None
-            # None: the refresh is due (sigwaitinfo never returns None).
-            info = signal.sigwaitinfo(watched) if due is None else \
-                signal.sigtimedwait(watched, due)
-            if info is None:
-                assert refresher is not None
-                refresher.refresh()
-                continue
-            if info.si_signo == signal.SIGCHLD:
+            # At most CHILD_CHECK_INTERVAL: a SIGCHLD taken by another thread (none in
+            # the CLI; an embedding program may have some) must not leave us waiting.
+            wait = CHILD_CHECK_INTERVAL if due is None else min(due, CHILD_CHECK_INTERVAL)
+            info = signal.sigtimedwait(watched, wait)
+            if info is None or info.si_signo == signal.SIGCHLD:
                 done, status = os.waitpid(pid, os.WNOHANG)
                 if done == pid:
                     return _exit_code(status)
-                continue  # stopped or continued, not ended
+                if refresher is not None and refresher.seconds_until_due() == 0.0:
+                    refresher.refresh()
+                continue  # running, stopped or continued
             if info.si_code == SI_KERNEL:
                 continue  # the terminal sent it to the command as well
             with contextlib.suppress(ProcessLookupError):  # ended: its SIGCHLD is next
@@ -311,6 +314,8 @@ def supervise(command: list[str], env: dict[str, str], refresher: Refresher | No
         while signal.sigtimedwait(watched, 0) is not None:
             pass
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        if previous_sigchld is not None:
+            signal.signal(signal.SIGCHLD, previous_sigchld)
 
 
 def _supervise_with_handlers(command: list[str], env: dict[str, str],
