@@ -32,6 +32,14 @@ Rules, after ssh-agent (``ssh-agent.c``):
   closes that pool's longest-idle connection; only when every connection in it
   has a request in flight does the newcomer get ``busy`` and is closed.
 * Requests on a connection are answered in order, one response each.
+* ``exec_socket`` (``compozy exec``) binds a socket of its own for a child
+  process, 0600 in a 0700 ``exec`` directory beside the main socket, with a
+  name nobody can guess. It serves what the forwarding socket serves, for one
+  profile and at most the scope and audience asked for (``ExecGrant``); its
+  connections have the same peer check. It is removed, and its connections
+  closed, when the connection that asked for it closes, which is never closed
+  for idleness. One process holds at most ``MAX_EXEC_SOCKETS_PER_PROCESS`` of
+  them, the agent at most ``MAX_EXEC_SOCKETS``.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ import fcntl
 import logging
 import os
 import resource
+import secrets
 import socket
 import stat
 import time
@@ -91,6 +100,12 @@ ACCEPT_RETRY_MAX: Final = 1.0
 _ACCEPT_ERRORS_OF_ONE_PEER: Final = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EINTR})
 #: Ops served on the restricted forwarding socket.
 FORWARD_OPS: Final = frozenset({"hello", "status", "token"})
+#: Child sockets of `compozy exec`: how many one process (by peer pid) may hold, and
+#: how many the agent holds at most (each is a listening descriptor).
+MAX_EXEC_SOCKETS_PER_PROCESS: Final = 8
+MAX_EXEC_SOCKETS: Final = 64
+#: Where they are bound: a directory beside the main socket.
+EXEC_SOCKET_DIR: Final = "exec"
 #: Ops served while the agent is locked (as ssh-agent serves only "unlock").
 LOCKED_OPS: Final = frozenset({"hello", "status", "unlock"})
 
@@ -246,6 +261,78 @@ def check_inherited_socket(sock: socket.socket) -> str:
 
 
 @dataclass(eq=False)
+class ExecGrant:
+    """What one ``compozy exec`` child's socket serves: ``FORWARD_OPS`` for ``profile``;
+    tokens of at most ``scope`` and only for ``audience`` when they are set (a request
+    that names neither gets them)."""
+
+    profile: str
+    scope: frozenset[str] | None
+    audience: str | None
+    path: str
+    #: The listening socket's inode: the path is removed only while it is still ours.
+    inode: int
+    #: Ends the accept loop of the socket.
+    accepting: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    #: The connections made to it, closed with it.
+    clients: set[Client] = field(default_factory=set)
+
+    def refusal(self, request: p.Request, op: str) -> str | None:
+        """Why this socket refuses ``request``, or None (filling in its scope and audience)."""
+        if op not in FORWARD_OPS:
+            return f"op {op!r} is not allowed on a compozy exec socket"
+        if isinstance(request, p.Status) and request.profile not in (None, self.profile):
+            return f"this socket serves only profile {self.profile!r}"
+        if not isinstance(request, p.Token):
+            return None
+        if request.token_id is not None or request.profile != self.profile:
+            return f"this socket serves only profile {self.profile!r} (ask by its name)"
+        if request.scope is None:
+            request.scope = sorted(self.scope) if self.scope is not None else None
+        elif self.scope is not None and not set(request.scope) <= self.scope:
+            return ("this socket serves only the scope " + " ".join(sorted(self.scope))
+                    + " (or less)")
+        if request.audience is None:
+            request.audience = self.audience
+        elif self.audience is not None and request.audience != self.audience:
+            return f"this socket serves only the audience {self.audience}"
+        return None
+
+    def close(self) -> None:
+        """Remove the path (if still ours), stop accepting, close every connection."""
+        with contextlib.suppress(OSError):
+            if os.lstat(self.path).st_ino == self.inode:
+                os.unlink(self.path)
+        self.accepting.cancel()
+        for client in self.clients:
+            if client.sock is not None:
+                with contextlib.suppress(OSError):
+                    client.sock.shutdown(socket.SHUT_RDWR)
+
+
+def bind_exec_socket(directory: str) -> tuple[socket.socket, str]:
+    """A listening socket with an unguessable name in ``directory`` (made private, 0700)."""
+    try:
+        ensure_private_dir(directory)
+    except (OSError, UnsafePathError) as exc:
+        raise OpError(ErrorCode.INTERNAL, f"cannot use {directory} for exec sockets: "
+                      f"{exc}") from None
+    path = os.path.join(directory, secrets.token_hex(8) + ".sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with _umask(0o177):
+            sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(socket.SOMAXCONN)
+    except OSError as exc:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise OpError(ErrorCode.INTERNAL, f"cannot listen on {path}: {exc.strerror}") from None
+    return sock, path
+
+
+@dataclass(eq=False)
 class Client:
     """One connection: the peer the kernel reported, the socket kind, the process behind it."""
 
@@ -259,6 +346,8 @@ class Client:
     #: The connection's socket, to shut down when it is closed for idleness.
     sock: socket.socket | None = field(default=None, repr=False)
     timed_out: bool = False
+    #: On a ``compozy exec`` socket: what that socket serves.
+    grant: ExecGrant | None = None
 
 
 @dataclass
@@ -303,11 +392,18 @@ class AgentServer:
         #: The connections being served, by socket kind.
         self._clients: dict[str, set[Client]] = {}
         self._client_arrived = anyio.Event()
+        #: The ``compozy exec`` sockets, by the connection that asked for them.
+        self._exec_grants: dict[Client, list[ExecGrant]] = {}
+        self._exec_socket_dir = os.path.join(os.path.dirname(os.path.abspath(socket_path)),
+                                             EXEC_SOCKET_DIR)
+        #: Where the exec sockets' accept loops run; set by :meth:`serve`.
+        self._group: anyio.abc.TaskGroup | None = None
 
     async def serve(self, bound: list[BoundSocket], ready: anyio.Event | None = None) -> None:
         """Accept connections on every socket in ``bound`` until cancelled."""
         self.connection_caps = self._caps_for({item.kind for item in bound})
         async with anyio.create_task_group() as group:
+            self._group = group
             group.start_soon(self._close_idle_connections)
             for item in bound:
                 listener = await anyio.abc.SocketListener.from_socket(item.sock)
@@ -329,7 +425,7 @@ class AgentServer:
         return dict.fromkeys(kinds, cap)
 
     async def _accept_loop(self, listener: anyio.abc.SocketListener, path: str, kind: str,
-                           group: anyio.abc.TaskGroup) -> None:
+                           group: anyio.abc.TaskGroup, grant: ExecGrant | None = None) -> None:
         """Accept connections until the listener is closed; accept errors never end it.
 
         anyio's ``listener.serve`` lets an accept error (EMFILE when the agent is
@@ -357,13 +453,14 @@ class AgentServer:
             if retry_delay:
                 log.info("accepting connections on %s again", path)
                 retry_delay = 0.0
-            group.start_soon(self._serve_connection, stream, kind)
+            group.start_soon(self._serve_connection, stream, kind, grant)
 
-    async def _serve_connection(self, stream: anyio.abc.SocketStream, kind: str) -> None:
+    async def _serve_connection(self, stream: anyio.abc.SocketStream, kind: str,
+                                grant: ExecGrant | None = None) -> None:
         """Serve one connection; whatever goes wrong in it ends it, never the agent."""
         try:
             async with stream:
-                await self.handle_connection(stream, kind)
+                await self.handle_connection(stream, kind, grant)
         except Exception as exc:
             # The last resort. Only the exception's type and where it was raised
             # are logged: its message may quote a request, and requests carry secrets.
@@ -371,7 +468,8 @@ class AgentServer:
             log.error("closed a connection after an unexpected %s:\n%s",
                       type(exc).__name__, where)
 
-    async def handle_connection(self, stream: anyio.abc.SocketStream, kind: str = "full") -> None:
+    async def handle_connection(self, stream: anyio.abc.SocketStream, kind: str = "full",
+                                grant: ExecGrant | None = None) -> None:
         raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
         try:
             peer = peer_of(raw)
@@ -384,12 +482,16 @@ class AgentServer:
                         peer.uid, peer.pid)
             self.stats.refused_peers += 1
             return
-        client = Client(peer, kind)
+        client = Client(peer, kind, grant=grant)
+        if grant is not None and grant.accepting.cancel_called:
+            return  # accepted just before its socket was closed
         if not self._admit(client, raw):
             await self._send_error(stream, None, ErrorCode.BUSY,
                                    "every connection to the agent has a request in flight; "
                                    "try again")
             return
+        if grant is not None:
+            grant.clients.add(client)
         # Who connected is read now, before a line is served: what runs later on this
         # connection (after an exec, or in a child that inherited it) is not who connected.
         client.process = capture(raw, peer.pid)
@@ -404,6 +506,11 @@ class AgentServer:
             self.stats.connections_open -= 1
             # A login dies with the connection that started it (its loopback listener too).
             self.backend.connection_closed(client)
+            # So do the exec sockets it asked for.
+            for owned in self._exec_grants.pop(client, []):
+                owned.close()
+            if grant is not None:
+                grant.clients.discard(client)
 
     def _admit(self, client: Client, sock: socket.socket) -> bool:
         """Give ``client`` a place in its kind's pool, closing the longest-idle one if full.
@@ -411,8 +518,9 @@ class AgentServer:
         False when the pool is full of connections with a request in flight.
         """
         pool = self._clients.setdefault(client.kind, set())
-        if len(pool) >= self.connection_caps.get(client.kind, self.max_connections):
-            idle = [other for other in pool if other.waiting_since is not None]
+        if len(pool) >= self._cap(client.kind):
+            idle = [other for other in pool if other.waiting_since is not None
+                    and other not in self._exec_grants]
             if not idle:
                 return False
             oldest = min(idle, key=lambda other: other.waiting_since or 0.0)
@@ -424,6 +532,13 @@ class AgentServer:
         pool.add(client)
         self._client_arrived.set()
         return True
+
+    def _cap(self, kind: str) -> int:
+        """The pool size of ``kind``; exec sockets share one pool, as large as the smallest."""
+        cap = self.connection_caps.get(kind)
+        if cap is None:
+            cap = min(self.connection_caps.values(), default=self.max_connections)
+        return cap
 
     def _close_idle(self, client: Client) -> None:
         """Close an idle connection: its handler sees the end of the stream and returns.
@@ -455,8 +570,8 @@ class AgentServer:
             next_check = now + self.idle_timeout
             for client in [c for pool in self._clients.values() for c in pool]:
                 since = client.waiting_since
-                if since is None:
-                    continue
+                if since is None or client in self._exec_grants:
+                    continue  # busy, or holding a compozy exec socket for its child
                 if now - since >= self.idle_timeout:
                     log.debug("closing a connection idle for %.0f s", now - since)
                     self._close_idle(client)
@@ -526,7 +641,8 @@ class AgentServer:
             return self._error(None, ErrorCode.BAD_REQUEST, "request could not be decoded")
         op: str = request.__struct_config__.tag  # type: ignore[assignment]
         if kind != "full":
-            refusal = self._forward_refusal(request, op)
+            refusal = (client.grant.refusal(request, op) if client.grant is not None
+                       else self._forward_refusal(request, op))
             if refusal is not None:
                 return self._error(request.id, ErrorCode.FORBIDDEN, refusal)
         try:
@@ -567,12 +683,14 @@ class AgentServer:
                                      pid=os.getpid(), ops=ops, socket_kind=kind)
             case p.Status(profile=profile):
                 sessions = await backend.sessions(profile)
-                if kind != "full" and self.forward_profiles is not None:
+                if client.grant is not None:
+                    sessions = [s for s in sessions if s.profile == client.grant.profile]
+                elif kind != "full" and self.forward_profiles is not None:
                     sessions = [s for s in sessions if s.profile in self.forward_profiles]
                 return p.StatusResult(
                     agent_version=__version__,
                     pid=os.getpid(),
-                    socket=self.socket_path,
+                    socket=client.grant.path if client.grant is not None else self.socket_path,
                     storage=backend.storage_info(),
                     sessions=sessions,
                     clock_skew_seconds=backend.clock_skew(),
@@ -612,6 +730,8 @@ class AgentServer:
                     raise
                 log.info("unlocked by pid %s", client.peer.pid)
                 return p.Empty()
+            case p.ExecSocket():
+                return await self._exec_socket(request, client)
             case p.AuditLog():
                 entries = self.audit.recent(min(request.limit, 1000), request.profile,
                                             request.outcome)
@@ -619,6 +739,46 @@ class AgentServer:
                                         failed_path=self.audit.failed_path)
             case _:
                 assert_never(request)
+
+    async def _exec_socket(self, request: p.ExecSocket, client: Client) -> p.ExecSocketResult:
+        """Bind a child's socket for ``client`` (module docstring, ``exec_socket``)."""
+        group = self._group
+        if group is None:
+            raise OpError(ErrorCode.NOT_IMPLEMENTED, "this agent serves no exec sockets")
+        held = sum(len(grants) for owner, grants in self._exec_grants.items()
+                   if owner.peer.pid == client.peer.pid)
+        if held >= MAX_EXEC_SOCKETS_PER_PROCESS:
+            raise OpError(ErrorCode.BUSY, f"this process already holds {held} exec sockets "
+                          f"(at most {MAX_EXEC_SOCKETS_PER_PROCESS})")
+        if sum(map(len, self._exec_grants.values())) >= MAX_EXEC_SOCKETS:
+            raise OpError(ErrorCode.BUSY, f"the agent already serves {MAX_EXEC_SOCKETS} exec "
+                          "sockets; try again when some of their commands have ended")
+        sock, path = bind_exec_socket(self._exec_socket_dir)
+        grant = ExecGrant(request.profile,
+                          frozenset(request.scope) if request.scope is not None else None,
+                          request.audience, path, os.lstat(path).st_ino)
+        try:
+            listener = await anyio.abc.SocketListener.from_socket(sock)
+        except BaseException:
+            sock.close()
+            grant.close()
+            raise
+        self._exec_grants.setdefault(client, []).append(grant)
+        group.start_soon(self._serve_exec_socket, listener, grant, group)
+        log.info("exec socket for profile %s opened for pid %s", request.profile,
+                 client.peer.pid)
+        return p.ExecSocketResult(path=path)
+
+    async def _serve_exec_socket(self, listener: anyio.abc.SocketListener, grant: ExecGrant,
+                                 group: anyio.abc.TaskGroup) -> None:
+        try:
+            with grant.accepting:
+                await self._accept_loop(listener, grant.path, "exec", group, grant)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await listener.aclose()
+            grant.close()
+            log.debug("exec socket for profile %s closed", grant.profile)
 
     async def _token(self, request: p.Token, client: Client) -> p.TokenResult:
         """Hand out a token, and write the audit line either way."""

@@ -101,6 +101,7 @@ EXAMPLES = """examples:
   compozy login                      # sign in with your browser
   compozy auth status                # who am I, and how long is my token good for
   compozy auth token                 # print an access token (for scripts)
+  compozy exec -- ./deploy.sh        # run a command that asks for tokens as it needs them
   FLYZT_API_KEY=... compozy deploy   # CI/CD: an API key, no login needed
   source <(compozy completion bash)  # Tab completion (also zsh, fish)"""
 AUTH_EXAMPLES = """examples:
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         login,
         logout,
     )
+    from compozy_client.commands import exec as exec_command
     from compozy_client.commands.common import add_command
 
     parser = argparse.ArgumentParser(
@@ -148,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     top = parser.add_subparsers(title="commands", metavar="COMMAND")
     login.add_parser(top)
     logout.add_parser(top)
+    exec_command.add_parser(top)
 
     auth = add_command(top, "auth", "Manage authentication: status, sessions, tokens",
                        AUTH_EXAMPLES)

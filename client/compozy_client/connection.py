@@ -122,6 +122,20 @@ class AgentConnection:
     def close(self) -> None:
         self._sock.close()
 
+    def close_and_wait(self, timeout: float) -> None:
+        """Close our side, then wait (at most ``timeout`` s) for the agent to close its:
+        by then it has done what it does when a connection ends (``compozy exec``: its
+        command's socket is removed)."""
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+            self._sock.settimeout(timeout)
+            while self._sock.recv(65536):
+                pass
+        except OSError:
+            pass
+        finally:
+            self._sock.close()
+
     def call(self, request: Any, result_type: type[_T], timeout: float | None = None) -> _T:
         """Send ``request`` (a protocol request struct; its ``id`` is set here).
 

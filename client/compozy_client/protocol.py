@@ -208,6 +208,21 @@ class AuditLog(_Request, tag="audit_log"):
     outcome: Literal["issued", "failed"] | None = None
 
 
+class ExecSocket(_Request, tag="exec_socket"):
+    """Open a socket of its own for a child of ``compozy exec``, for as long as this
+    connection stays open.
+
+    The socket serves only ``hello``, ``status`` and ``token`` for ``profile``; a
+    token request on it may ask for no more than ``scope`` (when given) and for no
+    other audience than ``audience`` (when given), and gets them when it names none.
+    The agent removes it when the connection that asked for it closes.
+    """
+
+    profile: ProfileName = "default"
+    scope: ScopeList | None = None
+    audience: Url | None = None
+
+
 Request = (
     Hello
     | Status
@@ -224,6 +239,7 @@ Request = (
     | Lock
     | Unlock
     | AuditLog
+    | ExecSocket
 )
 
 #: Every op name the protocol defines, in the order of the union.
@@ -231,7 +247,7 @@ OPS: Final[tuple[str, ...]] = tuple(
     cls.__struct_config__.tag  # type: ignore[misc]
     for cls in (
         Hello, Status, List, Token, Refresh, Revoke, RevokeAll, Logout,
-        LoginStart, LoginWait, LoginCancel, StoreApiKey, Lock, Unlock, AuditLog,
+        LoginStart, LoginWait, LoginCancel, StoreApiKey, Lock, Unlock, AuditLog, ExecSocket,
     )
 )
 
@@ -400,6 +416,11 @@ class AuditLogResult(msgspec.Struct, kw_only=True):
     path: str | None = None
     #: Where it keeps the entries of failed requests.
     failed_path: str | None = None
+
+
+class ExecSocketResult(msgspec.Struct, kw_only=True):
+    #: The child's socket: a path in the agent's private runtime directory.
+    path: str
 
 
 class Empty(msgspec.Struct):
@@ -649,4 +670,5 @@ RESULT_TYPES: Final[dict[str, type[msgspec.Struct]]] = {
     "lock": Empty,
     "unlock": Empty,
     "audit_log": AuditLogResult,
+    "exec_socket": ExecSocketResult,
 }

@@ -38,6 +38,7 @@ def test_every_op_decodes_to_its_struct() -> None:
         "lock": {"passphrase": "pw"},
         "unlock": {"passphrase": "pw"},
         "audit_log": {"limit": 5, "profile": "dev"},
+        "exec_socket": {"profile": "dev", "scope": ["a"], "audience": "x"},
     }
     assert set(samples) == set(p.OPS)
     for op, fields in samples.items():

@@ -495,6 +495,7 @@ FORBIDDEN_ON_FORWARD = [
     ("lock", {"passphrase": "p"}),  # a remote host must not lock you out
     ("unlock", {"passphrase": "p"}),
     ("audit_log", {}),
+    ("exec_socket", {"profile": "default"}),  # no sockets of its own for a remote host
 ]
 
 

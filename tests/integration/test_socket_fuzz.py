@@ -42,7 +42,7 @@ HARMLESS_OPS = ("hello", "status", "list", "token", "refresh", "revoke", "revoke
                 "logout", "login_wait", "login_cancel", "audit_log")
 #: Ops with effects (or network calls): fuzzed with ill-typed fields only.
 STATEFUL_FIELDS = {"login_start": "flow", "lock": "passphrase", "unlock": "passphrase",
-                   "store_api_key": "api_key"}
+                   "store_api_key": "api_key", "exec_socket": "profile"}
 FUZZ = settings(max_examples=400, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
 CAP = 48  # the agent's connection cap in this module

@@ -2,6 +2,7 @@
 
     compozy login               login.py
     compozy logout              logout.py
+    compozy exec                exec.py
     compozy auth status         auth_status.py
     compozy auth list           auth_list.py
     compozy auth refresh        auth_refresh.py
