@@ -200,6 +200,22 @@ def test_store_and_unknown_operations_do_nothing(rig: Rig, operation: str) -> No
     assert rig.seen == []
 
 
+@pytest.mark.parametrize("path", ["team/%2e%2e/attacker/x.git", "team/../attacker/x.git",
+                                  "team/..;/attacker/x.git"])
+def test_a_path_that_climbs_out_of_a_path_rule_does_not_get_its_profile(
+    rig: Rig, path: str
+) -> None:
+    """A submodule URL ``https://git.example.com/team/%2e%2e/attacker/x.git``: git gives
+    the helper the path decoded (``team/../attacker/x.git``), the server resolves it to
+    ``attacker/x.git``; the path rule for ``team`` does not apply to it."""
+    rig.write_config(RULES)
+    for _ in range(2):  # parsed from the config, then from the rules cache
+        result = rig.run("get", stdin=describe("protocol=https", "host=git.example.com",
+                                               f"path={path}"))
+        assert result.returncode == 0, result.stderr
+    assert [r["profile"] for r in rig.seen] == ["work", "work"]
+
+
 @pytest.mark.parametrize(
     ("protocol", "host", "answered"),
     [("http", "git.example.com", False), ("http", "10.0.0.1:8080", False),
