@@ -158,7 +158,14 @@ def _may_carry_a_token(protocol: str, host: str) -> bool:
     if protocol != "http":
         return False
     # A name or v4 address, with :port or not; or [v6 address], with :port or not.
+    # Nothing else after the name: git takes the host up to the first "/" after the
+    # first "@", so a URL such as http://u@localhost:1@evil.test/ would reach here as
+    # "localhost:1@evil.test", a host the client's HTTP library may read otherwise.
     name = host[: host.find("]") + 1] if host.startswith("[") else host.partition(":")[0]
+    port = host[len(name):]
+    if port and not (port[0] == ":" and port[1:].isascii() and port[1:].isdigit()
+                     or port == ":"):
+        return False
     return name.lower() in _LOOPBACK_HOSTS
 
 

@@ -222,7 +222,12 @@ def test_a_path_that_climbs_out_of_a_path_rule_does_not_get_its_profile(
      ("ftp", "git.example.com", False), ("http", "127.0.0.1:8080", True),
      ("http", "localhost", True), ("http", "[::1]:9000", True), ("http", "[::1]", True),
      ("http", "[::2]", False), ("http", "LOCALHOST:1", True),
-     ("http", "127.0.0.1.evil.test", False)],
+     ("http", "127.0.0.1.evil.test", False),
+     # Whatever follows the name must be a port: git reads the host of
+     # http://u@localhost:1@evil.test/ as everything after the first "@".
+     ("http", "localhost:1@evil.test", False), ("http", "[::1]@evil.test", False),
+     ("http", "[::1].evil.test:80", False), ("http", "127.0.0.1:80#@evil.test", False),
+     ("http", "localhost:\u0661", False), ("http", "localhost:", True)],
 )
 def test_plain_http_gets_a_token_only_on_this_machine(
     rig: Rig, protocol: str, host: str, answered: bool
