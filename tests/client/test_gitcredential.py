@@ -268,6 +268,29 @@ def test_an_api_key_follows_the_credential_chain_without_the_agent(rig: Rig) -> 
     assert erase.returncode == 0 and rig.seen == []
 
 
+@pytest.mark.parametrize("source", ["env", "config"])
+@pytest.mark.parametrize("named_by", ["rule", "option"])
+def test_an_api_key_never_goes_to_a_host_whose_profile_was_named(
+    rig: Rig, source: str, named_by: str
+) -> None:
+    """FLYZT_API_KEY (or auth.api_key) is set for other tools; git.example.com has a rule
+    (or setup-git --profile) naming its login. The host gets that login's token, not
+    the long-lived Compozy key; erase of that token still reaches the agent."""
+    config = RULES if named_by == "rule" else "storage: memory\n"
+    env = {"FLYZT_API_KEY": "key-from-env"} if source == "env" else {}
+    rig.write_config(config + ("auth:\n  api_key: key-from-config\n" if source == "config"
+                               else ""))
+    args = ["--profile", "work"] if named_by == "option" else []
+    result = rig.run(*args, "get", stdin=GET, **env)
+    assert result.returncode == 0, result.stderr
+    assert "key-from" not in result.stdout
+    assert "tok-123" in result.stdout
+    assert [r["profile"] for r in rig.seen] == ["work"]
+    rig.run(*args, "erase", stdin=describe("protocol=https", "host=git.example.com",
+                                           "username=compozy", "password=tok-123"), **env)
+    assert rig.seen[-1].get("rejected_token") == "tok-123"
+
+
 def test_the_common_get_loads_no_argparse_msgspec_or_yaml(rig: Rig) -> None:
     """git runs the helper before its requests: it stays as light as `compozy auth token`."""
     code = (
