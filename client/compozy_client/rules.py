@@ -21,7 +21,8 @@ Each rule matches on exactly one of:
   in whole segments (``team`` matches ``team/app.git``, not ``teamwork/app``);
   git sends the path only with ``credential.useHttpPath`` (``compozy auth
   setup-git`` sets it for hosts whose rules name a path). A URL matches a host
-  rule by its host and path.
+  rule by its host and path. A path with a ``.`` or ``..`` segment (``%2e%2e``
+  too) is below no path: the server resolves it elsewhere.
 - ``url_prefix``: an ``http(s)://`` URL prefix; scheme and host compare
   case-insensitively, the path by whole segments unless the prefix ends in ``/``
   (``https://api.example.com`` never matches ``https://api.example.com.evil.test``).
