@@ -28,8 +28,15 @@ def answering_socket(path: str, answer: Callable[[dict[str, Any]], bytes]) -> It
                 for line in conn.makefile("rb"):
                     conn.sendall(answer(json.loads(line)))
 
-    threading.Thread(target=serve, daemon=True).start()
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
     try:
         yield path
     finally:
+        # Wake the accept() first and let the thread end before the descriptor is freed:
+        # closed under a thread about to accept, its number could be reused by a later
+        # test's listener (the git server's), whose connections this thread would take.
+        with contextlib.suppress(OSError):
+            server.shutdown(socket.SHUT_RDWR)
+        thread.join(timeout=10)
         server.close()
