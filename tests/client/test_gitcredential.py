@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 
 from support.fake_agent import answering_socket
+from support.other_user import port_held_by_another_user
 
 HELPER = Path(__file__).resolve().parents[2] / "client" / "bin" / "git-credential-compozy"
 EXPIRES = 1900000000.75
@@ -241,15 +241,6 @@ def test_plain_http_gets_a_token_only_on_this_machine(
         assert result.stdout == "" and "only over https" in result.stderr
 
 
-_LISTEN_AS_ANOTHER_USER = (
-    "import socket, sys\n"
-    "server = socket.create_server((sys.argv[1], 0), family=socket.AF_INET6 if ':' in "
-    "sys.argv[1] else socket.AF_INET)\n"
-    "print(server.getsockname()[1], flush=True)\n"
-    "sys.stdin.read()\n"  # listen until the test closes our stdin
-)
-
-
 @pytest.mark.parametrize("address", ["127.0.0.1", "0.0.0.0", "::"])
 def test_plain_http_to_a_port_another_user_listens_on_gets_nothing(
     rig: Rig, address: str
@@ -257,28 +248,12 @@ def test_plain_http_to_a_port_another_user_listens_on_gets_nothing(
     """The developer's http://127.0.0.1:PORT server is down and uid 65534 took its port:
     git's next request reaches them (any 401 makes git ask the helper). No token,
     and quit=1 so git does not ask for a password to send there instead."""
-    if os.getuid() != 0 or not os.path.exists("/proc/net/tcp"):
-        pytest.skip("needs root (to listen as uid 65534) and Linux's /proc/net/tcp")
-    setpriv = shutil.which("setpriv", path="/usr/bin:/bin")
-    python = shutil.which("python3", path="/usr/bin:/bin")
-    if setpriv is None or python is None:
-        pytest.skip("needs setpriv and a system python3")
-    with subprocess.Popen(
-        [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c",
-         _LISTEN_AS_ANOTHER_USER, address],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/",
-        env={"PATH": "/usr/bin"},
-    ) as listener:
-        assert listener.stdin is not None and listener.stdout is not None
-        try:
-            port = int(listener.stdout.readline())
-            for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"):
-                result = rig.run("get", stdin=describe("protocol=http", f"host={host}"))
-                assert result.stdout == "quit=1\n", (host, result.stdout)
-                assert "served by uid 65534" in result.stderr
-            assert rig.seen == []
-        finally:
-            listener.stdin.close()  # the listener ends; the with waits for it
+    with port_held_by_another_user(address) as port:
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"):
+            result = rig.run("get", stdin=describe("protocol=http", f"host={host}"))
+            assert result.stdout == "quit=1\n", (host, result.stdout)
+            assert "served by uid 65534" in result.stderr
+        assert rig.seen == []
     # The control: our own server on a port gets the token.
     with socket.create_server(("127.0.0.1", 0)) as own:
         result = rig.run("get", stdin=describe("protocol=http",
