@@ -15,7 +15,9 @@ FORMAT"). What each operation does:
   ``WWW-Authenticate: Bearer`` challenge as ``wwwauth[]``), the answer is
   ``authtype=Bearer``, ``credential`` and ``ephemeral=1`` instead: no storing
   helper keeps it. The credential chain applies as for ``compozy auth token``:
-  ``FLYZT_API_KEY``, then the config file's key, then the agent.
+  ``FLYZT_API_KEY``, then the config file's key, then the agent; except for a
+  host whose profile was named (a matching rule, or ``--profile``): that host
+  gets that profile's token from the agent, never the chain's API key.
 - ``erase`` (git got 401 with that token): the agent is told the token was
   rejected (the ``token`` op's ``rejected_token``), so it drops it and the next
   ``get`` gets a new one. Never a logout.
@@ -45,6 +47,7 @@ import os
 import time
 
 from compozy_client import fasttoken
+from compozy_client.portowner import foreign_listener
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -61,16 +64,19 @@ _MAX_INPUT = 64 * 1024
 
 
 class _Plan:
-    """Who to ask for the token and how to hand it to git."""
+    """Who to ask for the token and how to hand it to git. ``named``: the profile was
+    named for this host (a rule, or the helper's ``--profile``), so an API key the
+    credential chain would put first is not what this host gets."""
 
-    __slots__ = ("audience", "bearer", "profile", "username")
+    __slots__ = ("audience", "bearer", "named", "profile", "username")
 
     def __init__(self, profile: str, audience: str | None, bearer: bool,
-                 username: str | None) -> None:
+                 username: str | None, named: bool = False) -> None:
         self.profile = profile
         self.audience = audience
         self.bearer = bearer
         self.username = username
+        self.named = named
 
 
 def main(argv: list[str]) -> int:
@@ -93,6 +99,14 @@ def main(argv: list[str]) -> int:
             _say(f"not answering for {protocol}://{host}: a token goes only over https "
                  "(or http to this machine)")
         return 0
+    if operation == "get" and protocol == "http":
+        owner = foreign_listener(_port_of(host))
+        if owner is not None:
+            # quit=1: git must not ask for a password to send there either.
+            _say(f"not answering for http://{host}: that port is served by uid {owner}, not "
+                 "by you; another user may have taken it (a token over plain http goes "
+                 "only to your own server)")
+            return _quit()
     if operation == "erase":
         rejected = fields.get("password") or fields.get("credential")
         if rejected:
@@ -158,8 +172,22 @@ def _may_carry_a_token(protocol: str, host: str) -> bool:
     if protocol != "http":
         return False
     # A name or v4 address, with :port or not; or [v6 address], with :port or not.
+    # Nothing else after the name: git takes the host up to the first "/" after the
+    # first "@", so a URL such as http://u@localhost:1@evil.test/ would reach here as
+    # "localhost:1@evil.test", a host the client's HTTP library may read otherwise.
     name = host[: host.find("]") + 1] if host.startswith("[") else host.partition(":")[0]
+    port = host[len(name):]
+    digits = port[1:]
+    if port and not (port[0] == ":" and digits.isascii() and (digits.isdigit() or not digits)):
+        return False
     return name.lower() in _LOOPBACK_HOSTS
+
+
+def _port_of(host: str) -> int:
+    """The port of a host :func:`_may_carry_a_token` let through (80 when none is given)."""
+    after_name = host[host.find("]") + 1:] if host.startswith("[") else host.partition(":")[2]
+    digits = after_name.lstrip(":") if host.startswith("[") else after_name
+    return int(digits) if digits else 80
 
 
 def _get(fields: dict[str, str], capabilities: set[str], challenges: list[str],
@@ -290,9 +318,9 @@ def _plan_by_rules(config: HasRules, host: str, path: str | None,
 
     rule = match_rule(config, host=host, path=path)
     if rule is None or (profile is not None and rule.profile not in (None, profile)):
-        return _Plan(_resolve_profile(profile), None, False, None)
+        return _Plan(_resolve_profile(profile), None, False, None, named=profile is not None)
     return _Plan(_resolve_profile(profile or rule.profile), rule.audience, rule.bearer,
-                 rule.username)
+                 rule.username, named=True)
 
 
 def _library_answer(
@@ -315,7 +343,12 @@ def _library_answer(
             write_cache(socket_path(), read[0], config.rules)  # the next run skips YAML
         plan = _plan_by_rules(config, host, path, profile)
         static = static_credential(config)
-        if static is not None:
+        # The chain's API key (FLYZT_API_KEY, auth.api_key) is a Compozy key: it goes
+        # to a host only when nothing named that host's profile. A rule or --profile
+        # for the host says which login it gets; a key set for other tools must not
+        # reach it instead (it outlives any token, and the host was never meant to
+        # see it).
+        if static is not None and not plan.named:
             return plan, (static.api_key, None)
         request = protocol.Token(id=1, profile=plan.profile, audience=plan.audience,
                                  min_valid=MIN_VALID)
@@ -340,9 +373,9 @@ def _erase(host: str, path: str | None, rejected: str, profile: str | None) -> N
     deadline = time.monotonic() + fasttoken.budget()
     try:
         config = load_config()
-        if static_credential(config) is not None:
-            return  # a key: nothing the agent could renew
         plan = _plan_by_rules(config, host, path, profile)
+        if static_credential(config) is not None and not plan.named:
+            return  # a key: nothing the agent could renew
         request = protocol.Token(id=1, profile=plan.profile, audience=plan.audience,
                                  rejected_token=rejected)
         # No agent running: it cannot have handed this token out, and none is started.

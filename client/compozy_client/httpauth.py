@@ -52,12 +52,26 @@ def check_transport(url: str, https_only: bool) -> None:
     Raises :class:`~compozy_client.errors.UsageError` before any token is asked for.
     """
     parts = urlsplit(url)
-    if not https_only or parts.scheme == "https" or _is_loopback(parts.hostname or ""):
+    if parts.scheme == "http" and _is_loopback(parts.hostname or ""):
+        _check_port_owner(parts.hostname or "", parts.port or 80)
+        return
+    if not https_only or parts.scheme == "https":
         return
     raise UsageError(
         f"refusing to send a Compozy token over {parts.scheme or 'an unknown scheme'} to "
         f"{parts.hostname or 'an unnamed host'}: anyone on the path could read it; use https "
         "(or CompozyAuth(https_only=False) for a network you trust)")
+
+
+def _check_port_owner(host: str, port: int) -> None:
+    """Plain http to this machine: refuse when another user (not root) holds the port."""
+    from compozy_client.portowner import foreign_listener
+
+    owner = foreign_listener(port)
+    if owner is not None:
+        raise UsageError(
+            f"refusing to send a Compozy token to http://{host}:{port}: that port is served "
+            f"by uid {owner}, not by you (your own server there is not running?)")
 
 
 def _is_loopback(host: str) -> bool:

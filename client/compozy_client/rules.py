@@ -21,7 +21,8 @@ Each rule matches on exactly one of:
   in whole segments (``team`` matches ``team/app.git``, not ``teamwork/app``);
   git sends the path only with ``credential.useHttpPath`` (``compozy auth
   setup-git`` sets it for hosts whose rules name a path). A URL matches a host
-  rule by its host and path.
+  rule by its host and path. A path with a ``.`` or ``..`` segment (``%2e%2e``
+  too) is below no path: the server resolves it elsewhere.
 - ``url_prefix``: an ``http(s)://`` URL prefix; scheme and host compare
   case-insensitively, the path by whole segments unless the prefix ends in ``/``
   (``https://api.example.com`` never matches ``https://api.example.com.evil.test``).
@@ -127,9 +128,25 @@ def split_url(url: str) -> tuple[str, str, str] | None:
     return scheme, host, path or "/"
 
 
+def _climbs(path: str) -> bool:
+    """Whether ``path`` has a ``.`` or ``..`` segment, in any form a server may resolve:
+    ``%2e`` (git sends the path percent-decoded once, curl sends the URL as written,
+    and the server decodes and resolves it: ``team/%2e%2e/other`` reaches ``other``),
+    ``..;param`` (servlet containers drop path parameters first), or between
+    backslashes (which some servers read as ``/``). Such a path is not below any
+    prefix it seems to start with (RFC 3986 section 5.2.4)."""
+    for segment in path.replace("\\", "/").split("/"):
+        if segment.partition(";")[0].lower().replace("%2e", ".") in (".", ".."):
+            return True
+    return False
+
+
 def _path_within(path: str, prefix: str) -> bool:
     """Whether repository path ``path`` is ``prefix`` or below it, in whole segments;
-    a segment's ``.git`` suffix is ignored (``team/app`` covers ``team/app.git/info/refs``)."""
+    a segment's ``.git`` suffix is ignored (``team/app`` covers ``team/app.git/info/refs``).
+    A path with dot segments is below no prefix (:func:`_climbs`)."""
+    if _climbs(path):
+        return False
     wanted = [_bare(segment) for segment in prefix.split("/") if segment]
     seen = [_bare(segment) for segment in path.split("/") if segment]
     return seen[: len(wanted)] == wanted
@@ -143,6 +160,8 @@ def _url_within(url: tuple[str, str, str], prefix: tuple[str, str, str]) -> bool
     if url[:2] != prefix[:2]:
         return False
     path, wanted = url[2], prefix[2]
+    if wanted != "/" and _climbs(path):
+        return False
     if wanted.endswith("/"):
         return path.startswith(wanted)
     return path == wanted or path.startswith(wanted + "/")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from support.fake_agent import answering_socket
+from support.other_user import port_held_by_another_user
 
 HELPER = Path(__file__).resolve().parents[2] / "client" / "bin" / "git-credential-compozy"
 EXPIRES = 1900000000.75
@@ -200,13 +202,34 @@ def test_store_and_unknown_operations_do_nothing(rig: Rig, operation: str) -> No
     assert rig.seen == []
 
 
+@pytest.mark.parametrize("path", ["team/%2e%2e/attacker/x.git", "team/../attacker/x.git",
+                                  "team/..;/attacker/x.git"])
+def test_a_path_that_climbs_out_of_a_path_rule_does_not_get_its_profile(
+    rig: Rig, path: str
+) -> None:
+    """A submodule URL ``https://git.example.com/team/%2e%2e/attacker/x.git``: git gives
+    the helper the path decoded (``team/../attacker/x.git``), the server resolves it to
+    ``attacker/x.git``; the path rule for ``team`` does not apply to it."""
+    rig.write_config(RULES)
+    for _ in range(2):  # parsed from the config, then from the rules cache
+        result = rig.run("get", stdin=describe("protocol=https", "host=git.example.com",
+                                               f"path={path}"))
+        assert result.returncode == 0, result.stderr
+    assert [r["profile"] for r in rig.seen] == ["work", "work"]
+
+
 @pytest.mark.parametrize(
     ("protocol", "host", "answered"),
     [("http", "git.example.com", False), ("http", "10.0.0.1:8080", False),
      ("ftp", "git.example.com", False), ("http", "127.0.0.1:8080", True),
      ("http", "localhost", True), ("http", "[::1]:9000", True), ("http", "[::1]", True),
      ("http", "[::2]", False), ("http", "LOCALHOST:1", True),
-     ("http", "127.0.0.1.evil.test", False)],
+     ("http", "127.0.0.1.evil.test", False),
+     # Whatever follows the name must be a port: git reads the host of
+     # http://u@localhost:1@evil.test/ as everything after the first "@".
+     ("http", "localhost:1@evil.test", False), ("http", "[::1]@evil.test", False),
+     ("http", "[::1].evil.test:80", False), ("http", "127.0.0.1:80#@evil.test", False),
+     ("http", "localhost:\u0661", False), ("http", "localhost:", True)],
 )
 def test_plain_http_gets_a_token_only_on_this_machine(
     rig: Rig, protocol: str, host: str, answered: bool
@@ -216,6 +239,26 @@ def test_plain_http_gets_a_token_only_on_this_machine(
     assert len(rig.seen) == (1 if answered else 0)
     if not answered:
         assert result.stdout == "" and "only over https" in result.stderr
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "0.0.0.0", "::"])
+def test_plain_http_to_a_port_another_user_listens_on_gets_nothing(
+    rig: Rig, address: str
+) -> None:
+    """The developer's http://127.0.0.1:PORT server is down and uid 65534 took its port:
+    git's next request reaches them (any 401 makes git ask the helper). No token,
+    and quit=1 so git does not ask for a password to send there instead."""
+    with port_held_by_another_user(address) as port:
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"):
+            result = rig.run("get", stdin=describe("protocol=http", f"host={host}"))
+            assert result.stdout == "quit=1\n", (host, result.stdout)
+            assert "served by uid 65534" in result.stderr
+        assert rig.seen == []
+    # The control: our own server on a port gets the token.
+    with socket.create_server(("127.0.0.1", 0)) as own:
+        result = rig.run("get", stdin=describe("protocol=http",
+                                               f"host=127.0.0.1:{own.getsockname()[1]}"))
+    assert "password=tok-123" in result.stdout
 
 
 @pytest.mark.parametrize("token", ["tok\nhost=evil.test", "tok\r\n", "tok en", "tok\x1b[2J"])
@@ -245,6 +288,29 @@ def test_an_api_key_follows_the_credential_chain_without_the_agent(rig: Rig) -> 
     erase = rig.run("erase", stdin=describe("protocol=https", "host=git.example.com",
                                             "password=key-from-env"), FLYZT_API_KEY="key-from-env")
     assert erase.returncode == 0 and rig.seen == []
+
+
+@pytest.mark.parametrize("source", ["env", "config"])
+@pytest.mark.parametrize("named_by", ["rule", "option"])
+def test_an_api_key_never_goes_to_a_host_whose_profile_was_named(
+    rig: Rig, source: str, named_by: str
+) -> None:
+    """FLYZT_API_KEY (or auth.api_key) is set for other tools; git.example.com has a rule
+    (or setup-git --profile) naming its login. The host gets that login's token, not
+    the long-lived Compozy key; erase of that token still reaches the agent."""
+    config = RULES if named_by == "rule" else "storage: memory\n"
+    env = {"FLYZT_API_KEY": "key-from-env"} if source == "env" else {}
+    rig.write_config(config + ("auth:\n  api_key: key-from-config\n" if source == "config"
+                               else ""))
+    args = ["--profile", "work"] if named_by == "option" else []
+    result = rig.run(*args, "get", stdin=GET, **env)
+    assert result.returncode == 0, result.stderr
+    assert "key-from" not in result.stdout
+    assert "tok-123" in result.stdout
+    assert [r["profile"] for r in rig.seen] == ["work"]
+    rig.run(*args, "erase", stdin=describe("protocol=https", "host=git.example.com",
+                                           "username=compozy", "password=tok-123"), **env)
+    assert rig.seen[-1].get("rejected_token") == "tok-123"
 
 
 def test_the_common_get_loads_no_argparse_msgspec_or_yaml(rig: Rig) -> None:

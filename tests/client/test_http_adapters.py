@@ -26,6 +26,7 @@ from compozy_client.httpx import CompozyAuth as HttpxAuth
 from compozy_client.requests import CompozyAuth as RequestsAuth
 from support.bearer_server import BearerServer, chunks
 from support.fake_agent import answering_socket
+from support.other_user import port_held_by_another_user
 
 CLIENTS = ["httpx-sync", "httpx-async", "requests"]
 
@@ -254,6 +255,19 @@ def test_which_urls_a_token_may_be_sent_to(url: str, https_only: bool, allowed: 
     else:
         with pytest.raises(UsageError):
             check_transport(url, https_only)
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_plain_http_to_a_port_another_user_holds_gets_no_token(
+    agent_path: str, client: str
+) -> None:
+    """The developer's http://127.0.0.1:PORT API is down and uid 65534 took its port:
+    refused before the agent is asked, so the token never reaches them."""
+    agent = StandInAgent()
+    with port_held_by_another_user("0.0.0.0") as port, answering_socket(agent_path, agent), \
+            pytest.raises(UsageError, match="served by uid 65534"):
+        send(client, f"http://127.0.0.1:{port}/things")
+    assert agent.requests == []
 
 
 @pytest.mark.parametrize("client", CLIENTS)

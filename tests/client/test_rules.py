@@ -100,6 +100,33 @@ def test_nothing_else_matches(rules: Any, ask: dict[str, str]) -> None:
     assert match_rule(rules, **ask) is None
 
 
+@pytest.mark.parametrize(
+    "path",
+    ["team/app/../../other/x.git", "team/app/%2e%2e/%2E%2E/other/x.git",
+     "team/app/..;/..;/other/x.git", "team/app/x\\..\\..\\..\\other", "team/app/./x"],
+)
+def test_a_path_that_climbs_out_of_a_path_rule_does_not_match_it(
+    rules: Any, path: str
+) -> None:
+    """git sends the path percent-decoded (``team/app/%2e%2e/...`` arrives as ``..``)
+    while curl sends the URL as written and the server resolves it elsewhere: the
+    path rule's profile must not go with it (a gateway may route ``other`` to
+    another party). The host's general rule applies instead."""
+    found = match_rule(rules, host="git.example.com", path=path)
+    assert found is not None and found.profile == "work"
+    found = match_rule(rules, url=f"https://git.example.com/{path}")
+    assert found is not None and found.profile == "work"
+
+
+@pytest.mark.parametrize(
+    "url", ["https://api.example.com/v2/../admin", "https://api.example.com/v2/%2E%2e/admin",
+            "https://api.example.com/v2/..;/admin"])
+def test_a_url_that_climbs_out_of_a_url_prefix_does_not_match_it(rules: Any, url: str) -> None:
+    assert match_rule(rules, url=url) is None
+    # A prefix of the whole host still covers every path on it.
+    assert match_rule(rules, url="https://files.example.com/a/../b") is not None
+
+
 def test_a_path_rule_needs_the_path(rules: Any) -> None:
     """Without credential.useHttpPath git sends no path: the host's general rule applies."""
     found = match_rule(rules, host="git.example.com")

@@ -153,3 +153,17 @@ def test_setup_git_unset_removes_the_helper(rig: GitRig) -> None:
     left = rig.git("config", "--global", "--get-all", f"credential.{rig.server.url}.helper")
     assert left.returncode == 1 and left.stdout == ""
     assert rig.git("config", "--global", "credential.helper").stdout == "store\n"
+
+
+def test_a_submodule_url_climbing_out_of_the_rules_path_gets_no_token(rig: GitRig) -> None:
+    """``{url}/repo/%2e%2e/other.git``: git hands the helper the path decoded
+    (``repo/../other.git``) while the server is asked for another repository. The rule
+    for ``repo`` (profile work, logged in) must not send its token there: the host's
+    other rule applies (profile elsewhere, never logged in), and git sends nothing."""
+    login = login_browser(rig.agent_env, "--profile", "work")
+    assert login.returncode == 0, login.stderr + rig.agent.log()
+    setup_git(rig)
+    clone = rig.git("clone", f"{rig.server.url}/repo/%2e%2e/other.git", str(rig.work))
+    assert clone.returncode != 0
+    assert "not logged in (profile 'elsewhere')" in clone.stderr, clone.stderr
+    assert [how for _, _, _, how in rig.server.requests] == ["none"]

@@ -33,10 +33,10 @@ def answering_socket(path: str, answer: Callable[[dict[str, Any]], bytes]) -> It
     try:
         yield path
     finally:
-        # Wake the thread out of accept() and let it end before the descriptor is
-        # closed: closed first, its number could be reused by the next test's socket
-        # (a git server's, say) while the thread still calls accept() on it.
+        # Wake the accept() first and let the thread end before the descriptor is freed:
+        # closed under a thread about to accept, its number could be reused by a later
+        # test's listener (the git server's), whose connections this thread would take.
         with contextlib.suppress(OSError):
             server.shutdown(socket.SHUT_RDWR)
-        thread.join(10)
+        thread.join(timeout=10)
         server.close()

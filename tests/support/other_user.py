@@ -7,9 +7,11 @@ purpose first: the kernel-checked peer uid must hold even then.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,3 +50,35 @@ def answer_to_another_user(socket_path: str, loosen_up_to: Path) -> str:
                          env={"PATH": "/usr/bin"})
     assert out.returncode == 0, out.stderr
     return out.stdout
+
+
+_LISTEN = (
+    "import socket, sys\n"
+    "server = socket.create_server((sys.argv[1], 0), family=socket.AF_INET6 if ':' in "
+    "sys.argv[1] else socket.AF_INET)\n"
+    "print(server.getsockname()[1], flush=True)\n"
+    "sys.stdin.read()\n"  # listen until the test closes our stdin
+)
+
+
+@contextlib.contextmanager
+def port_held_by_another_user(address: str) -> Iterator[int]:
+    """A TCP port that uid 65534 listens on at ``address`` (as a local user who took the
+    port of the person's own server while it was down); skips where that cannot be set up."""
+    if os.getuid() != 0 or not os.path.exists("/proc/net/tcp"):
+        pytest.skip("needs root (to listen as uid 65534) and Linux's /proc/net/tcp")
+    setpriv = shutil.which("setpriv", path="/usr/bin:/bin")
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if setpriv is None or python is None:
+        pytest.skip("needs setpriv and a system python3")
+    with subprocess.Popen(
+        [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", python, "-c",
+         _LISTEN, address],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/",
+        env={"PATH": "/usr/bin"},
+    ) as listener:
+        assert listener.stdin is not None and listener.stdout is not None
+        try:
+            yield int(listener.stdout.readline())
+        finally:
+            listener.stdin.close()  # the listener ends; the with waits for it
