@@ -190,6 +190,26 @@ takes ``now`` (wall-clock epoch seconds) and answers with what the driver
 # unknown (node oidc-provider does, for invalid_target), which would end the
 # session over a typo.
 #
+# Rule 13, a rotation supersedes every other slot: when a refresh rotates the
+# refresh token, the access tokens cached in the *other* slots are no longer
+# handed out (a request for one refreshes it; the default token is not
+# refreshed ahead of a request, which would kill the token just handed out).
+# Some providers (django-oauth-toolkit) revoke the previous access token the
+# moment a refresh rotates, and nothing in the answer says so; a token the
+# agent has reason to believe dead is never handed out. The superseded tokens
+# are still listed by access_tokens() until they expire, for revocation at
+# logout at providers that did not kill them. The default slot stays on its
+# proactive schedule (idle refresh tokens expire at some providers), but is not
+# refreshed ahead of a request before the token that superseded it is due: that
+# refresh may kill the token just handed out. The cost, at a rotating provider
+# only: a request that switches slots refreshes (bounded by rule 7).
+#
+# Rule 14, a session never shrinks silently: every default refresh's ``scope``
+# goes to the session's ScopeWatch (``narrowing.py``); fewer scopes than the
+# login granted are served as they are (it is what the provider holds) and
+# reported (Status.missing_scopes), and a shrink after a narrower refresh of
+# the same chain marks the provider as narrowing chains (narrows_chains).
+#
 # The driver's side of the contract
 # ---------------------------------
 #
@@ -217,6 +237,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 
+from compozy_agent.narrowing import ScopeWatch
 from compozy_client.errors import ErrorCode
 
 __all__ = [
@@ -524,6 +545,8 @@ class Status:
     #: Set when saving the newest refresh token failed (rule 4).
     persist_warning: str | None
     warnings: tuple[str, ...]
+    #: Granted scopes the provider no longer holds for this session (rule 14).
+    missing_scopes: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------
@@ -638,6 +661,7 @@ class SessionLifecycle:
         refresh_token_saved: bool = True,
         login_reason: str | None = None,
         rng: random.Random | None = None,
+        granted_scopes: Iterable[str] | None = None,
     ) -> None:
         # Jitter only; never secrecy.
         self._rng = rng if rng is not None else random.Random()  # noqa: S311
@@ -669,6 +693,12 @@ class SessionLifecycle:
                                               if refresh_token is None else "")
         self._last_refresh_at: float | None = None
         self._last_refresh_outcome: str | None = None
+        #: Rule 14: what the chain holds, against what the login granted.
+        self.scopes = ScopeWatch(frozenset(granted_scopes or ()) or None)
+        #: Rule 13: the default token was superseded by another slot's rotation.
+        self._default_superseded = False
+        #: Rule 13: superseded tokens, for revocation at logout until they expire.
+        self._superseded: deque[AccessToken] = deque(maxlen=MAX_NARROWER_SLOTS + 1)
         if access_token is not None:
             self._install(self._default, access_token, now)
 
@@ -691,7 +721,7 @@ class SessionLifecycle:
     def access_tokens(self) -> list[AccessToken]:
         """Every cached access token (for best-effort revocation at logout)."""
         slots = [self._default, *self._narrower.values()]
-        return [slot.token for slot in slots if slot.token is not None]
+        return [slot.token for slot in slots if slot.token is not None] + list(self._superseded)
 
     def state(self, now: float) -> State:
         """The session's state at ``now`` (see the theory of operation)."""
@@ -750,6 +780,7 @@ class SessionLifecycle:
             unsaved_refresh_token=self._unsaved,
             persist_warning=persist_warning,
             warnings=tuple(warnings),
+            missing_scopes=tuple(sorted(self.scopes.missing)),
         )
 
     # ------------------------------------------------------------------ requests
@@ -907,6 +938,13 @@ class SessionLifecycle:
         token = usable_token(access_token, sent_at=issued, expires_at=expires_at, scope=scope)
         cache = self._cache_for(flight)
         self._install(cache, token, now)
+        if flight.slot == DEFAULT_SLOT:
+            self._default_superseded = False
+            self.scopes.default_refreshed(scope)  # rule 14
+        else:
+            self.scopes.narrower_refresh(flight.slot[0] if flight.slot else None)
+        if rotated:
+            self._supersede_others(cache, now)  # rule 13
         if flight.forced:
             cache.forced_at = issued  # rule 7: spaced from the forced token's issue
         cache.attempt_ended_at = now
@@ -1136,11 +1174,28 @@ class SessionLifecycle:
         self._persist_retry_at = None
         return PersistRefreshToken(self._last_op_id, self._refresh_token)
 
+    def _supersede_others(self, kept: AccessTokenSlot, now: float) -> None:
+        """Rule 13: no token of another slot is handed out after a rotation."""
+        for cache in (self._default, *self._narrower.values()):
+            token = cache.token
+            if cache is kept or token is None:
+                continue
+            if token.remaining(now) > 0:
+                self._superseded.append(token)
+            due, cache.token, cache.refresh_due_at = cache.refresh_due_at, None, None
+            if cache is self._default:
+                # Still kept warm (providers expire idle refresh tokens), but not before
+                # the token that superseded it is due itself: its refresh may kill that one.
+                self._default_superseded = True
+                cache.refresh_due_at = max(due or now, kept.refresh_due_at or now)
+        while self._superseded and self._superseded[0].remaining(now) <= 0:
+            self._superseded.popleft()
+
     def _default_refresh_at(self) -> float:
         """When the default token is due for a refresh, respecting backoff (rules 5, 8)."""
         due = self._default.refresh_due_at
-        refresh_at = due if self._default.token is not None and due is not None \
-            else float("-inf")
+        refresh_at = due if (self._default.token is not None or self._default_superseded) \
+            and due is not None else float("-inf")
         if self._retry_at is not None:
             refresh_at = max(refresh_at, self._retry_at)
         return refresh_at
@@ -1170,6 +1225,8 @@ class SessionLifecycle:
 
     def _drop_tokens(self) -> None:
         self._default = AccessTokenSlot(DEFAULT_SLOT)
+        self._default_superseded = False
+        self._superseded.clear()
         self._narrower.clear()
         self._failures = 0
         self._retry_at = None

@@ -385,7 +385,7 @@ class Logins(Mapping[str, Login]):
                 saved = False
         lifecycle = SessionLifecycle(
             received_at, refresh_token=response.refresh_token, access_token=access_token,
-            refresh_token_saved=saved)
+            refresh_token_saved=saved, granted_scopes=meta.scopes)
         session = Session(meta, lifecycle)
         try:
             await self.adopt(session)

@@ -41,7 +41,7 @@ class SessionManager:
         self.store = store
         self.driver = driver = SessionDriver(store, provider, clock=clock,
                                              endpoints=endpoints_from(config_loader))
-        self.tokens = tokens = TokenService(driver)
+        self.tokens = tokens = TokenService(driver, config_loader=config_loader)
         self.revocation = revocation = Revocation(driver, provider)
         self.logins = logins = Logins(driver, revocation, provider, config_loader=config_loader)
         # Running: restore, then the scheduler, until cancelled (logins and refreshes

@@ -47,8 +47,15 @@ from compozy_agent.lifecycle import (
     StartRefresh,
     State,
 )
+from compozy_agent.narrowing import missing_scopes_message
 from compozy_agent.scheduler import Scheduler
-from compozy_agent.store import SecretKind, SessionStore, StoredSession, StoreError
+from compozy_agent.store import (
+    LearnedDownscope,
+    SecretKind,
+    SessionStore,
+    StoredSession,
+    StoreError,
+)
 from compozy_client import protocol as p
 from compozy_client.errors import ErrorCode
 
@@ -116,6 +123,9 @@ class SessionDriver:
         #: when many wait behind a stuck keyring; rotations of many sessions queue here
         #: instead of failing there.
         self._store_slots = anyio.CapacityLimiter(STORE_WRITES_AT_ONCE)
+        #: Profiles whose provider narrowed a chain for good (``narrowing.py``), kept in
+        #: the state file so the profile's next sessions are never narrowed by refresh.
+        self._narrows_chains: dict[str, LearnedDownscope] = {}
 
     def now(self) -> float:
         return self.clock.now()
@@ -157,7 +167,9 @@ class SessionDriver:
         for path in self.store.remove_interrupted_writes():  # nothing is served yet
             log.warning("removed %s, left by a write that a crash interrupted", path)
         try:
-            stored = self.store.load()
+            document = self.store.load_document()
+            stored = document.sessions
+            self._narrows_chains = dict(document.narrows_chains)
         except StoreError as exc:
             self._warnings.append(str(exc))
             log.error("%s", exc)
@@ -179,7 +191,7 @@ class SessionDriver:
                 continue
             # No access token: the first tick refreshes at once.
             lifecycle = SessionLifecycle(
-                self.now(), refresh_token=secret,
+                self.now(), refresh_token=secret, granted_scopes=meta.scopes,
                 login_reason=None if secret is not None else f"the refresh token {missing}")
             session = Session(meta, lifecycle)
             self._add(session)
@@ -282,10 +294,29 @@ class SessionDriver:
                  else " (refresh token rotated)", response.expires_at - response.received_at,
                  response.received_at - response.issued_at)
         # The token's life counts from when the request was sent (lifecycle rule 2).
-        return lifecycle.refresh_succeeded(
+        actions = lifecycle.refresh_succeeded(
             self.now(), refresh_id, response.access_token, response.expires_at,
             issued_at=response.issued_at, refresh_token=response.refresh_token,
             scope=response.scope)
+        if lifecycle.scopes.narrows_chains and not self.narrows_chains(meta):
+            await self._learn_narrowing(meta)
+        return actions
+
+    def narrows_chains(self, meta: StoredSession) -> bool:
+        """Whether the session's provider was seen narrowing a chain of this profile."""
+        learned = self._narrows_chains.get(meta.profile)
+        return learned is not None and meta.issuer is not None and learned.issuer == meta.issuer
+
+    async def _learn_narrowing(self, meta: StoredSession) -> None:
+        """Remember, in the state file, that the profile's provider narrows chains."""
+        assert meta.issuer is not None
+        log.warning("profile %s: the provider narrowed the session's scopes for good after a "
+                    "narrower refresh; its narrower tokens are no longer asked for by refresh "
+                    "(downscope: never)", meta.profile)
+        self._narrows_chains[meta.profile] = LearnedDownscope(issuer=meta.issuer,
+                                                              learned_at=self.now())
+        with contextlib.suppress(OpError):  # logged; known in memory until the agent stops
+            await self._save_metadata()
 
     async def _run_persist(self, session: Session, persist: PersistRefreshToken) -> None:
         lifecycle = session.lifecycle
@@ -346,8 +377,12 @@ class SessionDriver:
         now = self.now()
         for session in self.by_id.values():
             if session.lifecycle is not None:
-                for warning in session.lifecycle.status(now).warnings:
+                status = session.lifecycle.status(now)
+                for warning in status.warnings:
                     warnings.append(f"profile {session.meta.profile}: {warning}")
+                if status.missing_scopes:
+                    warnings.append(f"profile {session.meta.profile}: " + missing_scopes_message(
+                        status.missing_scopes, login_command(session.meta.profile)))
         return warnings
 
     async def sessions(self, profile: str | None) -> list[p.SessionInfo]:
@@ -369,6 +404,7 @@ class SessionDriver:
             info.expires_at = status.expires_at
             info.last_refresh_at = status.last_refresh_at
             info.last_refresh_outcome = status.last_refresh_outcome
+            info.missing_scopes = list(status.missing_scopes)
         return info
 
     def find(self, profile: str, token_id: str | None) -> Session:
@@ -421,7 +457,8 @@ class SessionDriver:
 
     async def _save_metadata(self) -> None:
         try:
-            await self.store.save_metadata([s.meta for s in self.by_id.values()])
+            await self.store.save_metadata([s.meta for s in self.by_id.values()],
+                                           self._narrows_chains)
         except StoreError as exc:
             log.error("could not save session metadata: %s", exc)
             raise OpError(ErrorCode.STORAGE_ERROR, f"could not save session metadata: {exc}") \

@@ -72,6 +72,7 @@ __all__ = [
     "STATE_VERSION",
     "FileSecrets",
     "KeyringSecrets",
+    "LearnedDownscope",
     "MemorySecrets",
     "SecretBackend",
     "SecretKind",
@@ -495,11 +496,22 @@ class StoredSession(msgspec.Struct, kw_only=True, omit_defaults=True,
     created_at: float | None = None
 
 
+class LearnedDownscope(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+    """What the agent learned about a profile's provider: it narrows the whole chain of
+    refresh tokens on a narrower refresh, so the profile is ``downscope: never``
+    (``narrowing.py``). Holds for the profile while its issuer stays the same."""
+
+    issuer: str
+    learned_at: float
+
+
 class _StateDocument(msgspec.Struct, forbid_unknown_fields=False):
-    """``{"version": 1, "sessions": [...]}``; unknown top-level fields are tolerated."""
+    """``{"version": 1, "sessions": [...], "narrows_chains": {profile: ...}}``; unknown
+    top-level fields are tolerated."""
 
     version: int
     sessions: list[StoredSession]
+    narrows_chains: dict[str, LearnedDownscope] = {}
 
 
 def atomic_write(path: str, data: bytes) -> None:
@@ -634,13 +646,21 @@ class SessionStore:
         Raises :class:`StateFileCorrupt` (naming the file and what to do) when
         the file cannot be read.
         """
+        return self.load_document().sessions
+
+    def load_narrows_chains(self) -> dict[str, LearnedDownscope]:
+        """The profiles whose provider was seen narrowing chains (see :meth:`load`)."""
+        return self.load_document().narrows_chains
+
+    def load_document(self) -> _StateDocument:
+        """The whole state file (see :meth:`load`); an empty one if there is none yet."""
         try:
             read = read_own_file(self.state_path)
         except OSError as exc:
             failure = f"cannot read {self.state_path}: {exc.strerror}"
             raise StateFileCorrupt(f"{failure}; fix its permissions or move it aside") from None
         if read is None:
-            return []
+            return _StateDocument(version=STATE_VERSION, sessions=[])
         try:
             document = msgspec.json.decode(read[0], type=_StateDocument)
         except msgspec.DecodeError:
@@ -654,14 +674,16 @@ class SessionStore:
                 f"{self.state_path} has version {document.version}, which this agent "
                 f"(version {STATE_VERSION}) does not read; upgrade the agent or move the "
                 "file aside")
-        return document.sessions
+        return document
 
     def remove_interrupted_writes(self) -> list[str]:
         """Delete temp files of writes a crash interrupted (see the module function)."""
         return remove_interrupted_writes(self.state_dir, (STATE_FILE, SECRETS_FILE))
 
-    def save(self, sessions: list[StoredSession]) -> None:
-        """Replace the state file with ``sessions``, atomically, as 0600.
+    def save(self, sessions: list[StoredSession],
+             narrows_chains: dict[str, LearnedDownscope] | None = None) -> None:
+        """Replace the state file with ``sessions``, atomically, as 0600; the profiles
+        learned to narrow chains are ``narrows_chains``, or kept as they are if None.
 
         Blocking (it fsyncs); from the event loop prefer :meth:`save_metadata`.
         Raises :class:`StateFileCorrupt` rather than overwrite a file that
@@ -669,20 +691,25 @@ class SessionStore:
         """
         prepare_state_dir(self.state_dir)
         try:
-            self.load()
+            current = self.load_document()
         except StateFileCorrupt as exc:
             raise StateFileCorrupt(f"not overwriting the unreadable state file: {exc}") from None
-        document = _StateDocument(version=STATE_VERSION, sessions=sessions)
+        document = _StateDocument(
+            version=STATE_VERSION, sessions=sessions,
+            narrows_chains=current.narrows_chains if narrows_chains is None else narrows_chains)
         try:
             atomic_write(self.state_path, msgspec.json.format(msgspec.json.encode(document)))
         except OSError as exc:
             failure = f"cannot write {self.state_path}: {exc.strerror}"
             raise StoreError(failure) from None
 
-    async def save_metadata(self, sessions: list[StoredSession]) -> None:
+    async def save_metadata(self, sessions: list[StoredSession],
+                            narrows_chains: dict[str, LearnedDownscope] | None = None) -> None:
         """:meth:`save` in a worker thread; concurrent saves land in call order."""
         async with self._saving():
-            await anyio.to_thread.run_sync(self.save, list(sessions))
+            await anyio.to_thread.run_sync(self.save, list(sessions),
+                                           None if narrows_chains is None
+                                           else dict(narrows_chains))
 
     def _saving(self) -> anyio.Lock:
         # Made on first use, inside the event loop (the store may be built outside one).

@@ -13,6 +13,7 @@ is told.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 import anyio
@@ -31,10 +32,12 @@ from compozy_agent.lifecycle import (
     WaitForRefresh,
     slot_key,
 )
+from compozy_agent.narrowing import Downscope, unheld_scopes, unheld_scopes_message
 from compozy_agent.peer import Peer
 from compozy_agent.sessions import Session, SessionDriver, login_command
 from compozy_client import protocol as p
-from compozy_client.errors import ErrorCode
+from compozy_client.config import Config, load_config
+from compozy_client.errors import ConfigError, ErrorCode
 
 #: How long a token request may wait for refreshes (seconds of real time): two provider
 #: calls (CALL_DEADLINE each), and below the CLI's 30 s, so that the agent's own answer,
@@ -47,8 +50,10 @@ ANSWER_MARGIN: Final = 1.0
 class TokenService:
     """The ``token`` and ``refresh`` ops: a session's tokens, waiting on its refreshes."""
 
-    def __init__(self, driver: SessionDriver) -> None:
+    def __init__(self, driver: SessionDriver, *,
+                 config_loader: Callable[[], Config] = load_config) -> None:
         self.driver = driver
+        self.config_loader = config_loader
 
     async def token(self, request: p.Token, peer: Peer) -> p.TokenResult:
         session = self.driver.find(request.profile, request.token_id)
@@ -58,6 +63,9 @@ class TokenService:
                                  profile=session.meta.profile, kind="api_key")
         slot = DEFAULT_SLOT if request.scope is None and request.audience is None \
             else slot_key(request.scope, request.audience)
+        whole = False  # a narrower scope served with the session's full token
+        if slot[0] is not None:
+            slot, whole = await self._narrower_scopes(session, slot[0], slot[1])
         # A narrower token may not widen what the login granted (lifecycle rule 12).
         grant = None if slot == DEFAULT_SLOT else Grant.of(session.meta.scopes,
                                                            session.meta.resources)
@@ -65,10 +73,45 @@ class TokenService:
                                    force_new=request.force_new,
                                    rejected_token=request.rejected_token, asked_at=now,
                                    grant=grant, caller_timeout=request.timeout)
+        scope = list(token.scope) if token.scope is not None else None
+        held = session.lifecycle.scopes.holds if session.lifecycle is not None else None
+        if scope is None and whole and held is not None:
+            scope = sorted(held)  # say that the token is wider than asked
         return p.TokenResult(access_token=token.value.reveal(), expires_at=token.expires_at,
                              token_id=session.meta.token_id, profile=session.meta.profile,
-                             scope=list(token.scope) if token.scope is not None else None,
-                             audience=request.audience)
+                             scope=scope, audience=request.audience)
+
+    async def _narrower_scopes(
+        self, session: Session, requested: frozenset[str], audience: str | None
+    ) -> tuple[tuple[frozenset[str] | None, str | None], bool]:
+        """The slot that serves a request for narrower scopes, and whether it is the
+        session's full token (``downscope: never``, see ``narrowing.py``)."""
+        lifecycle = session.lifecycle
+        assert lifecycle is not None
+        meta = session.meta
+        slot = (requested, audience)
+        refusal = Grant.of(meta.scopes, meta.resources).refusal(slot)
+        if refusal is not None:  # lifecycle rule 12, with its message
+            raise OpError(refusal.code, refusal.message)
+        unheld = unheld_scopes(requested, lifecycle.scopes.holds)
+        if unheld:
+            raise OpError(ErrorCode.BAD_REQUEST,
+                          unheld_scopes_message(unheld, login_command(meta.profile)))
+        if await self._downscope(session) == "refresh":
+            return slot, False
+        return (None, audience), True
+
+    async def _downscope(self, session: Session) -> Downscope:
+        """The profile's ``downscope``: the config's, else ``never`` when its provider was
+        seen narrowing chains, else ``refresh``."""
+        try:
+            config = await anyio.to_thread.run_sync(self.config_loader)
+        except ConfigError as exc:
+            raise OpError(ErrorCode.CONFIG_ERROR, str(exc)) from None
+        profile = config.profiles.get(session.meta.profile)
+        if profile is not None and profile.downscope is not None:
+            return profile.downscope
+        return "never" if self.driver.narrows_chains(session.meta) else "refresh"
 
     async def _obtain(
         self,

@@ -11,6 +11,7 @@ Shape (every key optional)::
         client_id: compozy-cli
         scopes: [openid, profile, email, offline_access]
         resources: [https://api.compozy.dev]
+        downscope: refresh    # refresh | never: how --scope gets a narrower token
         # What the provider's metadata does not say (RFC 8414 names); each wins
         # over discovery and is checked like a discovered one (https but loopback):
         device_authorization_endpoint: https://auth.example.com/device
@@ -63,6 +64,11 @@ class ProfileConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     #: APIs (RFC 8707 resource indicators) the login asks access for, so that
     #: `compozy auth token --audience URI` can later get a token for one of them.
     resources: list[str] | None = None
+    #: How `compozy auth token --scope` gets a narrower token: ``refresh`` asks the
+    #: provider for one (RFC 6749 section 6); ``never`` hands out the session's full
+    #: token, for providers that narrow the whole session on a narrower refresh.
+    #: Unset: ``refresh``, until the agent sees the provider narrow a session.
+    downscope: Literal["refresh", "never"] | None = None
     #: Endpoints the provider's metadata does not name, by their RFC 8414 names
     #: (userinfo's by OIDC Discovery's); each wins over discovery.
     authorization_endpoint: str | None = None
@@ -129,11 +135,16 @@ def load_config(path: str | None = None) -> Config:
     :class:`UnsafeConfigFile` for a file another uid owns or others can write
     (:func:`~compozy_client.paths.config_file_problem`).
     """
+    return load_config_and_bytes(path)[0]
+
+
+def load_config_and_bytes(path: str | None = None) -> tuple[Config, bytes | None]:
+    """:func:`load_config`, with the exact bytes it validated (None: no file)."""
     path = path or config_path()
     read = read_config_file(path)
     if read is None:
-        return Config()
-    return parse_config(*read, path)
+        return Config(), None
+    return parse_config(*read, path), read[0]
 
 
 def read_config_file(path: str) -> tuple[bytes, os.stat_result] | None:

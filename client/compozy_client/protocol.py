@@ -295,6 +295,9 @@ class SessionInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     last_refresh_at: float | None = None
     last_refresh_outcome: str | None = None
     persisted: bool = True
+    #: Granted scopes the provider no longer holds for this session: it was narrowed
+    #: (a warning says so); `compozy login` gets them back.
+    missing_scopes: list[str] = []
 
 
 class StorageInfo(msgspec.Struct, kw_only=True):

@@ -1008,6 +1008,10 @@ class LifecycleModel(RuleBasedStateMachine):
         self.handed_out: dict[SlotKey, str] = {}
         self.issued = 0
         self.revoked = False
+        #: Rule 13, against the harshest provider: a rotation kills every access token
+        #: issued before it (django-oauth-toolkit kills the spent refresh token's).
+        self.access_tokens_issued = {"at-0"}
+        self.killed: set[str] = set()
 
     def perform(self, actions: Iterable[Action | None]) -> None:
         for action in actions:
@@ -1037,6 +1041,8 @@ class LifecycleModel(RuleBasedStateMachine):
         match decision:
             case Ready(token=token, background=background):
                 assert token.remaining(self.now) > 0, "handed out an expired token"
+                assert token.value.reveal() not in self.killed, \
+                    "handed out a token a rotation may have killed"
                 self.handed_out[slot] = token.value.reveal()
                 self.perform([background])
             case StartRefresh():
@@ -1075,6 +1081,8 @@ class LifecycleModel(RuleBasedStateMachine):
             new_refresh_token = None
             if outcome == "rotated":
                 new_refresh_token = self.provider_accepts = f"rt-{self.issued}"
+                self.killed |= self.access_tokens_issued
+            self.access_tokens_issued.add(f"at-{self.issued}")
             actions = machine.refresh_succeeded(now, refresh_id, f"at-{self.issued}",
                                                 now + lifetime, refresh_token=new_refresh_token)
         elif outcome == "transient":

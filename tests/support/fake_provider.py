@@ -185,6 +185,18 @@ class FakeProvider:
         self.userinfo_claims: dict[str, Any] | None = None
         #: Say in the metadata that authorization responses carry ``iss`` (RFC 9207).
         self.advertises_iss = True
+        #: Refresh as django-oauth-toolkit does (see :meth:`_chain_refresh`): a narrower
+        #: refresh narrows the chain for good, every refresh rotates and revokes the access
+        #: token of the spent refresh token, and userinfo accepts live access tokens only.
+        self.narrows_chains = False
+        #: What a chain that started before this fake knew it holds (the login's grant).
+        self.granted_scopes = frozenset({"openid", "profile", "email", "offline_access"})
+        #: Per refresh token: the scopes of its chain, and the access token issued with it.
+        self.chain_scopes: dict[str, frozenset[str]] = {}
+        self.access_of_refresh: dict[str, str] = {}
+        self.spent_refresh_tokens: set[str] = set()
+        #: Access tokens userinfo accepts when :attr:`narrows_chains` is set.
+        self.live_access_tokens: set[str] = set()
         #: Fields left out of the metadata document (a sparse provider's discovery).
         self.omitted_metadata: set[str] = set()
         self._tokens = itertools.count(1)  # numbers the ok token answers
@@ -401,7 +413,37 @@ class FakeProvider:
         recorded = await self._record(request)
         return await self._answer(request, lambda b: self._token_answer(b, recorded.form))
 
+    def _chain_refresh(self, form: dict[str, str]) -> web.StreamResponse:
+        """A refresh as django-oauth-toolkit answers it (``narrows_chains``).
+
+        The new refresh token's chain holds the scopes asked for (RFC 6749 section 6),
+        for good: a later refresh asking for a dropped scope fails ``invalid_scope``,
+        one asking for none gets the narrowed set. The spent refresh token and the
+        access token issued with it are revoked.
+        """
+        number = next(self._tokens)
+        spent = form.get("refresh_token", "")
+        if spent in self.spent_refresh_tokens:
+            return web.json_response({"error": "invalid_grant"}, status=400)
+        chain = self.chain_scopes.get(spent, self.granted_scopes)
+        asked = frozenset(form.get("scope", "").split())
+        if not asked <= chain:
+            return web.json_response({"error": "invalid_scope"}, status=400)
+        scope = asked or chain
+        self.spent_refresh_tokens.add(spent)
+        self.live_access_tokens.discard(self.access_of_refresh.pop(spent, ""))
+        access_token, refresh_token = f"fake-at-{number}", f"fake-rt-{number}"
+        self.chain_scopes[refresh_token] = scope
+        self.access_of_refresh[refresh_token] = access_token
+        self.live_access_tokens.add(access_token)
+        return web.json_response({"access_token": access_token, "token_type": "Bearer",
+                                  "expires_in": 3600, "refresh_token": refresh_token,
+                                  "scope": " ".join(sorted(scope))})
+
     def _token_answer(self, behaviour: Behaviour, form: dict[str, str]) -> web.StreamResponse:
+        if self.narrows_chains and form.get("grant_type") == "refresh_token" \
+                and behaviour == Behaviour():
+            return self._chain_refresh(form)
         number = next(self._tokens)
         body: dict[str, Any] = {
             "access_token": behaviour.access_token or f"fake-at-{number}",
@@ -468,6 +510,10 @@ class FakeProvider:
 
     async def _userinfo(self, request: web.Request) -> web.StreamResponse:
         await self._record(request)
+        if self.narrows_chains:
+            bearer = request.headers.get("Authorization", "").removeprefix("Bearer ")
+            if bearer not in self.live_access_tokens:
+                return web.json_response({"error": "invalid_token"}, status=401)
         claims = self.claims if self.userinfo_claims is None else self.userinfo_claims
         return await self._answer(request, lambda _: web.json_response(claims))
 
