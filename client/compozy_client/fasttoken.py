@@ -25,6 +25,7 @@ import _socket
 import os
 import time
 
+from compozy_client.configcheck import was_checked
 from compozy_client.paths import (
     MAX_CONFIG_BYTES,
     config_file_problem,
@@ -137,9 +138,11 @@ def _parse(args: list[str]) -> dict[str, object] | None:
 
 
 def _config_needs_full_cli() -> bool:
-    """True when the config file may hold a key, is not to be trusted, or cannot be read.
+    """True when the config file may hold a key, is not to be trusted, cannot be read,
+    or is not the one the full CLI last validated (:mod:`compozy_client.configcheck`).
 
-    The full CLI then uses the key, or refuses the file and says why.
+    The full CLI then uses the key, or refuses the file and says why, as every
+    command does.
     """
     path = config_path()
     try:
@@ -147,7 +150,8 @@ def _config_needs_full_cli() -> bool:
             if config_file_problem(path, os.fstat(file.fileno())) is not None:
                 return True
             text = file.read(MAX_CONFIG_BYTES + 1)
-            return len(text) > MAX_CONFIG_BYTES or b"api_key" in text
+            return len(text) > MAX_CONFIG_BYTES or b"api_key" in text \
+                or not was_checked(path, text)
     except FileNotFoundError:
         return False
     except OSError:

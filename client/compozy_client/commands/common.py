@@ -63,24 +63,25 @@ def profile_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def read_config(options: argparse.Namespace) -> Config | None:
-    """The config file, read once for every command, whether the command uses it or not.
+def read_config(options: argparse.Namespace) -> Config:
+    """The config file, read and validated once for every command, before the command
+    does anything, whether it uses the file or not.
 
     A file another uid owns or others can write stops every command
     (:class:`~compozy_client.errors.UnsafeConfigFile`), as ssh refuses an
-    unprotected key; a key in a file others can read is warned about on every
-    command. A malformed file is left to the commands that use it (None).
+    unprotected key, and so does a malformed one (an unknown key, a wrong type:
+    :class:`~compozy_client.errors.ConfigError`), the same way for every command
+    (exit 1). A valid file is recorded for the token fast path
+    (:mod:`compozy_client.configcheck`). A key in a file others can read is
+    warned about on every command.
     """
     from compozy_client.chain import config_warnings
-    from compozy_client.config import load_config
-    from compozy_client.errors import ConfigError, UnsafeConfigFile
+    from compozy_client.config import load_config_and_bytes
+    from compozy_client.configcheck import record_checked
 
-    try:
-        config = load_config()
-    except UnsafeConfigFile:
-        raise
-    except ConfigError:
-        return None
+    config, raw = load_config_and_bytes()
+    if raw is not None and config.path is not None:
+        record_checked(config.path, raw)
     # `compozy auth status` lists them with its own (and in --json).
     if not getattr(options, "lists_config_warnings", False):
         for warning in config_warnings(config):
@@ -89,7 +90,7 @@ def read_config(options: argparse.Namespace) -> Config | None:
 
 
 def command_config(options: argparse.Namespace) -> Config:
-    """The config :func:`read_config` read, or its error."""
+    """The config :func:`read_config` read (read now when a caller skipped it)."""
     from compozy_client.config import load_config
 
     config: Config | None = getattr(options, "config", None)
