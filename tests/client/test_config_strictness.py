@@ -48,6 +48,7 @@ COMMANDS: dict[str, list[str]] = {
     "auth token --scope": ["auth", "token", "--scope", "openid"],
     "auth token --force-new": ["auth", "token", "--force-new"],
     "completion": ["completion", "bash"],
+    "auth setup-git": ["auth", "setup-git", "--host", "git.example.com"],
 }
 
 
@@ -121,6 +122,7 @@ def test_a_config_with_an_unknown_key_stops_every_command_alike(
     assert result.stderr == expected
     assert recording.requests == []  # nothing done: no login started, no token asked for
     assert config.read_text() == TYPO  # and the file is left as it was
+    assert not (tmp_path / ".gitconfig").exists()  # no credential helper set up
 
 
 def test_the_environment_key_does_not_skip_the_check(
