@@ -49,6 +49,7 @@ COMMANDS: dict[str, list[str]] = {
     "auth token --force-new": ["auth", "token", "--force-new"],
     "completion": ["completion", "bash"],
     "auth setup-git": ["auth", "setup-git", "--host", "git.example.com"],
+    "exec": ["exec", "--", "/bin/true"],
 }
 
 
