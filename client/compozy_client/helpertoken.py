@@ -26,6 +26,7 @@ import os
 import time
 
 from compozy_client import fasttoken
+from compozy_client.configcheck import was_checked
 from compozy_client.paths import (
     MAX_CONFIG_BYTES,
     config_file_problem,
@@ -150,7 +151,9 @@ def _light_config_text() -> bytes | None:
         return b""
     except OSError:
         return None
-    return text if len(text) <= MAX_CONFIG_BYTES and b"api_key" not in text else None
+    if len(text) > MAX_CONFIG_BYTES or b"api_key" in text or not was_checked(path, text):
+        return None  # as every command: only bytes the full library validated (configcheck)
+    return text
 
 
 def _by_rules(
@@ -213,6 +216,7 @@ def _get_full(
     from compozy_client import protocol
     from compozy_client.chain import resolve_profile, static_credential
     from compozy_client.config import Config, parse_config, read_config_file
+    from compozy_client.configcheck import record_checked
     from compozy_client.connection import connect
     from compozy_client.errors import AgentError, CompozyError
     from compozy_client.rulecache import write_cache
@@ -220,6 +224,8 @@ def _get_full(
     try:
         read = read_config_file(config_path())
         config = Config() if read is None else parse_config(*read, config_path())
+        if read is not None:
+            record_checked(config_path(), read[0])  # the next run needs no YAML
         if read is not None and config.rules:
             write_cache(socket_path(), read[0], config.rules)  # the next run skips YAML
         static = static_credential(config)

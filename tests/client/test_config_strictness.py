@@ -50,6 +50,9 @@ COMMANDS: dict[str, list[str]] = {
     "completion": ["completion", "bash"],
     "auth setup-git": ["auth", "setup-git", "--host", "git.example.com"],
     "exec": ["exec", "--", "/bin/true"],
+    "auth kube-token": ["auth", "kube-token"],
+    "auth setup-kube": ["auth", "setup-kube", "--cluster", "dev"],
+    "auth setup-docker": ["auth", "setup-docker", "--registry", "registry.example.com"],
 }
 
 
@@ -118,9 +121,11 @@ def test_a_config_with_an_unknown_key_stops_every_command_alike(
     result = run(tmp_path, socket, argv)
     assert result.returncode == 1, (argv, result.stderr)
     assert result.stdout == ""
-    expected = (f"error: config file {config}: Object contains unknown field `scops` - at "
+    expected = (f"config file {config}: Object contains unknown field `scops` - at "
                 "`$.profiles[...]`\n")
-    assert result.stderr == expected
+    # kubectl's plugin prefixes its messages with its name, as it does every error.
+    prefix = "compozy: " if argv[:2] == ["auth", "kube-token"] else "error: "
+    assert result.stderr == prefix + expected
     assert recording.requests == []  # nothing done: no login started, no token asked for
     assert config.read_text() == TYPO  # and the file is left as it was
     assert not (tmp_path / ".gitconfig").exists()  # no credential helper set up
