@@ -92,7 +92,9 @@ def get_token(
     bounds the whole call. ``url``, the request the token is for, and ``audience``
     choose the profile (and audience) by the config file's ``rules:``.
     Raises :class:`~compozy_client.errors.NotLoggedIn` when the profile needs
-    ``compozy login``, and other :class:`~compozy_client.errors.CompozyError`\\ s.
+    ``compozy login``, :class:`~compozy_client.errors.TokenBindingMismatch` when its
+    tokens are DPoP-bound (``token_binding: dpop``; use :func:`get_dpop_proof`), and
+    other :class:`~compozy_client.errors.CompozyError`\\ s.
     """
     deadline = time.monotonic() + timeout
     config = load_config()
@@ -104,6 +106,35 @@ def get_token(
     with connect(timeout=timeout, deadline=deadline) as conn:
         request.timeout = max(0.0, deadline - time.monotonic())
         return conn.call(request, protocol.TokenResult).access_token
+
+
+def get_dpop_proof(
+    method: str,
+    url: str,
+    profile: str | None = None,
+    *,
+    nonce: str | None = None,
+    min_valid: float = 0.0,
+    rejected_token: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> protocol.DpopProofResult:
+    """A DPoP proof (RFC 9449) for one ``method`` ``url`` request and the access token it
+    is bound to, for a profile with ``token_binding: dpop``; the key stays in the agent.
+
+    Send ``Authorization: DPoP <access_token>`` and ``DPoP: <proof>``; a proof is
+    good for one request. ``nonce`` is the server's ``DPoP-Nonce`` when it demanded
+    one; ``rejected_token`` the token it refused with 401. Raises
+    :class:`~compozy_client.errors.TokenBindingMismatch` for a bearer profile (use
+    :func:`get_token`), and as :func:`get_token` otherwise. An API key from the
+    environment or the config file cannot sign: the agent's session is asked.
+    """
+    deadline = time.monotonic() + timeout
+    request = protocol.DpopProof(id=1, profile=resolve_profile(profile), htm=method, htu=url,
+                                 nonce=nonce, min_valid=min_valid,
+                                 rejected_token=rejected_token)
+    with connect(timeout=timeout, deadline=deadline) as conn:
+        request.timeout = max(0.0, deadline - time.monotonic())
+        return conn.call(request, protocol.DpopProofResult)
 
 
 async def async_get_token(
@@ -166,4 +197,4 @@ async def async_get_token(
     return protocol.decode_result(response.result, protocol.TokenResult).access_token
 
 
-__all__ = ["async_get_token", "get_token"]
+__all__ = ["async_get_token", "get_dpop_proof", "get_token"]
