@@ -5,8 +5,10 @@ token's cnf.jkt by introspection (tests/support/resource_server.py), not with ou
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,12 +16,16 @@ import pytest
 
 from compozy_agent.dpop import DpopKey
 from compozy_client.dpop import call_with_dpop
+from support import canary
 from support.agent import AgentEnv, AgentProcess, run_cli, start_agent
+from support.keyring_fixture import SecretService
 from support.login import configure, login_browser, login_device
 from support.provider import DPOP_CLIENT_ID, OidcTestProvider
 from support.resource_server import ResourceServer, serving
 
 pytestmark = pytest.mark.real_provider
+
+DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 
 
 def cli_json(agent_env: AgentEnv, *args: str) -> dict[str, Any]:
@@ -72,4 +78,146 @@ def test_device_login_gets_dpop_bound_tokens_a_resource_server_accepts(
     assert response.json()["jkt"] == session["dpop_thumbprint"]
 
 
-DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+def proof_for(agent_env: AgentEnv, resource: ResourceServer) -> dict[str, Any]:
+    return cli_json(agent_env, "auth", "dpop-proof", "--method", "GET", "--url",
+                    resource.url + "/me")
+
+
+def test_static_token_tools_are_refused_naming_the_way_out(dpop_agent: AgentProcess) -> None:
+    env = dpop_agent.agent_env
+    # `compozy auth token` (its fast path and the full CLI), as `Bearer $(...)` would use it.
+    for extra in ((), ("--min-valid", "1")):
+        result = run_cli(env, "auth", "token", *extra)
+        assert result.returncode == 1 and result.stdout == ""
+        assert "DPoP-bound" in result.stderr and "token_binding: bearer" in result.stderr
+    plain = run_cli(env, "auth", "token", "--force-new")  # not a fast-path flag: the full CLI
+    assert plain.returncode == 1 and "token_binding: bearer" in plain.stderr
+    assert plain.stdout == ""
+
+
+def test_the_resource_server_refuses_replays_other_keys_and_reused_proofs(
+    dpop_agent: AgentProcess, resource: ResourceServer
+) -> None:
+    env = dpop_agent.agent_env
+    answer = proof_for(env, resource)
+    token = answer["access_token"]
+    assert get_me(resource, {"Authorization": f"DPoP {token}", "DPoP": answer["proof"]}) \
+        .status_code == 200
+    # The same proof again (its jti seen), the token alone, the token as a bearer token.
+    assert get_me(resource, {"Authorization": f"DPoP {token}", "DPoP": answer["proof"]}) \
+        .status_code == 401
+    assert get_me(resource, {"Authorization": f"DPoP {token}"}).status_code == 401
+    assert get_me(resource, {"Authorization": f"Bearer {token}"}).status_code == 401
+    # A thief's own key signing a proof for the stolen token: not the key in cnf.jkt.
+    thief = DpopKey.generate("ES256")
+    forged = thief.proof("GET", resource.url + "/me", time.time(), access_token=token)
+    assert get_me(resource, {"Authorization": f"DPoP {token}", "DPoP": forged}) \
+        .status_code == 401
+    reasons = [outcome.reason for outcome in resource.outcomes]
+    assert reasons == ["ok", "jti reused (replay)", "no DPoP token and proof",
+                       "no DPoP token and proof", "cnf.jkt does not match the proof's key"]
+    # And the agent's next proof is accepted: one proof, one request.
+    again = proof_for(env, resource)
+    assert get_me(resource, {"Authorization": f"DPoP {again['access_token']}",
+                             "DPoP": again["proof"]}).status_code == 200
+
+
+def test_browser_login_binds_the_code_and_the_tokens(
+    agent_env: AgentEnv, oidc_provider: OidcTestProvider, resource: ResourceServer
+) -> None:
+    configure(agent_env, oidc_provider, client_id=DPOP_CLIENT_ID, token_binding="dpop")
+    agent = start_agent(agent_env)
+    try:
+        result = login_browser(agent_env)
+        assert result.returncode == 0, result.stderr + agent.log()
+        url = next(line for line in result.stderr.splitlines() if line.startswith("  http"))
+        thumbprint = cli_json(agent_env, "auth", "status")["session"]["dpop_thumbprint"]
+        assert f"dpop_jkt={thumbprint}" in url  # RFC 9449 section 10
+        code = oidc_provider.events("token", grant_type="authorization_code", status=200)[-1]
+        assert code["dpop"] and code["token_type"] == "DPoP"
+        answer = proof_for(agent_env, resource)
+        assert get_me(resource, {"Authorization": f"DPoP {answer['access_token']}",
+                                 "DPoP": answer["proof"]}).status_code == 200
+    finally:
+        agent.stop()
+
+
+def test_refresh_rotates_with_proofs_and_the_new_token_is_bound_too(
+    dpop_agent: AgentProcess, oidc_provider: OidcTestProvider, resource: ResourceServer
+) -> None:
+    env = dpop_agent.agent_env
+    before = oidc_provider.count("token", grant_type="refresh_token", status=200)
+    first = proof_for(env, resource)["access_token"]
+    assert run_cli(env, "auth", "refresh").returncode == 0
+    second = proof_for(env, resource)
+    assert second["access_token"] != first
+    refreshes = oidc_provider.events("token", grant_type="refresh_token")
+    assert oidc_provider.count("token", grant_type="refresh_token", status=200) == before + 1
+    assert refreshes[-1]["dpop"] and refreshes[-1]["token_type"] == "DPoP"
+    assert "refresh token rotated" in dpop_agent.log()
+    assert get_me(resource, {"Authorization": f"DPoP {second['access_token']}",
+                             "DPoP": second["proof"]}).status_code == 200
+
+
+def test_a_refresh_token_without_its_key_is_refused_by_the_provider(
+    agent_env: AgentEnv, oidc_provider: OidcTestProvider
+) -> None:
+    configure(agent_env, oidc_provider, storage="file", client_id=DPOP_CLIENT_ID,
+              token_binding="dpop")
+    agent = start_agent(agent_env)
+    try:
+        assert login_device(agent_env).returncode == 0, agent.log()
+        secrets_file = agent_env.state_dir / "secrets.json"
+        canary.remember_dpop_keys(secrets_file)
+        stolen = next(value for name, value in json.loads(secrets_file.read_text()).items()
+                      if name.endswith(":refresh_token"))
+        form = {"grant_type": "refresh_token", "refresh_token": stolen,
+                "client_id": DPOP_CLIENT_ID}
+        bare = httpx.post(oidc_provider.token_endpoint, data=form, timeout=10)
+        assert bare.status_code == 400, bare.text
+        thief = DpopKey.generate("ES256")
+        forged = httpx.post(oidc_provider.token_endpoint, data=form, timeout=10, headers={
+            "DPoP": thief.proof("POST", oidc_provider.token_endpoint, time.time())})
+        assert forged.status_code == 400 and forged.json()["error"] == "invalid_grant", \
+            forged.text
+        # The agent, holding the key, still refreshes with it.
+        assert run_cli(agent_env, "auth", "refresh").returncode == 0, agent.log()
+    finally:
+        agent.stop()
+
+
+def test_the_providers_nonce_is_honoured_with_one_retry(
+    agent_env: AgentEnv, oidc_provider_factory: Any
+) -> None:
+    provider = oidc_provider_factory(dpop_require_nonce=True, dpop_algs=("ES256",))
+    configure(agent_env, provider, client_id=DPOP_CLIENT_ID, token_binding="dpop")
+    agent = start_agent(agent_env)
+    try:
+        assert login_device(agent_env).returncode == 0, agent.log()
+        assert cli_json(agent_env, "auth", "status")["session"]["dpop_algorithm"] == "ES256"
+        demanded = provider.count("token", error="use_dpop_nonce")
+        assert demanded == 1  # the first poll; every later request carries the nonce
+        assert run_cli(agent_env, "auth", "refresh").returncode == 0, agent.log()
+        assert provider.count("token", grant_type="refresh_token", status=200) == 1
+        assert provider.count("token", error="use_dpop_nonce") == 1
+    finally:
+        agent.stop()
+
+
+def test_the_resource_servers_nonce_is_honoured_with_one_retry(
+    dpop_agent: AgentProcess, oidc_provider: OidcTestProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client library's call_with_dpop (what the HTTP adapters use), in this process."""
+    for name in ("HOME", "XDG_RUNTIME_DIR", "COMPOZY_AGENT_SOCK", "COMPOZY_STATE_DIR"):
+        monkeypatch.setenv(name, dpop_agent.agent_env.env()[name])
+    monkeypatch.setenv("COMPOZY_AGENT_AUTOSTART", "0")
+    server = ResourceServer(oidc_provider.introspection_endpoint, DPOP_CLIENT_ID,
+                            require_nonce=True)
+    with serving(server):
+        def send(headers: dict[str, str]) -> tuple[int, Any, httpx.Response]:
+            response = get_me(server, headers)
+            return response.status_code, response.headers, response
+
+        response = call_with_dpop("GET", server.url + "/me", send)
+    assert response.status_code == 200
+    assert [outcome.reason for outcome in server.outcomes] == ["nonce required", "ok"]
