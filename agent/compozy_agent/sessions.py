@@ -100,8 +100,7 @@ async def load_dpop_key(store: SessionStore, meta: StoredSession) -> tuple[DpopK
     except StoreError as exc:
         return None, f"its DPoP key could not be read from the secret store ({exc})"
     if secret is None:
-        return None, ("its DPoP key is missing from the secret store; the refresh token is "
-                      "useless without it")
+        return None, "its DPoP key is missing from the secret store"
     try:
         key = DpopKey.from_secret(secret)
     except DpopKeyError as exc:
@@ -219,7 +218,9 @@ class SessionDriver:
                 if dpop_key is None:
                     log.error("session %s (profile %s): %s; login required", meta.token_id,
                               meta.profile, why)
-                    secret, login_reason = None, f"this DPoP-bound session's key: {why}"
+                    # RFC 9449: its tokens are bound to that key; never fall back to bearer.
+                    secret, login_reason = None, (f"{why}; its tokens work only with that "
+                                                  "key, so a new login is needed")
             # No access token: the first tick refreshes at once.
             lifecycle = SessionLifecycle(self.now(), refresh_token=secret,
                                          login_reason=login_reason)

@@ -221,3 +221,122 @@ def test_the_resource_servers_nonce_is_honoured_with_one_retry(
         response = call_with_dpop("GET", server.url + "/me", send)
     assert response.status_code == 200
     assert [outcome.reason for outcome in server.outcomes] == ["nonce required", "ok"]
+
+
+@pytest.mark.real_keyring
+def test_a_restarted_agent_signs_with_the_key_from_the_keyring(
+    agent_env: AgentEnv, oidc_provider: OidcTestProvider, secret_service: SecretService,
+    resource: ResourceServer
+) -> None:
+    agent_env.extra.update(secret_service.env)
+    configure(agent_env, oidc_provider, storage="keyring", client_id=DPOP_CLIENT_ID,
+              token_binding="dpop")
+    agent = start_agent(agent_env)
+    assert login_device(agent_env).returncode == 0, agent.log()
+    session = cli_json(agent_env, "auth", "status")["session"]
+    token_id, thumbprint = session["token_id"], session["dpop_thumbprint"]
+    agent.stop(signal.SIGKILL)
+
+    items = {item[0]["username"]: item[2].decode() for item in secret_service.items()
+             if item[0].get("service") == "compozy-agent"}
+    assert set(items) == {f"{token_id}:refresh_token", f"{token_id}:dpop_key"}
+    key = json.loads(items[f"{token_id}:dpop_key"])["pkcs8"]
+    state = (agent_env.state_dir / "sessions.json").read_text()
+    assert key not in state and thumbprint in state  # the public thumbprint only
+
+    second = start_agent(agent_env)
+    try:
+        answer = proof_for(agent_env, resource)  # a new access token, refreshed with the key
+        response = get_me(resource, {"Authorization": f"DPoP {answer['access_token']}",
+                                     "DPoP": answer["proof"]})
+        assert response.status_code == 200 and response.json()["jkt"] == thumbprint
+        assert key not in second.log()
+        assert run_cli(agent_env, "logout").returncode == 0
+        left = [item[0]["username"] for item in secret_service.items()
+                if item[0].get("service") == "compozy-agent"]
+        assert left == []  # the key went with the refresh token
+    finally:
+        second.stop()
+
+
+def test_a_key_missing_from_the_store_means_login_required_never_bearer(
+    agent_env: AgentEnv, oidc_provider: OidcTestProvider
+) -> None:
+    configure(agent_env, oidc_provider, storage="file", client_id=DPOP_CLIENT_ID,
+              token_binding="dpop")
+    agent = start_agent(agent_env)
+    assert login_device(agent_env).returncode == 0, agent.log()
+    agent.stop()
+    secrets_file = agent_env.state_dir / "secrets.json"
+    canary.remember_dpop_keys(secrets_file)
+    entries = json.loads(secrets_file.read_text())
+    secrets_file.write_text(json.dumps({name: value for name, value in entries.items()
+                                        if not name.endswith(":dpop_key")}))
+    before = oidc_provider.count("token", grant_type="refresh_token")
+    second = start_agent(agent_env)
+    try:
+        shown = run_cli(agent_env, "auth", "status", "--json")
+        assert shown.returncode == 1  # status exits 1 for a session that needs a login
+        session = json.loads(shown.stdout)["session"]
+        assert session["state"] == "login_required"
+        assert session["token_type"] == "DPoP"
+        for args in (("auth", "token", "--json"), ("auth", "dpop-proof", "--method", "GET",
+                                                   "--url", "https://api.example/x")):
+            result = run_cli(agent_env, *args)
+            assert result.returncode == 1 and result.stdout == ""
+            assert "DPoP key is missing from the secret store" in result.stderr
+            assert "compozy login" in result.stderr
+        assert oidc_provider.count("token", grant_type="refresh_token") == before
+    finally:
+        second.stop()
+
+
+def test_revoke_all_deletes_the_keys_with_the_refresh_tokens(
+    agent_env: AgentEnv, oidc_provider: OidcTestProvider
+) -> None:
+    configure(agent_env, oidc_provider, "default", "work", storage="file",
+              client_id=DPOP_CLIENT_ID, token_binding="dpop")
+    agent = start_agent(agent_env)
+    try:
+        assert login_device(agent_env).returncode == 0, agent.log()
+        assert login_device(agent_env, "--profile", "work").returncode == 0, agent.log()
+        secrets_file = agent_env.state_dir / "secrets.json"
+        assert len(canary.remember_dpop_keys(secrets_file)) == 2
+        token_id = cli_json(agent_env, "auth", "status", "--profile", "work")["session"][
+            "token_id"]
+        assert run_cli(agent_env, "auth", "revoke", token_id).returncode == 0
+        names = set(json.loads(secrets_file.read_text()))
+        assert not any(name.startswith(token_id) for name in names) and len(names) == 2
+        assert run_cli(agent_env, "auth", "revoke-all", "--yes").returncode == 0, agent.log()
+        assert json.loads(secrets_file.read_text()) == {}
+    finally:
+        agent.stop()
+
+
+def test_the_dpop_key_appears_nowhere_but_the_secret_store(
+    agent_env: AgentEnv, oidc_provider: OidcTestProvider, resource: ResourceServer
+) -> None:
+    """The canary check (tests/support/canary.py) runs after this test with this session's
+    key in every form: files, logs, every CLI output (dpop-proof's and token's stdout too),
+    every process's argv and environment. Here, the places it cannot see."""
+    configure(agent_env, oidc_provider, storage="file", client_id=DPOP_CLIENT_ID,
+              token_binding="dpop")
+    agent = start_agent(agent_env)
+    try:
+        assert login_browser(agent_env).returncode == 0, agent.log()
+        keys = canary.remember_dpop_keys(agent_env.state_dir / "secrets.json")
+        assert len(keys) == 1
+        outputs = [run_cli(agent_env, *args) for args in (
+            ("auth", "dpop-proof", "--method", "GET", "--url", resource.url + "/me", "--json"),
+            ("auth", "token", "--json"), ("auth", "refresh"), ("auth", "status", "--json"),
+            ("auth", "list"), ("auth", "log", "--json"), ("auth", "token"),
+            ("auth", "dpop-proof", "--method", "BAD METHOD", "--url", "x"))]
+        assert [o.returncode for o in outputs] == [0, 0, 0, 0, 0, 0, 1, 1]
+        assert "key thumbprint" in outputs[4].stdout
+        seen = "".join(o.stdout + o.stderr for o in outputs) + agent.log()
+        assert not any(key in seen for key in keys)
+        assert not any(marker in seen for marker in canary.KEY_MARKERS)
+    finally:
+        agent.stop()
+    leaks = canary.find_leaks(agent_env.root, [("agent log", agent.log())])
+    assert not [leak for leak in leaks if "DPoP private key" in leak], leaks
