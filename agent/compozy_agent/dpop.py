@@ -126,7 +126,7 @@ def normalize_htu(url: str) -> str:
 class DpopKey:
     """One session's DPoP key pair; signs proofs, shows only its public half."""
 
-    __slots__ = ("_private", "algorithm", "public_jwk", "thumbprint")
+    __slots__ = ("_header", "_private", "algorithm", "public_jwk", "thumbprint")
 
     def __init__(self, private: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey,
                  algorithm: Algorithm) -> None:
@@ -149,6 +149,9 @@ class DpopKey:
             self.public_jwk = {"kty": "OKP", "crv": "Ed25519", "x": _b64url(raw)}
         # RFC 7638 section 3: the required members only, sorted, no whitespace.
         self.thumbprint: str = _b64url(hashlib.sha256(_json(self.public_jwk)).digest())
+        # Every proof's protected header is the same (section 4.2): encoded once.
+        self._header = _b64url(_json({"typ": "dpop+jwt", "alg": algorithm,
+                                      "jwk": self.public_jwk}))
 
     @classmethod
     def generate(cls, algorithm: Algorithm) -> DpopKey:
@@ -209,7 +212,6 @@ class DpopKey:
             raise DpopKeyError("htm must be an HTTP method such as GET or POST")
         if nonce is not None and not valid_nonce(nonce):
             raise DpopKeyError("the DPoP nonce is not one (RFC 9449 section 8.1)")
-        header = {"typ": "dpop+jwt", "alg": self.algorithm, "jwk": self.public_jwk}
         claims: dict[str, object] = {
             "jti": _b64url(secrets.token_bytes(16)),
             "htm": method,
@@ -220,7 +222,7 @@ class DpopKey:
             claims["nonce"] = nonce
         if access_token is not None:
             claims["ath"] = access_token_hash(access_token)
-        signing_input = f"{_b64url(_json(header))}.{_b64url(_json(claims))}".encode("ascii")
+        signing_input = f"{self._header}.{_b64url(_json(claims))}".encode("ascii")
         return f"{signing_input.decode('ascii')}.{_b64url(self._sign(signing_input))}"
 
     def _sign(self, data: bytes) -> bytes:
