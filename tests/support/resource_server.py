@@ -82,7 +82,7 @@ def serving(resource: ResourceServer) -> Iterator[ResourceServer]:
     """Run ``resource`` on a free port until the block ends."""
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:
             status, headers, body = resource.check(
                 "GET", self.headers.get("Authorization"), self.headers.get("DPoP"))
             data = json.dumps(body).encode()
@@ -94,7 +94,7 @@ def serving(resource: ResourceServer) -> Iterator[ResourceServer]:
             self.end_headers()
             self.wfile.write(data)
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: object) -> None:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
