@@ -339,3 +339,19 @@ def test_the_dpop_key_appears_nowhere_but_the_secret_store(
         agent.stop()
     leaks = canary.find_leaks(agent_env.root, [("agent log", agent.log())])
     assert not [leak for leak in leaks if "DPoP private key" in leak], leaks
+
+
+def test_auto_binding_uses_dpop_when_the_provider_lists_it(
+    agent_env: AgentEnv, oidc_provider: OidcTestProvider
+) -> None:
+    """token_binding: auto with the ordinary client: the provider lists DPoP, so the
+    login asks for bound tokens, and gets them (oidc-provider binds when a proof comes)."""
+    configure(agent_env, oidc_provider, token_binding="auto")
+    agent = start_agent(agent_env)
+    try:
+        assert login_device(agent_env).returncode == 0, agent.log()
+        session = cli_json(agent_env, "auth", "status")["session"]
+        assert session["token_type"] == "DPoP"
+        assert run_cli(agent_env, "auth", "token").returncode == 1
+    finally:
+        agent.stop()
