@@ -108,10 +108,14 @@ class TokenService:
                           f"profile {session.meta.profile!r} holds bearer tokens, which need no "
                           "DPoP proof; ask for a token (`compozy auth token`), or set "
                           "token_binding: dpop for it and log in again")
-        token = await self._obtain(session, DEFAULT_SLOT, min_valid=request.min_valid,
+        slot = DEFAULT_SLOT if request.scope is None and request.audience is None \
+            else slot_key(request.scope, request.audience)
+        grant = None if slot == DEFAULT_SLOT else Grant.of(session.meta.scopes,
+                                                           session.meta.resources)
+        token = await self._obtain(session, slot, min_valid=request.min_valid,
                                    force_new=request.force_new,
                                    rejected_token=request.rejected_token, asked_at=now,
-                                   caller_timeout=request.timeout)
+                                   grant=grant, caller_timeout=request.timeout)
         key = session.dpop_key
         if key is None:  # forgotten (logged out) while the token was being fetched
             raise OpError(ErrorCode.LOGIN_REQUIRED,

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, TypeVar
 if TYPE_CHECKING:
     from compozy_client.protocol import DpopProofResult
 
-__all__ = ["call_with_dpop", "nonce_challenge", "request_headers"]
+__all__ = ["call_with_dpop", "nonce_challenge", "request_headers", "valid_nonce"]
 
 _T = TypeVar("_T")
 #: RFC 9449 section 8.1: nonce = 1*NQCHAR.
@@ -34,6 +34,11 @@ _NONCE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]{1,1024}")
 #: A DPoP challenge (section 7.1) among the WWW-Authenticate challenges, asking for a nonce.
 _DPOP_SCHEME = re.compile(r"(?i)(?:^|,)\s*DPoP(?:\s|,|$)")
 _NONCE_ERROR = re.compile(r'\berror\s*=\s*"?use_dpop_nonce"?')
+
+
+def valid_nonce(nonce: str) -> bool:
+    """Whether a ``DPoP-Nonce`` value is one (RFC 9449 section 8.1), at most 1 KiB."""
+    return _NONCE.fullmatch(nonce) is not None
 
 
 def request_headers(result: DpopProofResult) -> dict[str, str]:
@@ -53,7 +58,7 @@ def nonce_challenge(status: int, headers: Mapping[str, str]) -> str | None:
     lowered = _lower(headers)
     nonce = lowered.get("dpop-nonce")
     challenge = lowered.get("www-authenticate", "")
-    if nonce is None or _NONCE.fullmatch(nonce) is None:
+    if nonce is None or not valid_nonce(nonce):
         return None
     if _DPOP_SCHEME.search(challenge) is None or _NONCE_ERROR.search(challenge) is None:
         return None

@@ -124,8 +124,8 @@ class DpopProof(_Request, tag="dpop_proof"):
     agent signs a proof for ``htm`` and ``htu`` (query and fragment dropped),
     with ``ath`` for the session's current access token and the server's
     ``nonce`` when it demanded one, and returns both; the key never leaves the
-    agent. ``min_valid``, ``rejected_token``, ``force_new`` and ``timeout`` as
-    in :class:`Token`.
+    agent. ``scope``, ``audience``, ``min_valid``, ``rejected_token``,
+    ``force_new`` and ``timeout`` as in :class:`Token`.
     """
 
     profile: ProfileName = "default"
@@ -134,6 +134,8 @@ class DpopProof(_Request, tag="dpop_proof"):
     htm: HttpMethod = ""
     htu: Url = ""
     nonce: DpopNonce | None = None
+    scope: ScopeList | None = None
+    audience: Url | None = None
     min_valid: float = 0.0
     rejected_token: str | None = None
     force_new: bool = False
