@@ -355,3 +355,67 @@ def test_auto_binding_uses_dpop_when_the_provider_lists_it(
         assert run_cli(agent_env, "auth", "token").returncode == 1
     finally:
         agent.stop()
+
+
+ADAPTERS = ["httpx-sync", "httpx-async", "requests"]
+
+
+def send_through(adapter: str, url: str, method: str = "GET") -> int:
+    """One request through a DPoP-unaware program's usual client and our adapter."""
+    from compozy_client.httpx import CompozyAuth as HttpxAuth
+    from compozy_client.requests import CompozyAuth as RequestsAuth
+
+    if adapter == "requests":
+        return requests_send(RequestsAuth(), method, url)
+    if adapter == "httpx-sync":
+        with httpx.Client(auth=HttpxAuth(), timeout=30) as client:
+            return client.request(method, url, content=b"body").status_code
+
+    async def run() -> int:
+        async with httpx.AsyncClient(auth=HttpxAuth(), timeout=30) as client:
+            return (await client.request(method, url, content=b"body")).status_code
+
+    import asyncio
+
+    return asyncio.run(run())
+
+
+def requests_send(auth: Any, method: str, url: str) -> int:
+    import requests
+
+    return requests.request(method, url, auth=auth, data=b"body", timeout=30).status_code
+
+
+@pytest.fixture
+def library_env(dpop_agent: AgentProcess, monkeypatch: pytest.MonkeyPatch) -> AgentProcess:
+    """This process's library calls go to the DPoP test agent."""
+    for key, value in dpop_agent.agent_env.env(COMPOZY_AGENT_AUTOSTART="0").items():
+        monkeypatch.setenv(key, value)
+    for name in ("FLYZT_API_KEY", "COMPOZY_CONFIG", "COMPOZY_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    return dpop_agent
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_the_adapters_send_dpop_and_answer_a_nonce_challenge_once(
+    library_env: AgentProcess, oidc_provider: OidcTestProvider, adapter: str
+) -> None:
+    server = ResourceServer(oidc_provider.introspection_endpoint, DPOP_CLIENT_ID,
+                            require_nonce=True)
+    with serving(server):
+        assert send_through(adapter, server.url + "/me", "POST") == 200
+    assert [outcome.reason for outcome in server.outcomes] == ["nonce required", "ok"]
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_the_adapters_report_a_rejected_dpop_token_once_and_retry(
+    library_env: AgentProcess, oidc_provider: OidcTestProvider, adapter: str
+) -> None:
+    server = ResourceServer(oidc_provider.introspection_endpoint, DPOP_CLIENT_ID,
+                            reject_first_token=True)
+    before = oidc_provider.count("token", grant_type="refresh_token", status=200)
+    with serving(server):
+        assert send_through(adapter, server.url + "/me") == 200
+    assert [outcome.reason for outcome in server.outcomes] == ["token refused as revoked", "ok"]
+    refreshes = oidc_provider.events("token", grant_type="refresh_token", status=200)
+    assert len(refreshes) == before + 1 and refreshes[-1]["dpop"]

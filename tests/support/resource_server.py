@@ -38,6 +38,10 @@ class ResourceServer:
     introspection_endpoint: str
     client_id: str
     require_nonce: bool = False
+    #: Refuse the first token that is otherwise good (an API that has just learnt it was
+    #: revoked): the client must report it as rejected and come back with a new one.
+    reject_first_token: bool = False
+    refused_tokens: set[str] = field(default_factory=set)
     verifier: DpopVerifier = field(default_factory=DpopVerifier)
     outcomes: list[Outcome] = field(default_factory=list)
     url: str = ""
@@ -66,6 +70,9 @@ class ResourceServer:
         cnf = claims.get("cnf")
         if not isinstance(cnf, dict) or cnf.get("jkt") != verified.thumbprint:
             return self._refuse("invalid_token", "cnf.jkt does not match the proof's key")
+        if self.reject_first_token and (not self.refused_tokens or token in self.refused_tokens):
+            self.refused_tokens.add(token)
+            return self._refuse("invalid_token", "token refused as revoked")
         self.outcomes.append(Outcome(200, "ok"))
         return 200, {}, {"sub": claims.get("sub"), "jkt": verified.thumbprint}
 
@@ -83,8 +90,16 @@ def serving(resource: ResourceServer) -> Iterator[ResourceServer]:
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            self._answer("GET")
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            self.rfile.read(length)
+            self._answer("POST")
+
+        def _answer(self, method: str) -> None:
             status, headers, body = resource.check(
-                "GET", self.headers.get("Authorization"), self.headers.get("DPoP"))
+                method, self.headers.get("Authorization"), self.headers.get("DPoP"))
             data = json.dumps(body).encode()
             self.send_response(status)
             for name, value in headers.items():
