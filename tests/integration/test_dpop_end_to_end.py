@@ -419,3 +419,16 @@ def test_the_adapters_report_a_rejected_dpop_token_once_and_retry(
     assert [outcome.reason for outcome in server.outcomes] == ["token refused as revoked", "ok"]
     refreshes = oidc_provider.events("token", grant_type="refresh_token", status=200)
     assert len(refreshes) == before + 1 and refreshes[-1]["dpop"]
+
+
+def test_the_librarys_static_token_call_is_refused_naming_the_way_out(
+    library_env: AgentProcess
+) -> None:
+    """get_token is what the git, kubectl and registry helpers and `--env` build on."""
+    from compozy_client import get_token
+    from compozy_client.errors import TokenBindingMismatch
+
+    with pytest.raises(TokenBindingMismatch) as refused:
+        get_token()
+    assert refused.value.code == "dpop_bound"
+    assert "token_binding: bearer" in str(refused.value)
