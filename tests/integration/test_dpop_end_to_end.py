@@ -402,9 +402,12 @@ def test_the_adapters_send_dpop_and_answer_a_nonce_challenge_once(
 ) -> None:
     server = ResourceServer(oidc_provider.introspection_endpoint, DPOP_CLIENT_ID,
                             require_nonce=True)
+    before = oidc_provider.count("token", grant_type="refresh_token")
     with serving(server):
         assert send_through(adapter, server.url + "/me", "POST") == 200
     assert [outcome.reason for outcome in server.outcomes] == ["nonce required", "ok"]
+    # A nonce demand is not a rejected token: the agent refreshed nothing.
+    assert oidc_provider.count("token", grant_type="refresh_token") == before
 
 
 @pytest.mark.parametrize("adapter", ADAPTERS)
