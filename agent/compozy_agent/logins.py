@@ -322,6 +322,11 @@ class Logins(Mapping[str, Login]):
                                 login, ErrorCode.LOGIN_TIMEOUT,
                                 f"the provider no longer knows this device code ({exc.error}"
                                 "): it expired or was already used; run the login again")
+                        case "use_dpop_nonce" if login.dpop_key is not None:
+                            # RFC 9449 section 8: a nonce demanded again after the one
+                            # retry (or without a nonce to retry with): the next poll
+                            # carries the newest nonce the provider sent.
+                            continue
                         case _:
                             self._fail_login(login, ErrorCode.LOGIN_FAILED,
                                              f"the provider said {exc}")

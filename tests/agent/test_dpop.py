@@ -278,3 +278,36 @@ async def test_dpop_proof_for_a_bearer_session_is_refused() -> None:
         assert refused.value.code == ErrorCode.NOT_DPOP_BOUND
         result = await manager.token(p.Token(id=1, profile="dev"), PEER)
         assert result.token_type == "Bearer"
+
+
+@pytest.mark.anyio
+async def test_a_device_login_keeps_polling_after_a_repeated_nonce_demand(
+    tmp_path: object,
+) -> None:
+    from compozy_client.config import Config, ProfileConfig
+    from support.driver import while_advancing
+    from support.fake_provider import TOKEN, Behaviour, FakeProvider
+
+    clock = FakeClock()
+    async with FakeProvider(now=clock.now) as fake:
+        fake.on(TOKEN, Behaviour.oauth_error("use_dpop_nonce"),
+                Behaviour.ok(token_type="DPoP"))
+        config = Config(profiles={"default": ProfileConfig(token_binding="dpop")})
+        provider = ProviderClient(now=clock.now, timeout=5.0)
+        manager = SessionManager(SessionStore(str(tmp_path), MemorySecrets()), provider,
+                                 clock=clock, config_loader=lambda: config)
+        try:
+            async with anyio.create_task_group() as group:
+                await group.start(manager.run)
+                started = await manager.login_start(p.LoginStart(
+                    id=1, flow="device", issuer=fake.issuer, client_id="cli",
+                    scope=["openid", "offline_access"]))
+                done = await while_advancing(clock, manager.login_wait(p.LoginWait(
+                    id=2, login_id=started.login_id, timeout=20)))
+                group.cancel_scope.cancel()
+        finally:
+            await provider.aclose()
+    assert done.state == "done" and done.session is not None
+    assert done.session.token_type == "DPoP"
+    polls = fake.requests_to(TOKEN)
+    assert len(polls) == 2 and all("dpop" in poll.headers for poll in polls)
