@@ -45,6 +45,7 @@ def dpop_agent(agent_env: AgentEnv, oidc_provider: OidcTestProvider) -> Iterator
     try:
         result = login_device(agent_env)
         assert result.returncode == 0, result.stderr + agent.log()
+        assert "Tokens: DPoP (Ed25519, key thumbprint " in result.stderr
         yield agent
     finally:
         agent.stop()
@@ -435,3 +436,17 @@ def test_the_librarys_static_token_call_is_refused_naming_the_way_out(
         get_token()
     assert refused.value.code == "dpop_bound"
     assert "token_binding: bearer" in str(refused.value)
+
+
+def test_proofs_are_audited_and_refused_while_locked(
+    dpop_agent: AgentProcess, resource: ResourceServer
+) -> None:
+    env = dpop_agent.agent_env
+    proof_for(env, resource)
+    entries = cli_json(env, "auth", "log")["entries"]
+    assert entries[-1]["kind"] == "dpop_proof" and entries[-1]["outcome"] == "issued"
+    assert run_cli(env, "auth", "lock", "--passphrase-stdin", input="pw\npw\n").returncode == 0
+    locked = run_cli(env, "auth", "dpop-proof", "--method", "GET", "--url", resource.url + "/me")
+    assert locked.returncode == 1 and "locked" in locked.stderr and locked.stdout == ""
+    assert run_cli(env, "auth", "unlock", "--passphrase-stdin", input="pw\n").returncode == 0
+    assert proof_for(env, resource)["token_type"] == "DPoP"

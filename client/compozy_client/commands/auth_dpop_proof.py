@@ -68,9 +68,12 @@ def run(args: argparse.Namespace) -> int:
         request.timeout = time_left()
         result = conn.call(request, DpopProofResult)
     if args.json:
+        import msgspec
+
         from compozy_client.commands.output import print_json
 
-        print_json(result)
+        # Every field, token_type included (the wire leaves out defaults such as Bearer).
+        print_json(msgspec.structs.asdict(result))
         return EXIT_OK
     sys.stdout.write(result.proof + "\n")
     return EXIT_OK

@@ -69,9 +69,12 @@ def run(args: argparse.Namespace) -> int:
     static = static_credential(command_config(args))
     if static is not None:
         if args.json:
+            import msgspec
+
             from compozy_client.commands.output import print_json
 
-            print_json(TokenResult(access_token=static.api_key, kind="api_key"))
+            print_json(msgspec.structs.asdict(TokenResult(access_token=static.api_key,
+                                                          kind="api_key")))
             return EXIT_OK
         sys.stdout.write(static.api_key + "\n")
         return EXIT_OK
@@ -89,9 +92,12 @@ def run(args: argparse.Namespace) -> int:
         request.timeout = time_left()
         result = conn.call(request, TokenResult)
     if args.json:
+        import msgspec
+
         from compozy_client.commands.output import print_json
 
-        print_json(result)
+        # Every field, token_type included (the wire leaves out defaults such as Bearer).
+        print_json(msgspec.structs.asdict(result))
         return EXIT_OK
     sys.stdout.write(result.access_token + "\n")
     return EXIT_OK
