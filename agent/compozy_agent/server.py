@@ -283,7 +283,7 @@ class ExecGrant:
             return f"op {op!r} is not allowed on a compozy exec socket"
         if isinstance(request, p.Status) and request.profile not in (None, self.profile):
             return f"this socket serves only profile {self.profile!r}"
-        if not isinstance(request, p.Token):
+        if not isinstance(request, p.Token | p.DpopProof):  # a proof hands out a token too
             return None
         if request.token_id is not None or request.profile != self.profile:
             return f"this socket serves only profile {self.profile!r} (ask by its name)"
