@@ -294,6 +294,8 @@ class MetadataDocument(msgspec.Struct, kw_only=True):
     scopes_supported: list[str] | None = None
     grant_types_supported: list[str] | None = None
     authorization_response_iss_parameter_supported: bool | None = None
+    #: RFC 9449 section 5.1.
+    dpop_signing_alg_values_supported: list[str] | None = None
 
 
 def parse_metadata_document(issuer: str, body: bytes) -> MetadataDocument:

@@ -311,3 +311,10 @@ async def test_a_device_login_keeps_polling_after_a_repeated_nonce_demand(
     assert done.session.token_type == "DPoP"
     polls = fake.requests_to(TOKEN)
     assert len(polls) == 2 and all("dpop" in poll.headers for poll in polls)
+
+
+def test_discovery_keeps_the_dpop_algorithms_the_provider_lists() -> None:
+    document = json.dumps({"issuer": "https://i.test", "token_endpoint": TOKEN_URL,
+                           "dpop_signing_alg_values_supported": ["ES256", "EdDSA"]}).encode()
+    metadata = oidc.parse_discovery("https://i.test", document)
+    assert metadata.dpop_signing_alg_values_supported == ["ES256", "EdDSA"]
