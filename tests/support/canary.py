@@ -16,12 +16,13 @@ all of them, from every provider of the run so far:
 * the argv and environment of every process on the machine.
 
 DPoP private keys (RFC 9449) are canaries too, everywhere, the token-printing
-commands' stdout included: every private key in PKCS #8 form (what the agent's
-secret store holds, base64 or base64url: its DER prefix is the same for every
-P-256 or Ed25519 key), PEM private keys, and, where a test can read the secret
-store (``storage: file``), each session's own key in every form a leak could
-take (:func:`remember_dpop_keys`: the PKCS #8 text, the private scalar as a
-JWK ``d``, in hex).
+commands' stdout included: where a test can read the secret store (``storage:
+file``), each session's own key in every form a leak could take
+(:func:`remember_dpop_keys`: the PKCS #8 text, the private scalar as a JWK
+``d``, in hex); and in logs, CLI output and processes (not files, where a test
+may keep a TLS stand-in's key), any private key in PKCS #8 form (what the
+agent's secret store holds: its DER prefix is the same for every P-256 or
+Ed25519 key) or PEM.
 """
 
 from __future__ import annotations
@@ -117,13 +118,16 @@ def find_leaks(root: Path, outputs: Iterable[tuple[str, str]]) -> list[str]:
                     places.append((str(path), path.read_bytes().decode(errors="replace")))
     places.extend(_process_texts())
     with _lock:
-        keys = [*_keys, *KEY_MARKERS]
+        session_keys = list(_keys)
+    files = {str(path) for path in root.rglob("*")} if root.exists() else set()
     hits = []
     for place, text in places:
         tokens_allowed = place.startswith(TOKEN_OUTPUT)
         for canary in () if tokens_allowed else canaries:
             if canary in text:
                 hits.append(f"{place}: {canary[:6]}…")
+        # Files may be a test's own keys (a TLS stand-in's): only session keys count there.
+        keys = session_keys if place in files else [*session_keys, *KEY_MARKERS]
         for key in keys:
             if key in text:
                 hits.append(f"{place}: DPoP private key material {key[:6]}…")
