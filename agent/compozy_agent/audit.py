@@ -570,25 +570,29 @@ class AuditLog:
 
 
 def entry_for(
-    request: p.Token,
+    request: p.Token | p.DpopProof,
     peer: Peer,
     process: ProcessInfo,
     socket_kind: str,
     now: float,
     *,
-    result: p.TokenResult | None = None,
+    result: p.TokenResult | p.DpopProofResult | None = None,
     error_code: str | None = None,
     at_request: tuple[str | None, str | None] = (None, None),
 ) -> p.AuditEntry:
-    """The audit entry for one token request; never holds the token."""
+    """The audit entry for one token request (or DPoP proof, with its token); never holds
+    the token or the proof."""
+    scope = request.scope if isinstance(request, p.Token) else None
+    audience = request.audience if isinstance(request, p.Token) else None
     return p.AuditEntry(
         time=now,
         profile=result.profile if result is not None and result.profile else request.profile,
         outcome="issued" if result is not None else (error_code or "failed"),
         token_id=result.token_id if result is not None else request.token_id,
-        kind=result.kind if result is not None else None,
-        scope=request.scope,
-        audience=request.audience,
+        kind=("dpop_proof" if isinstance(result, p.DpopProofResult) else result.kind)
+        if result is not None else None,
+        scope=scope,
+        audience=audience,
         socket_kind=socket_kind,
         uid=peer.uid,
         pid=peer.pid,

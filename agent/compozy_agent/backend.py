@@ -50,6 +50,8 @@ class Backend(Protocol):
 
     async def token(self, request: p.Token, peer: Peer) -> p.TokenResult: ...
 
+    async def dpop_proof(self, request: p.DpopProof, peer: Peer) -> p.DpopProofResult: ...
+
     async def refresh(self, request: p.Refresh) -> p.RefreshResult: ...
 
     async def revoke(self, request: p.Revoke) -> p.RevokeResult: ...
@@ -95,6 +97,9 @@ class EmptyBackend:
 
     async def token(self, request: p.Token, peer: Peer) -> p.TokenResult:
         raise not_implemented("token")
+
+    async def dpop_proof(self, request: p.DpopProof, peer: Peer) -> p.DpopProofResult:
+        raise not_implemented("dpop_proof")
 
     async def refresh(self, request: p.Refresh) -> p.RefreshResult:
         raise not_implemented("refresh")

@@ -16,7 +16,11 @@ Nothing above this module sees an httpx exception: :data:`_HTTPX_FAILURES`
 maps each to a failure of the tree drawn in ``oidc.py`` (mostly
 :class:`~compozy_agent.oidc.ProviderUnreachable`, named by host only, never
 by a URL's query or a body). It classifies and never retries: retry and
-backoff are the lifecycle's decision.
+backoff are the lifecycle's decision. The one exception is part of a
+protocol, not a failure: a token request with a DPoP proof (RFC 9449) that the
+provider answers ``use_dpop_nonce`` is signed again with the nonce it sent and
+sent once more (section 8); the newest nonce of each token endpoint is kept
+for the next request.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ __all__ = [
     "MAX_BODY_BYTES",
     "READ_TIMEOUT",
     "USER_AGENT",
+    "DpopSigner",
     "HttpResponse",
     "ProviderClient",
     "ProviderUnreachable",
@@ -63,6 +68,10 @@ READ_TIMEOUT: Final = 10.0
 #: Token, discovery and userinfo answers are small; anything bigger is refused.
 MAX_BODY_BYTES: Final = 1024 * 1024
 USER_AGENT: Final = f"compozy-agent/{__version__}"
+
+#: Signs a DPoP proof (RFC 9449 section 4.2) for (method, url, nonce): the session's key
+#: stays with its owner (``dpop.py``), this edge only asks for proofs.
+DpopSigner = Callable[[str, str, "str | None"], str]
 
 # httpx's exceptions and what each means, most specific first (the first isinstance
 # match wins; compare httpcore/_exceptions.py). Each becomes the failure class with
@@ -220,6 +229,8 @@ class ProviderClient:
             headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
         )
         self._metadata: dict[str, tuple[float, oidc.ProviderMetadata]] = {}
+        #: The newest DPoP-Nonce (RFC 9449 section 8) each token endpoint sent, by URL.
+        self._dpop_nonces: dict[str, str] = {}
         #: Provider clock minus ours (seconds), from the latest response's Date header.
         self.last_clock_skew: float | None = None
 
@@ -284,6 +295,32 @@ class ProviderClient:
             received_at=received_at,
             sent_at=sent_at,
         )
+
+    async def send_with_dpop(self, request: oidc.HttpRequest,
+                             dpop: DpopSigner | None) -> HttpResponse:
+        """:meth:`send`, with a DPoP proof when ``dpop`` is given (RFC 9449 section 5).
+
+        The proof carries the endpoint's last nonce, if any. An answer demanding a
+        nonce (``use_dpop_nonce`` with a ``DPoP-Nonce`` header, section 8) is
+        answered once with a new proof carrying it; a second demand is the answer.
+        """
+        if dpop is None:
+            return await self.send(request)
+        url = request.url
+        for attempt in range(2):
+            signed = msgspec.structs.replace(
+                request, headers={**request.headers,
+                                  "DPoP": dpop(request.method, url, self._dpop_nonces.get(url))})
+            response = await self.send(signed)
+            demanded = oidc.dpop_nonce_demanded(response.status, response.headers,
+                                                response.body)
+            fresh = demanded or oidc.dpop_nonce_of(response.headers)
+            if fresh is not None:
+                self._dpop_nonces[url] = fresh
+            if demanded is None or attempt == 1:
+                return response
+            log.debug("%s demands a DPoP nonce; signing again with it", host_of(url))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # ---------------------------------------------------------------- discovery
 
@@ -363,13 +400,15 @@ class ProviderClient:
 
     # ------------------------------------------------------------------- tokens
 
-    async def token(self, request: oidc.HttpRequest) -> tuple[oidc.TokenResponse, float]:
-        """Send a prebuilt token request; the parsed answer and when it arrived.
+    async def token(self, request: oidc.HttpRequest, *,
+                    dpop: DpopSigner | None = None) -> tuple[oidc.TokenResponse, float]:
+        """Send a prebuilt token request (with a DPoP proof when ``dpop`` is given);
+        the parsed answer and when it arrived.
 
         Device-flow ``authorization_pending`` and ``slow_down`` raise OAuthError
         here; :meth:`poll_device` returns them as values instead.
         """
-        response = await self.send(request)
+        response = await self.send_with_dpop(request, dpop)
         parsed = oidc.parse_token_response(
             response.status, response.headers, response.body, response.received_at
         )
@@ -401,12 +440,14 @@ class ProviderClient:
         scopes: Sequence[str] | None = None,
         resources: Sequence[str] = (),
         audience: str | None = None,
+        dpop: DpopSigner | None = None,
     ) -> oidc.TokenResponse:
         """Refresh (RFC 6749 section 6); the answer's refresh_token is the sent one
-        when the provider did not rotate it."""
-        response = await self.send(oidc.refresh_request(
+        when the provider did not rotate it. ``dpop`` signs the proof a DPoP-bound
+        refresh token needs (RFC 9449 section 5)."""
+        response = await self.send_with_dpop(oidc.refresh_request(
             metadata, client_id=client_id, refresh_token=refresh_token, scopes=scopes,
-            resources=resources, audience=audience))
+            resources=resources, audience=audience), dpop)
         return _stamped(oidc.parse_refresh_response(
             response.status, response.headers, response.body, response.received_at,
             refresh_token=refresh_token), response)
@@ -443,14 +484,16 @@ class ProviderClient:
         )
 
     async def poll_device(
-        self, metadata: oidc.ProviderMetadata, *, client_id: str, device_code: str
+        self, metadata: oidc.ProviderMetadata, *, client_id: str, device_code: str,
+        dpop: DpopSigner | None = None,
     ) -> oidc.TokenResponse | oidc.DevicePending | oidc.DeviceSlowDown:
-        """One poll of the device flow (RFC 8628 sections 3.4-3.5).
+        """One poll of the device flow (RFC 8628 sections 3.4-3.5), with a DPoP proof
+        when ``dpop`` is given.
 
         ``expired_token``, ``access_denied`` and other codes raise OAuthError.
         """
-        response = await self.send(oidc.device_token_request(
-            metadata, client_id=client_id, device_code=device_code))
+        response = await self.send_with_dpop(oidc.device_token_request(
+            metadata, client_id=client_id, device_code=device_code), dpop)
         answer = oidc.parse_device_poll(response.status, response.headers, response.body,
                                         response.received_at)
         return _stamped(answer, response) if isinstance(answer, oidc.TokenResponse) else answer

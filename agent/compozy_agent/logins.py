@@ -44,6 +44,8 @@ from compozy_client.errors import ConfigError, ErrorCode
 from compozy_client.safetext import one_line
 
 if TYPE_CHECKING:
+    from compozy_agent.dpop import DpopKey
+    from compozy_agent.http import DpopSigner
     from compozy_agent.loopback import LoopbackRedirect
 
 log = logging.getLogger("compozy_agent.logins")
@@ -79,6 +81,17 @@ class Login:
     cancel_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     #: Set once its flow has ended and let go of its listener or polling.
     released: anyio.Event = field(default_factory=anyio.Event)
+    #: ``token_binding`` as configured (bearer, dpop, auto), and the key made for this
+    #: login when it asks for DPoP-bound tokens (RFC 9449); the key is saved with the
+    #: session's refresh token when the login ends.
+    token_binding: str = "bearer"
+    dpop_key: DpopKey | None = field(default=None, repr=False)
+
+    def dpop_signer(self, now: Callable[[], float]) -> DpopSigner | None:
+        key = self.dpop_key
+        if key is None:
+            return None
+        return lambda method, url, nonce: key.proof(method, url, now(), nonce=nonce)
 
 
 class Logins(Mapping[str, Login]):
@@ -113,8 +126,9 @@ class Logins(Mapping[str, Login]):
 
     def _login_settings(
         self, request: p.LoginStart
-    ) -> tuple[str, str, list[str], list[str], dict[str, str]]:
-        """Issuer, client id, scopes, resources and the endpoints the profile names.
+    ) -> tuple[str, str, list[str], list[str], dict[str, str], str]:
+        """Issuer, client id, scopes, resources, the endpoints the profile names, and its
+        ``token_binding`` (RFC 9449).
 
         The device flow uses the profile's ``device_client_id`` when it names one (a
         provider may not let one client hold both grants); the profile's endpoints
@@ -135,7 +149,8 @@ class Logins(Mapping[str, Login]):
             or (profile.client_id if profile else None) or DEFAULT_CLIENT_ID
         scopes = request.scope or (profile.scopes if profile else None) or list(DEFAULT_SCOPES)
         resources = (profile.resources if profile and profile.resources else [])
-        return issuer, client_id, list(scopes), list(resources), endpoints
+        binding = (profile.token_binding if profile else None) or "bearer"
+        return issuer, client_id, list(scopes), list(resources), endpoints, binding
 
     def _hold_login(self, login: Login) -> None:
         """Hold a new login: it replaces the profile's pending one, and at most MAX_LOGINS
@@ -174,7 +189,7 @@ class Logins(Mapping[str, Login]):
     async def login_start(
         self, request: p.LoginStart, owner: object = None
     ) -> p.LoginStartResult:
-        issuer, client_id, scopes, resources, endpoints = self._login_settings(request)
+        issuer, client_id, scopes, resources, endpoints, binding = self._login_settings(request)
         try:
             metadata = await self.provider.discover(issuer, endpoints)
         except oidc.ProviderUnreachable as exc:
@@ -183,7 +198,11 @@ class Logins(Mapping[str, Login]):
         except oidc.OAuthFailure as exc:
             raise OpError(ErrorCode.PROVIDER_ERROR, str(exc)) from None
         login = Login(_new_id(), request.profile, issuer, client_id, scopes, resources,
-                      self.now() + LOGIN_TTL, owner=owner)
+                      self.now() + LOGIN_TTL, owner=owner, token_binding=binding)
+        if binding != "bearer":
+            from compozy_agent.dpop_binding import new_login_key
+
+            login.dpop_key = new_login_key(binding, metadata, request.profile)
         self._hold_login(login)
         if request.flow == "device":
             try:
@@ -218,7 +237,9 @@ class Logins(Mapping[str, Login]):
             url = oidc.authorization_url(metadata, client_id=client_id,
                                          redirect_uri=listener.redirect_uri, scopes=scopes,
                                          state=state, pkce=pkce, nonce=login.nonce,
-                                         resources=resources)
+                                         resources=resources,
+                                         dpop_jkt=login.dpop_key.thumbprint
+                                         if login.dpop_key is not None else None)
         except (oidc.OAuthFailure, OSError) as exc:
             with anyio.CancelScope(shield=True):
                 await listener.close()
@@ -283,7 +304,8 @@ class Logins(Mapping[str, Login]):
                     return
                 try:
                     answer = await self.provider.poll_device(
-                        metadata, client_id=login.client_id, device_code=device.device_code)
+                        metadata, client_id=login.client_id, device_code=device.device_code,
+                        dpop=login.dpop_signer(self.now))
                 except oidc.OAuthError as exc:
                     match exc.error:
                         case "expired_token":
@@ -300,6 +322,11 @@ class Logins(Mapping[str, Login]):
                                 login, ErrorCode.LOGIN_TIMEOUT,
                                 f"the provider no longer knows this device code ({exc.error}"
                                 "): it expired or was already used; run the login again")
+                        case "use_dpop_nonce" if login.dpop_key is not None:
+                            # RFC 9449 section 8: a nonce demanded again after the one
+                            # retry (or without a nonce to retry with): the next poll
+                            # carries the newest nonce the provider sent.
+                            continue
                         case _:
                             self._fail_login(login, ErrorCode.LOGIN_FAILED,
                                              f"the provider said {exc}")
@@ -324,7 +351,8 @@ class Logins(Mapping[str, Login]):
     async def _exchange(self, login: Login, metadata: oidc.ProviderMetadata,
                         request: oidc.HttpRequest) -> None:
         try:
-            response, received_at = await self.provider.token(request)
+            response, received_at = await self.provider.token(
+                request, dpop=login.dpop_signer(self.now))
         except oidc.OAuthFailure as exc:
             self._fail_login(login, ErrorCode.LOGIN_FAILED, f"exchanging the code failed: {exc}")
             return
@@ -339,6 +367,13 @@ class Logins(Mapping[str, Login]):
 
     async def _adopt_login(self, login: Login, metadata: oidc.ProviderMetadata,
                            response: oidc.TokenResponse, received_at: float) -> None:
+        if login.dpop_key is not None or response.token_type != "Bearer":
+            from compozy_agent.dpop_binding import check_token_type
+
+            refusal = check_token_type(login, response.token_type)
+            if refusal is not None:
+                self._fail_login(login, ErrorCode.LOGIN_FAILED, refusal)
+                return
         claims: dict[str, object] = {}
         if response.id_token:
             claims = oidc.decode_jwt_claims(response.id_token)
@@ -356,9 +391,14 @@ class Logins(Mapping[str, Login]):
             try:  # a nicety; the login stands without it
                 # OIDC Core 5.3.2: an answer about another sub than the ID token's
                 # MUST NOT be used.
+                request = oidc.userinfo_request(metadata, response.access_token)
+                if login.dpop_key is not None:  # RFC 9449 section 7.1
+                    from compozy_agent.dpop_binding import dpop_resource_request
+
+                    request = dpop_resource_request(request, login.dpop_key,
+                                                    response.access_token, self.now())
                 claims = {**claims, **await self.provider.userinfo(
-                    oidc.userinfo_request(metadata, response.access_token),
-                    subject=subject if isinstance(subject, str) else None)}
+                    request, subject=subject if isinstance(subject, str) else None)}
             except oidc.OAuthFailure as exc:
                 log.warning("login %s: userinfo not used: %s", login.login_id, exc)
         account = oidc.account_from_claims(claims)
@@ -370,6 +410,19 @@ class Logins(Mapping[str, Login]):
             scopes=response.scope or login.scopes, resources=login.resources,
             created_at=received_at,
         )
+        if login.dpop_key is not None:
+            meta.token_binding = "dpop"
+            meta.dpop_algorithm = login.dpop_key.algorithm
+            meta.dpop_thumbprint = login.dpop_key.thumbprint
+            try:  # first: a refresh token saved without its key would be useless
+                await self.driver.store.put_secret(meta.token_id, "dpop_key",
+                                                   login.dpop_key.to_secret())
+            except StoreError as exc:
+                # The tokens stay bound to a key nobody keeps: useless to anyone.
+                self._fail_login(login, ErrorCode.STORAGE_ERROR,
+                                 f"could not save the session's DPoP key ({exc}); nothing was "
+                                 "kept, log in again")
+                return
         # Its life counts from when the request was sent (lifecycle rule 2).
         access_token = usable_token(response.access_token, sent_at=response.issued_at,
                                     expires_at=response.expires_at, scope=response.scope)
@@ -386,7 +439,7 @@ class Logins(Mapping[str, Login]):
         lifecycle = SessionLifecycle(
             received_at, refresh_token=response.refresh_token, access_token=access_token,
             refresh_token_saved=saved, granted_scopes=meta.scopes)
-        session = Session(meta, lifecycle)
+        session = Session(meta, lifecycle, dpop_key=login.dpop_key)
         try:
             await self.adopt(session)
         except OpError as exc:

@@ -6,7 +6,7 @@ Each op is answered by the room that owns it, and this module only wires them
     manager.py      this facade: which room answers which op
     logins.py       login_start .. login_wait, API keys: a new session handed to the driver
     revocation.py   revoke, revoke_all, logout: RFC 7009, then the driver forgets
-    tokens.py       token, refresh: a session's tokens, waiting on its refreshes
+    tokens.py       token, dpop_proof, refresh: a session's tokens, waiting on its refreshes
     sessions.py     the driver: the sessions, restore, metadata, the lifecycle's actions
     scheduler.py    when each session next needs a tick: a heap, capped sleeps
 """
@@ -54,6 +54,7 @@ class SessionManager:
         self.warnings = driver.warnings
         self.sessions = driver.sessions
         self.token = tokens.token
+        self.dpop_proof = tokens.dpop_proof
         self.refresh = tokens.refresh
         self.revoke = revocation.revoke
         self.revoke_all = revocation.revoke_all

@@ -79,6 +79,8 @@ __all__ = [
     "device_authorization_request",
     "device_token_request",
     "discovery_urls",
+    "dpop_nonce_demanded",
+    "dpop_nonce_of",
     "loopback_redirect_uri",
     "merge_metadata",
     "metadata_gaps",
@@ -99,6 +101,7 @@ __all__ = [
     "retry_after_seconds",
     "revocation_request",
     "userinfo_request",
+    "valid_dpop_nonce",
     "validate_id_token_claims",
     "validate_refresh_id_token",
     "with_endpoints",
@@ -214,6 +217,8 @@ class ProviderMetadata(msgspec.Struct, kw_only=True):
     grant_types_supported: list[str] | None = None
     #: RFC 9207: the provider puts ``iss`` on the authorization response.
     authorization_response_iss_parameter_supported: bool = False
+    #: RFC 9449 section 5.1: the provider takes DPoP proofs signed with these.
+    dpop_signing_alg_values_supported: list[str] | None = None
 
 
 def discovery_urls(issuer: str) -> list[str]:
@@ -289,6 +294,8 @@ class MetadataDocument(msgspec.Struct, kw_only=True):
     scopes_supported: list[str] | None = None
     grant_types_supported: list[str] | None = None
     authorization_response_iss_parameter_supported: bool | None = None
+    #: RFC 9449 section 5.1.
+    dpop_signing_alg_values_supported: list[str] | None = None
 
 
 def parse_metadata_document(issuer: str, body: bytes) -> MetadataDocument:
@@ -456,12 +463,14 @@ def authorization_url(
     pkce: Pkce,
     nonce: str | None = None,
     resources: Sequence[str] = (),
+    dpop_jkt: str | None = None,
 ) -> str:
     """The URL the browser opens: authorization code with PKCE S256.
 
     RFC 6749 section 4.1.1, RFC 7636 section 4.3, OIDC Core 3.1.2.1 (``nonce``),
-    RFC 8707 section 2 (``resource``, repeatable). Raises MalformedResponse when
-    the provider has no authorization endpoint.
+    RFC 8707 section 2 (``resource``, repeatable), RFC 9449 section 10
+    (``dpop_jkt``: the code is bound to the login's DPoP key). Raises
+    MalformedResponse when the provider has no authorization endpoint.
     """
     if not metadata.authorization_endpoint:
         raise MalformedResponse("the provider has no authorization endpoint; use the device flow")
@@ -480,6 +489,8 @@ def authorization_url(
         # OIDC Core 11: offline_access is honoured only together with prompt=consent.
         params.append(("prompt", "consent"))
     params.extend(("resource", r) for r in resources)
+    if dpop_jkt is not None:
+        params.append(("dpop_jkt", dpop_jkt))
     separator = "&" if "?" in metadata.authorization_endpoint else "?"
     return f"{metadata.authorization_endpoint}{separator}{urlencode(params)}"
 
@@ -765,6 +776,36 @@ def check_status(status: int, headers: Mapping[str, str], body: bytes, now: floa
         raise MalformedResponse(f"the provider answered HTTP {status}", status)
 
 
+#: RFC 9449 section 8.1: nonce = 1*NQCHAR; NQCHAR = %x21 / %x23-5B / %x5D-7E.
+_DPOP_NONCE: Final = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]{1,1024}")
+
+
+def valid_dpop_nonce(nonce: str) -> bool:
+    """Whether a ``DPoP-Nonce`` value is one (RFC 9449 section 8.1), at most 1 KiB."""
+    return _DPOP_NONCE.fullmatch(nonce) is not None
+
+
+def dpop_nonce_of(headers: Mapping[str, str]) -> str | None:
+    """The server's ``DPoP-Nonce`` header (RFC 9449 section 8), when it is a valid nonce."""
+    nonce = headers.get("dpop-nonce")
+    return nonce if nonce is not None and valid_dpop_nonce(nonce) else None
+
+
+def dpop_nonce_demanded(status: int, headers: Mapping[str, str], body: bytes) -> str | None:
+    """The nonce an authorization server demands (RFC 9449 section 8: HTTP 400 with
+    ``use_dpop_nonce`` and a ``DPoP-Nonce`` header), else None."""
+    nonce = dpop_nonce_of(headers)
+    if nonce is None or status not in (400, 401):
+        return None
+    try:
+        check_status(status, headers, body, 0.0)
+    except OAuthError as exc:
+        return nonce if exc.error == "use_dpop_nonce" else None
+    except OAuthFailure:
+        return None
+    return None
+
+
 def _number(value: object) -> float | None:
     """A finite, non-negative number from an int, float or numeric string."""
     if isinstance(value, bool):
@@ -823,9 +864,9 @@ def parse_token_response(
     token_type = fields.get("token_type")
     return TokenResponse(
         access_token=access_token,
-        # RFC 6749 section 5.1: token_type is case insensitive.
+        # RFC 6749 section 5.1: token_type is case insensitive (RFC 9449 section 5: DPoP).
         token_type="Bearer" if not isinstance(token_type, str) or token_type.lower() == "bearer"
-        else token_type,
+        else "DPoP" if token_type.lower() == "dpop" else _safe_text(token_type, 32),
         expires_in=_number(fields.get("expires_in")),
         refresh_token=_optional_str(fields.get("refresh_token")),
         id_token=_optional_str(fields.get("id_token")),

@@ -99,7 +99,7 @@ ACCEPT_RETRY_MAX: Final = 1.0
 #: accept() errors about one connection that went away before it was taken: no backoff.
 _ACCEPT_ERRORS_OF_ONE_PEER: Final = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EINTR})
 #: Ops served on the restricted forwarding socket.
-FORWARD_OPS: Final = frozenset({"hello", "status", "token"})
+FORWARD_OPS: Final = frozenset({"hello", "status", "token", "dpop_proof"})
 #: Child sockets of `compozy exec`: how many one process (by peer pid) may hold, and
 #: how many the agent holds at most (each is a listening descriptor).
 MAX_EXEC_SOCKETS_PER_PROCESS: Final = 8
@@ -283,7 +283,7 @@ class ExecGrant:
             return f"op {op!r} is not allowed on a compozy exec socket"
         if isinstance(request, p.Status) and request.profile not in (None, self.profile):
             return f"this socket serves only profile {self.profile!r}"
-        if not isinstance(request, p.Token):
+        if not isinstance(request, p.Token | p.DpopProof):  # a proof hands out a token too
             return None
         if request.token_id is not None or request.profile != self.profile:
             return f"this socket serves only profile {self.profile!r} (ask by its name)"
@@ -666,7 +666,8 @@ class AgentServer:
         allowed = self.forward_profiles
         if allowed is None:
             return None
-        if isinstance(request, p.Token) and (request.token_id or request.profile not in allowed):
+        if isinstance(request, p.Token | p.DpopProof) \
+                and (request.token_id or request.profile not in allowed):
             return "this profile is not forwarded (ask by a forwarded profile's name)"
         if isinstance(request, p.Status) and request.profile is not None \
                 and request.profile not in allowed:
@@ -700,7 +701,7 @@ class AgentServer:
                 )
             case p.List():
                 return p.ListResult(sessions=await backend.sessions(None))
-            case p.Token():
+            case p.Token() | p.DpopProof():
                 return await self._token(request, client)
             case p.Refresh():
                 return await backend.refresh(request)
@@ -780,11 +781,17 @@ class AgentServer:
             grant.close()
             log.debug("exec socket for profile %s closed", grant.profile)
 
-    async def _token(self, request: p.Token, client: Client) -> p.TokenResult:
-        """Hand out a token, and write the audit line either way."""
+    async def _token(self, request: p.Token | p.DpopProof,
+                     client: Client) -> p.TokenResult | p.DpopProofResult:
+        """Hand out a token (with a DPoP proof, for ``dpop_proof``), and write the audit
+        line either way."""
         at_request = client.process.at_request()
         try:
-            result = await self.backend.token(request, client.peer)
+            result: p.TokenResult | p.DpopProofResult
+            if isinstance(request, p.Token):
+                result = await self.backend.token(request, client.peer)
+            else:
+                result = await self.backend.dpop_proof(request, client.peer)
             if self.lock.locked:
                 # Locked while the token was being fetched (a slow refresh): the lock
                 # wins over a request that arrived before it.

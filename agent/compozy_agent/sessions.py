@@ -27,7 +27,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 import anyio.abc
@@ -36,7 +36,7 @@ from compozy_agent import oidc
 from compozy_agent.backend import OpError
 from compozy_agent.clock import Clock, SystemClock
 from compozy_agent.endpoints import EndpointsFor, no_endpoints
-from compozy_agent.http import ProviderClient
+from compozy_agent.http import DpopSigner, ProviderClient
 from compozy_agent.lifecycle import (
     DEFAULT_SLOT,
     Action,
@@ -59,6 +59,9 @@ from compozy_agent.store import (
 from compozy_client import protocol as p
 from compozy_client.errors import ErrorCode
 
+if TYPE_CHECKING:  # cryptography is loaded only by an agent with a DPoP session
+    from compozy_agent.dpop import DpopKey
+
 log = logging.getLogger("compozy_agent.sessions")
 
 #: Refreshes in flight at once, over all providers (httpx pools 100 connections).
@@ -72,6 +75,8 @@ class Session:
     meta: StoredSession
     lifecycle: SessionLifecycle | None
     api_key: str | None = field(default=None, repr=False)
+    #: The key a DPoP-bound session's tokens are bound to (RFC 9449); None for bearer.
+    dpop_key: DpopKey | None = field(default=None, repr=False)
     changed: anyio.Event = field(default_factory=anyio.Event, repr=False)
     last_used_at: float | None = None
     #: Whether the driver still holds this session (a forgotten one ignores late events).
@@ -81,6 +86,35 @@ class Session:
         """Wake everyone waiting for this session's refresh or persist to end."""
         self.changed.set()
         self.changed = anyio.Event()
+
+    def dpop_signer(self, clock: Clock) -> DpopSigner | None:
+        """What signs this session's proofs at the provider's token endpoint, or None."""
+        key = self.dpop_key
+        if key is None:
+            return None
+        return lambda method, url, nonce: key.proof(method, url, clock.now(), nonce=nonce)
+
+
+async def load_dpop_key(store: SessionStore, meta: StoredSession) -> tuple[DpopKey | None, str]:
+    """A DPoP session's key from the secret store, or None and why (for its login reason).
+
+    Never a silent downgrade: a DPoP session without its key needs a new login.
+    """
+    from compozy_agent.dpop import DpopKey, DpopKeyError
+
+    try:
+        secret = await store.get_secret(meta.token_id, "dpop_key")
+    except StoreError as exc:
+        return None, f"its DPoP key could not be read from the secret store ({exc})"
+    if secret is None:
+        return None, "its DPoP key is missing from the secret store"
+    try:
+        key = DpopKey.from_secret(secret)
+    except DpopKeyError as exc:
+        return None, f"its DPoP key in the secret store is unusable ({exc})"
+    if meta.dpop_thumbprint is not None and key.thumbprint != meta.dpop_thumbprint:
+        return None, "its DPoP key in the secret store is not the key its tokens are bound to"
+    return key, ""
 
 
 def _secret_kind(meta: StoredSession) -> SecretKind:
@@ -189,11 +223,20 @@ class SessionDriver:
                     continue
                 self._add(Session(meta, None, api_key=secret))
                 continue
+            login_reason = None if secret is not None else f"the refresh token {missing}"
+            dpop_key = None
+            if meta.token_binding == "dpop" and secret is not None:
+                dpop_key, why = await load_dpop_key(self.store, meta)
+                if dpop_key is None:
+                    log.error("session %s (profile %s): %s; login required", meta.token_id,
+                              meta.profile, why)
+                    # RFC 9449: its tokens are bound to that key; never fall back to bearer.
+                    secret, login_reason = None, (f"{why}; its tokens work only with that "
+                                                  "key, so a new login is needed")
             # No access token: the first tick refreshes at once.
-            lifecycle = SessionLifecycle(
-                self.now(), refresh_token=secret, granted_scopes=meta.scopes,
-                login_reason=None if secret is not None else f"the refresh token {missing}")
-            session = Session(meta, lifecycle)
+            lifecycle = SessionLifecycle(self.now(), refresh_token=secret,
+                                         granted_scopes=meta.scopes, login_reason=login_reason)
+            session = Session(meta, lifecycle, dpop_key=dpop_key)
             self._add(session)
             self.reschedule(session)
         log.info("restored %d session(s) from %s", len(self.by_id), self.store.state_path)
@@ -258,6 +301,7 @@ class SessionDriver:
                     metadata, client_id=meta.client_id,
                     refresh_token=start.refresh_token.reveal(), scopes=start.scopes,
                     resources=[start.audience] if start.audience else (),
+                    dpop=session.dpop_signer(self.clock),
                 )
         except oidc.OAuthError as exc:
             if exc.error == "invalid_grant":
@@ -281,6 +325,14 @@ class SessionDriver:
             log.exception("session %s: refresh failed unexpectedly", meta.token_id)
             return lifecycle.refresh_failed_transient(self.now(), refresh_id,
                                                       reason="internal error")
+        expected_type = "DPoP" if meta.token_binding == "dpop" else "Bearer"
+        if response.token_type != expected_type:
+            # RFC 9449 section 5: a DPoP session must not quietly carry on with bearer
+            # tokens (nor a bearer one with tokens its callers cannot use).
+            reason = (f"the provider answered a {expected_type} session's refresh with a "
+                      f"{response.token_type} token")
+            log.warning("session %s: %s; login required", meta.token_id, reason)
+            return lifecycle.refresh_failed_invalid_grant(self.now(), refresh_id, reason=reason)
         if response.id_token is not None:
             try:  # OIDC Core 12.2: about the login's person, or not this session's tokens
                 oidc.validate_refresh_id_token(response.id_token, issuer=meta.issuer,
@@ -398,6 +450,10 @@ class SessionDriver:
             subject=meta.subject, scopes=meta.scopes, created_at=meta.created_at,
             last_used_at=session.last_used_at, persisted=self.store.info.persistent,
         )
+        if meta.token_binding == "dpop":
+            info.token_type = "DPoP"
+            info.dpop_algorithm = meta.dpop_algorithm
+            info.dpop_thumbprint = meta.dpop_thumbprint
         if session.lifecycle is not None:
             status = session.lifecycle.status(now)
             info.state = status.state.value
@@ -453,6 +509,9 @@ class SessionDriver:
                 session.lifecycle.revoked(self.now())  # its DeleteRefreshToken is done below
         session.notify()
         await self._delete_secret(meta.token_id, _secret_kind(meta))
+        if meta.token_binding == "dpop":  # the key goes with the refresh token (RFC 9449)
+            session.dpop_key = None
+            await self._delete_secret(meta.token_id, "dpop_key")
         await self._save_metadata()
 
     async def _save_metadata(self) -> None:

@@ -2,9 +2,9 @@
 
 Rules:
 
-* Access tokens are never stored. Refresh tokens and stored API keys go to the
-  OS keyring (the ``keyring`` package; service ``compozy-agent``, user
-  ``<token_id>:<kind>``).
+* Access tokens are never stored. Refresh tokens, stored API keys and DPoP
+  private keys (RFC 9449, ``dpop.py``) go to the OS keyring (the ``keyring``
+  package; service ``compozy-agent``, user ``<token_id>:<kind>``).
 * The keyring is probed once, when the store is opened: write, read back and
   delete a probe entry, under a deadline (3 s by default). Every later call
   runs off the event loop under a deadline too, so a locked or hung Secret
@@ -103,7 +103,7 @@ MAX_WAITING_CALLS: Final = 16
 #: The keyring user of the start-up probe; fixed, so a probe left behind is reused.
 PROBE_USER: Final = "compozy-agent-probe"
 
-SecretKind = Literal["refresh_token", "api_key"]
+SecretKind = Literal["refresh_token", "api_key", "dpop_key"]
 #: ``auto``: the keyring, else memory. ``keyring``: the keyring, else an error.
 #: ``file``: a 0600 plaintext file (opt-in). ``memory``: nothing outlives the agent.
 StorageChoice = Literal["auto", "keyring", "file", "memory"]
@@ -494,6 +494,11 @@ class StoredSession(msgspec.Struct, kw_only=True, omit_defaults=True,
     scopes: list[str] = []
     resources: list[str] = []
     created_at: float | None = None
+    #: ``dpop``: the session's tokens are bound to a key kept in the secret store
+    #: (``<token_id>:dpop_key``); its algorithm and public thumbprint are kept here.
+    token_binding: Literal["bearer", "dpop"] = "bearer"
+    dpop_algorithm: str | None = None
+    dpop_thumbprint: str | None = None
 
 
 class LearnedDownscope(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
@@ -629,7 +634,7 @@ class SessionStore:
         If a secret cannot be deleted the metadata is kept, so the session is
         still known and forgetting it can be tried again.
         """
-        kinds: tuple[SecretKind, ...] = ("refresh_token", "api_key")
+        kinds: tuple[SecretKind, ...] = ("refresh_token", "api_key", "dpop_key")
         for kind in kinds:
             await self.delete_secret(token_id, kind)
         async with self._saving():

@@ -33,6 +33,7 @@ from compozy_agent.lifecycle import (
     slot_key,
 )
 from compozy_agent.narrowing import Downscope, unheld_scopes, unheld_scopes_message
+from compozy_agent.oidc import valid_dpop_nonce
 from compozy_agent.peer import Peer
 from compozy_agent.sessions import Session, SessionDriver, login_command
 from compozy_client import protocol as p
@@ -45,6 +46,18 @@ from compozy_client.errors import ConfigError, ErrorCode
 WAIT_LIMIT: Final = 20.0
 #: A caller that says how long it waits (``timeout``) is answered this much before then.
 ANSWER_MARGIN: Final = 1.0
+
+
+def dpop_bound(session: Session) -> OpError:
+    """The refusal of a bearer token for a DPoP-bound session (the way out named)."""
+    profile = session.meta.profile
+    return OpError(
+        ErrorCode.DPOP_BOUND,
+        f"profile {profile!r} holds DPoP-bound tokens (token_binding: dpop, RFC 9449): they "
+        "work only with a proof signed by the agent, so a tool that can send only a bearer "
+        "token cannot use them; use a DPoP-aware client (`compozy auth dpop-proof`, the "
+        f"dpop_proof op), or set token_binding: bearer for profile {profile!r} and log in "
+        "again", {"command": "compozy auth dpop-proof --method GET --url URL"})
 
 
 class TokenService:
@@ -61,6 +74,8 @@ class TokenService:
         if session.api_key is not None:
             return p.TokenResult(access_token=session.api_key, token_id=session.meta.token_id,
                                  profile=session.meta.profile, kind="api_key")
+        if session.meta.token_binding == "dpop" and not request.accept_dpop:
+            raise dpop_bound(session)
         slot = DEFAULT_SLOT if request.scope is None and request.audience is None \
             else slot_key(request.scope, request.audience)
         whole = False  # a narrower scope served with the session's full token
@@ -79,7 +94,8 @@ class TokenService:
             scope = sorted(held)  # say that the token is wider than asked
         return p.TokenResult(access_token=token.value.reveal(), expires_at=token.expires_at,
                              token_id=session.meta.token_id, profile=session.meta.profile,
-                             scope=scope, audience=request.audience)
+                             scope=scope, audience=request.audience,
+                             token_type="DPoP" if session.dpop_key is not None else "Bearer")
 
     async def _narrower_scopes(
         self, session: Session, requested: frozenset[str], audience: str | None
@@ -112,6 +128,48 @@ class TokenService:
         if profile is not None and profile.downscope is not None:
             return profile.downscope
         return "never" if self.driver.narrows_chains(session.meta) else "refresh"
+
+    async def dpop_proof(self, request: p.DpopProof, peer: Peer) -> p.DpopProofResult:
+        """A proof for ``htm`` ``htu`` bound to the session's current access token
+        (RFC 9449 section 4.2, ``ath``), and that token; the key stays here."""
+        from compozy_agent.dpop import DpopKeyError, normalize_htu, valid_method
+
+        if not valid_method(request.htm):
+            raise OpError(ErrorCode.BAD_REQUEST, "htm must be an HTTP method such as GET")
+        try:
+            normalize_htu(request.htu)
+        except DpopKeyError as exc:
+            raise OpError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        if request.nonce is not None and not valid_dpop_nonce(request.nonce):
+            raise OpError(ErrorCode.BAD_REQUEST,
+                          "nonce is not a DPoP nonce (RFC 9449 section 8.1: printable ASCII, "
+                          "no space, quote or backslash)")
+        session = self.driver.find(request.profile, request.token_id)
+        now = session.last_used_at = self.driver.now()
+        if session.meta.token_binding != "dpop":
+            raise OpError(ErrorCode.NOT_DPOP_BOUND,
+                          f"profile {session.meta.profile!r} holds bearer tokens, which need no "
+                          "DPoP proof; ask for a token (`compozy auth token`), or set "
+                          "token_binding: dpop for it and log in again")
+        slot = DEFAULT_SLOT if request.scope is None and request.audience is None \
+            else slot_key(request.scope, request.audience)
+        grant = None if slot == DEFAULT_SLOT else Grant.of(session.meta.scopes,
+                                                           session.meta.resources)
+        token = await self._obtain(session, slot, min_valid=request.min_valid,
+                                   force_new=request.force_new,
+                                   rejected_token=request.rejected_token, asked_at=now,
+                                   grant=grant, caller_timeout=request.timeout)
+        key = session.dpop_key
+        if key is None:  # forgotten (logged out) while the token was being fetched
+            raise OpError(ErrorCode.LOGIN_REQUIRED,
+                          f"profile {session.meta.profile!r} has no DPoP key any more; log in "
+                          "again", {"command": login_command(session.meta.profile)})
+        access_token = token.value.reveal()
+        proof = key.proof(request.htm, request.htu, self.driver.now(), nonce=request.nonce,
+                          access_token=access_token)
+        return p.DpopProofResult(access_token=access_token, proof=proof,
+                                 expires_at=token.expires_at, token_id=session.meta.token_id,
+                                 profile=session.meta.profile, dpop_thumbprint=key.thumbprint)
 
     async def _obtain(
         self,

@@ -37,6 +37,15 @@ from compozy_client.paths import socket_path
 from compozy_client.peercheck import peer_problem, socket_path_problem
 from compozy_client.rules import match_rule
 
+# No typing import at run time: see compozy_client/__init__.py.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import TypeVar
+
+    import msgspec
+
+    _Result = TypeVar("_Result", bound=msgspec.Struct)
+
 
 def _by_rules(
     config: Config, profile: str | None, audience: str | None, url: str | None
@@ -60,6 +69,7 @@ def _request(
     min_valid: float,
     force_new: bool,
     rejected_token: str | None,
+    accept_dpop: bool = False,
 ) -> protocol.Token:
     return protocol.Token(
         id=1,
@@ -69,7 +79,16 @@ def _request(
         min_valid=min_valid,
         force_new=force_new,
         rejected_token=rejected_token,
+        accept_dpop=accept_dpop,
     )
+
+
+def _ask(request: protocol.Token | protocol.DpopProof, result_type: type[_Result],
+         timeout: float, deadline: float) -> _Result:
+    """One request to the agent (started if none runs), within ``deadline``."""
+    with connect(timeout=timeout, deadline=deadline) as conn:
+        request.timeout = max(0.0, deadline - time.monotonic())
+        return conn.call(request, result_type)
 
 
 def get_token(
@@ -92,18 +111,78 @@ def get_token(
     bounds the whole call. ``url``, the request the token is for, and ``audience``
     choose the profile (and audience) by the config file's ``rules:``.
     Raises :class:`~compozy_client.errors.NotLoggedIn` when the profile needs
-    ``compozy login``, and other :class:`~compozy_client.errors.CompozyError`\\ s.
+    ``compozy login``, :class:`~compozy_client.errors.TokenBindingMismatch` when its
+    tokens are DPoP-bound (``token_binding: dpop``; use :func:`get_dpop_proof`), and
+    other :class:`~compozy_client.errors.CompozyError`\\ s.
     """
+    return get_token_result(profile, scope=scope, audience=audience, min_valid=min_valid,
+                            force_new=force_new, rejected_token=rejected_token,
+                            timeout=timeout, url=url).access_token
+
+
+def get_token_result(
+    profile: str | None = None,
+    *,
+    scope: list[str] | None = None,
+    audience: str | None = None,
+    min_valid: float = 0.0,
+    force_new: bool = False,
+    rejected_token: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    url: str | None = None,
+    accept_dpop: bool = False,
+) -> protocol.TokenResult:
+    """As :func:`get_token`, with the token's type and expiry. ``accept_dpop`` says the
+    caller can use a DPoP-bound token (``token_type`` ``DPoP``, with proofs from
+    :func:`get_dpop_proof`); without it such a session raises TokenBindingMismatch."""
     deadline = time.monotonic() + timeout
     config = load_config()
     static = static_credential(config)
     if static is not None:
-        return static.api_key
+        return protocol.TokenResult(access_token=static.api_key, kind="api_key")
     profile, audience = _by_rules(config, profile, audience, url)
-    request = _request(profile, scope, audience, min_valid, force_new, rejected_token)
-    with connect(timeout=timeout, deadline=deadline) as conn:
-        request.timeout = max(0.0, deadline - time.monotonic())
-        return conn.call(request, protocol.TokenResult).access_token
+    request = _request(profile, scope, audience, min_valid, force_new, rejected_token,
+                       accept_dpop)
+    return _ask(request, protocol.TokenResult, timeout, deadline)
+
+
+def _proof_request(method: str, url: str, profile: str | None, nonce: str | None,
+                   min_valid: float, rejected_token: str | None, scope: list[str] | None,
+                   audience: str | None) -> protocol.DpopProof:
+    return protocol.DpopProof(id=1, profile=resolve_profile(profile), htm=method, htu=url,
+                              nonce=nonce, min_valid=min_valid, rejected_token=rejected_token,
+                              scope=scope, audience=audience)
+
+
+def get_dpop_proof(
+    method: str,
+    url: str,
+    profile: str | None = None,
+    *,
+    nonce: str | None = None,
+    min_valid: float = 0.0,
+    rejected_token: str | None = None,
+    scope: list[str] | None = None,
+    audience: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> protocol.DpopProofResult:
+    """A DPoP proof (RFC 9449) for one ``method`` ``url`` request and the access token it
+    is bound to, for a profile with ``token_binding: dpop``; the key stays in the agent.
+
+    Send ``Authorization: DPoP <access_token>`` and ``DPoP: <proof>``; a proof is
+    good for one request. ``nonce`` is the server's ``DPoP-Nonce`` when it demanded
+    one; ``rejected_token`` the token it refused with 401; ``scope``/``audience``
+    as in :func:`get_token`; ``url`` picks the profile and audience not given by
+    the config file's ``rules:``, as in :func:`get_token`. Raises
+    :class:`~compozy_client.errors.TokenBindingMismatch` for a bearer profile (use
+    :func:`get_token`), and as :func:`get_token` otherwise. An API key from the
+    environment or the config file cannot sign: the agent's session is asked.
+    """
+    deadline = time.monotonic() + timeout
+    profile, audience = _by_rules(load_config(), profile, audience, url)
+    request = _proof_request(method, url, profile, nonce, min_valid, rejected_token, scope,
+                             audience)
+    return _ask(request, protocol.DpopProofResult, timeout, deadline)
 
 
 async def async_get_token(
@@ -118,16 +197,67 @@ async def async_get_token(
     url: str | None = None,
 ) -> str:
     """The asyncio version of :func:`get_token`; starts no agent (use the CLI or service)."""
+    result = await async_get_token_result(profile, scope=scope, audience=audience,
+                                          min_valid=min_valid, force_new=force_new,
+                                          rejected_token=rejected_token, timeout=timeout,
+                                          url=url)
+    return result.access_token
+
+
+async def async_get_token_result(
+    profile: str | None = None,
+    *,
+    scope: list[str] | None = None,
+    audience: str | None = None,
+    min_valid: float = 0.0,
+    force_new: bool = False,
+    rejected_token: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    url: str | None = None,
+    accept_dpop: bool = False,
+) -> protocol.TokenResult:
+    """The asyncio version of :func:`get_token_result`."""
     import asyncio
 
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = asyncio.get_running_loop().time() + timeout
     config = load_config()
     static = static_credential(config)
     if static is not None:
-        return static.api_key
+        return protocol.TokenResult(access_token=static.api_key, kind="api_key")
     profile, audience = _by_rules(config, profile, audience, url)
-    request = _request(profile, scope, audience, min_valid, force_new, rejected_token)
+    request = _request(profile, scope, audience, min_valid, force_new, rejected_token,
+                       accept_dpop)
+    return await _async_ask(request, protocol.TokenResult, timeout, deadline)
+
+
+async def async_get_dpop_proof(
+    method: str,
+    url: str,
+    profile: str | None = None,
+    *,
+    nonce: str | None = None,
+    min_valid: float = 0.0,
+    rejected_token: str | None = None,
+    scope: list[str] | None = None,
+    audience: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> protocol.DpopProofResult:
+    """The asyncio version of :func:`get_dpop_proof`; starts no agent."""
+    import asyncio
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    profile, audience = _by_rules(load_config(), profile, audience, url)
+    request = _proof_request(method, url, profile, nonce, min_valid, rejected_token, scope,
+                             audience)
+    return await _async_ask(request, protocol.DpopProofResult, timeout, deadline)
+
+
+async def _async_ask(request: protocol.Token | protocol.DpopProof, result_type: type[_Result],
+                     timeout: float, deadline: float) -> _Result:
+    """One request to a running agent over asyncio streams, within ``deadline`` (loop time)."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
     path = socket_path()
     problem = socket_path_problem(path)
     if problem is not None:
@@ -163,7 +293,8 @@ async def async_get_token(
     if not response.ok:
         error = response.error or protocol.ErrorBody(code="internal", message="empty error")
         raise error_from_wire(error.code, error.message, error.details)
-    return protocol.decode_result(response.result, protocol.TokenResult).access_token
+    return protocol.decode_result(response.result, result_type)
 
 
-__all__ = ["async_get_token", "get_token"]
+__all__ = ["async_get_dpop_proof", "async_get_token", "async_get_token_result",
+           "get_dpop_proof", "get_token", "get_token_result"]

@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from compozy_client import __version__
     from compozy_client.commands import (
+        auth_dpop_proof,
         auth_kube_token,
         auth_list,
         auth_lock,
@@ -157,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     auth_sub = auth.add_subparsers(title="commands", metavar="COMMAND")
     auth.set_defaults(handler=lambda _o: _usage(auth))
     for command in (auth_status, auth_list, auth_refresh, auth_revoke, auth_revoke_all,
-                    auth_lock, auth_unlock, auth_log, auth_token, auth_setup_git):
+                    auth_lock, auth_unlock, auth_log, auth_token, auth_setup_git,
+                    auth_dpop_proof):
         command.add_parser(auth_sub)
     # Other tools' plug-in points (README "Use it from other tools").
     for command in (auth_kube_token, auth_setup_kube, auth_setup_docker):

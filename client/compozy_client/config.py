@@ -12,6 +12,8 @@ Shape (every key optional)::
         scopes: [openid, profile, email, offline_access]
         resources: [https://api.compozy.dev]
         downscope: refresh    # refresh | never: how --scope gets a narrower token
+        token_binding: bearer # bearer | dpop | auto (RFC 9449 DPoP; auto: dpop when the
+                              # provider lists dpop_signing_alg_values_supported)
         # What the provider's metadata does not say (RFC 8414 names); each wins
         # over discovery and is checked like a discovered one (https but loopback):
         device_authorization_endpoint: https://auth.example.com/device
@@ -79,6 +81,11 @@ class ProfileConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     #: The client of the device flow, for providers where one client cannot hold
     #: both grants (django-oauth-toolkit: one grant type per application).
     device_client_id: str | None = None
+    #: How the login's tokens are used: ``bearer`` (the default: any tool can send
+    #: them), ``dpop`` (RFC 9449: bound to a key the agent holds; every use needs a
+    #: proof from the agent, and static-token tools are refused), or ``auto`` (dpop
+    #: when the provider's discovery lists ``dpop_signing_alg_values_supported``).
+    token_binding: Literal["bearer", "dpop", "auto"] | None = None
 
     def endpoints(self) -> dict[str, str]:
         """The endpoints this profile names, by field name."""

@@ -19,6 +19,7 @@
         ├── LoginFailed             login_failed, login_timeout, access_denied
         ├── RefreshFailed           refresh_failed
         ├── ProviderUnavailable     provider_unreachable, provider_error
+        ├── TokenBindingMismatch    dpop_bound, not_dpop_bound
         └── StorageFailure          storage_error, config_error, internal
 
 This module imports only the standard library: the CLI's fast path uses it.
@@ -53,6 +54,10 @@ class ErrorCode:
     REFRESH_FAILED: Final = "refresh_failed"
     PROVIDER_UNREACHABLE: Final = "provider_unreachable"
     PROVIDER_ERROR: Final = "provider_error"
+    #: The session's tokens are DPoP-bound and the caller asked for a bearer token.
+    DPOP_BOUND: Final = "dpop_bound"
+    #: A DPoP proof was asked of a session whose tokens are bearer tokens.
+    NOT_DPOP_BOUND: Final = "not_dpop_bound"
     STORAGE_ERROR: Final = "storage_error"
     CONFIG_ERROR: Final = "config_error"
     INTERNAL: Final = "internal"
@@ -145,6 +150,11 @@ class ProviderUnavailable(AgentError):
     pass
 
 
+class TokenBindingMismatch(AgentError):
+    """A DPoP-bound session asked for a bearer token (``dpop_bound``: the message names
+    ``token_binding: bearer`` as the way out), or a proof asked of a bearer session."""
+
+
 class StorageFailure(AgentError):
     pass
 
@@ -169,6 +179,8 @@ ERROR_CLASSES: Final[dict[str, type[AgentError]]] = {
     ErrorCode.REFRESH_FAILED: RefreshFailed,
     ErrorCode.PROVIDER_UNREACHABLE: ProviderUnavailable,
     ErrorCode.PROVIDER_ERROR: ProviderUnavailable,
+    ErrorCode.DPOP_BOUND: TokenBindingMismatch,
+    ErrorCode.NOT_DPOP_BOUND: TokenBindingMismatch,
     ErrorCode.STORAGE_ERROR: StorageFailure,
     ErrorCode.CONFIG_ERROR: StorageFailure,
     ErrorCode.INTERNAL: StorageFailure,

@@ -9,8 +9,8 @@
 2. Every request asks the agent for a token of the profile given, or else of
    the one the ``rules:`` match for the request's URL (the agent caches it and
    refreshes it ahead of expiry; asking costs one round trip on a Unix
-   socket), and carries it in the headers :func:`authorization_headers` builds:
-   the only place an ``Authorization`` header is made.
+   socket), and carries it in the headers :meth:`TokenSource.present` builds
+   (``_presented``): the only place an ``Authorization`` header is made.
 3. A 401 answering a request that carried that token is reported to the agent
    as ``rejected_token`` (:meth:`TokenSource.replacement`): the agent drops the
    token and refreshes once however many callers report it at the same time
@@ -18,6 +18,18 @@
    refresh at the provider.
 4. The request is sent again once, with the new token, if its body can be sent
    again. The second answer is returned as it is, whatever it is: never a loop.
+
+A profile whose tokens are DPoP-bound (``token_binding: dpop``, RFC 9449) is
+served the same way, with a proof per request: :meth:`TokenSource.present`
+asks the agent for the token and, for a DPoP token, a proof for this method
+and URL (``dpop_proof``; the key never leaves the agent), and the headers are
+``Authorization: DPoP <token>`` and ``DPoP: <proof>``. One retry more comes
+first: a 401 whose ``DPoP`` challenge asks for a nonce (section 9) is sent
+again once with a proof carrying it; the newest nonce of each origin is
+remembered for the next request. Then a 401 is a rejected token, as above. A
+source learns on its first request whether the profile is DPoP-bound, so a
+bearer profile costs one round trip to the agent per request, as before, and
+a DPoP one one too (the proof comes with its token).
 
 No lock is held anywhere here: the agent is where concurrent callers meet.
 This module imports neither httpx nor requests.
@@ -27,22 +39,45 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from compozy_client.api import async_get_token, get_token
+from compozy_client.api import (
+    async_get_dpop_proof,
+    async_get_token_result,
+    get_dpop_proof,
+    get_token_result,
+)
 from compozy_client.connection import DEFAULT_TIMEOUT
-from compozy_client.errors import RefreshFailed, UsageError
+from compozy_client.dpop import nonce_challenge, valid_nonce
+from compozy_client.errors import RefreshFailed, TokenBindingMismatch, UsageError
+from compozy_client.protocol import DpopProofResult, TokenResult
 
 
-def authorization_headers(token: str, *, method: str, url: str) -> dict[str, str]:
-    """The headers that present ``token`` on a request to ``url`` with ``method``.
+@dataclass(frozen=True, repr=False)
+class Presented:
+    """What an adapter puts on one request: its headers, and the token they present."""
 
-    A bearer token (RFC 6750 section 2.1) needs neither ``method`` nor ``url``;
-    they are here because a sender-constrained token (DPoP, RFC 9449) is
-    presented with a proof bound to both.
-    """
-    return {"Authorization": f"Bearer {token}"}
+    token: str
+    headers: dict[str, str]
+    #: A DPoP-bound token (RFC 9449): the headers carry a proof for one request.
+    dpop: bool = False
+
+    def __repr__(self) -> str:
+        return f"Presented(dpop={self.dpop}, token=<redacted>)"
+
+
+def _presented(answer: TokenResult | DpopProofResult) -> Presented:
+    if isinstance(answer, DpopProofResult):
+        return Presented(answer.access_token, {"Authorization": f"DPoP {answer.access_token}",
+                                               "DPoP": answer.proof}, dpop=True)
+    return Presented(answer.access_token, {"Authorization": f"Bearer {answer.access_token}"})
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
 
 
 def check_transport(url: str, https_only: bool) -> None:
@@ -103,22 +138,78 @@ class TokenSource:
     min_valid: float = 0.0
     timeout: float = DEFAULT_TIMEOUT
     https_only: bool = True
+    #: What the source has learnt: whether the profile is DPoP-bound ("dpop"), and the
+    #: newest DPoP-Nonce of each origin (RFC 9449 section 9). Shared by the requests of
+    #: one adapter; a stale value costs one retry, never a wrong answer.
+    _learnt: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
 
-    def token(self, url: str) -> str:
-        """The token to send to ``url`` (raises :class:`~compozy_client.errors.NotLoggedIn`
-        and the other :class:`~compozy_client.errors.CompozyError`\\ s). ``url`` picks the
-        profile and audience not given here by the config file's ``rules:``."""
-        return get_token(self.profile, scope=self._scope(), audience=self.audience,
-                         min_valid=self.min_valid, timeout=self.timeout, url=url)
+    # ------------------------------------------------------------ any token type
 
-    async def async_token(self, url: str) -> str:
-        """:meth:`token` under asyncio."""
-        return await async_get_token(self.profile, scope=self._scope(), audience=self.audience,
-                                     min_valid=self.min_valid, timeout=self.timeout, url=url)
+    def present(self, method: str, url: str, *, rejected: Presented | None = None,
+                nonce: str | None = None) -> Presented:
+        """The headers for one request: a bearer token, or a DPoP token with its proof.
 
-    def replacement(self, rejected: str, url: str) -> str | None:
-        """Tell the agent a server at ``url`` refused ``rejected`` (401); the token to retry
-        with.
+        ``rejected``: what a server refused with 401 (the agent replaces it);
+        ``nonce``: the server's DPoP-Nonce (else the origin's last one).
+        """
+        rejected_token = rejected.token if rejected is not None else None
+        if self._learnt.get("dpop"):
+            try:
+                return self._proof(get_dpop_proof(
+                    method, url, self.profile, nonce=nonce or self._nonce(url),
+                    min_valid=self.min_valid, rejected_token=rejected_token,
+                    scope=self._scope(), audience=self.audience, timeout=self.timeout))
+            except TokenBindingMismatch:  # logged in again with bearer tokens
+                self._learnt["dpop"] = False
+        answer = get_token_result(self.profile, scope=self._scope(), audience=self.audience,
+                                  min_valid=self.min_valid, rejected_token=rejected_token,
+                                  timeout=self.timeout, url=url, accept_dpop=True)
+        if answer.token_type != "DPoP":
+            return _presented(answer)
+        self._learnt["dpop"] = True
+        return self._proof(get_dpop_proof(
+            method, url, self.profile, nonce=nonce or self._nonce(url), min_valid=self.min_valid,
+            scope=self._scope(), audience=self.audience, timeout=self.timeout))
+
+    async def async_present(self, method: str, url: str, *, rejected: Presented | None = None,
+                            nonce: str | None = None) -> Presented:
+        """:meth:`present` under asyncio."""
+        rejected_token = rejected.token if rejected is not None else None
+        if self._learnt.get("dpop"):
+            try:
+                return self._proof(await async_get_dpop_proof(
+                    method, url, self.profile, nonce=nonce or self._nonce(url),
+                    min_valid=self.min_valid, rejected_token=rejected_token,
+                    scope=self._scope(), audience=self.audience, timeout=self.timeout))
+            except TokenBindingMismatch:
+                self._learnt["dpop"] = False
+        answer = await async_get_token_result(
+            self.profile, scope=self._scope(), audience=self.audience, min_valid=self.min_valid,
+            rejected_token=rejected_token, timeout=self.timeout, url=url, accept_dpop=True)
+        if answer.token_type != "DPoP":
+            return _presented(answer)
+        self._learnt["dpop"] = True
+        return self._proof(await async_get_dpop_proof(
+            method, url, self.profile, nonce=nonce or self._nonce(url), min_valid=self.min_valid,
+            scope=self._scope(), audience=self.audience, timeout=self.timeout))
+
+    def nonce_demanded(self, presented: Presented, url: str, status: int,
+                       headers: Mapping[str, str]) -> str | None:
+        """The nonce to retry with, when a DPoP request's answer demands one (RFC 9449
+        section 9); every DPoP-Nonce a server sends is remembered for its origin."""
+        if not presented.dpop:
+            return None
+        lowered = {name.lower(): value for name, value in headers.items()}
+        demanded = nonce_challenge(status, lowered)
+        fresh = demanded or lowered.get("dpop-nonce")
+        if fresh is not None and valid_nonce(fresh):
+            nonces = self._learnt.setdefault("nonces", {})
+            assert isinstance(nonces, dict)
+            nonces[_origin(url)] = fresh
+        return demanded
+
+    def replacement(self, rejected: Presented, method: str, url: str) -> Presented | None:
+        """Tell the agent a server refused ``rejected`` (401); the headers to retry with.
 
         None means "do not retry": the agent refused to replace a token it had
         itself made as a replacement less than 5 s ago (a server that refuses
@@ -128,23 +219,27 @@ class TokenSource:
         that needs ``compozy login`` must say so.
         """
         try:
-            new = get_token(self.profile, scope=self._scope(), audience=self.audience,
-                            min_valid=self.min_valid, rejected_token=rejected,
-                            timeout=self.timeout, url=url)
+            new = self.present(method, url, rejected=rejected)
         except RefreshFailed:
             return None
-        return None if same_token(rejected, new) else new
+        return None if same_token(rejected.token, new.token) else new
 
-    async def async_replacement(self, rejected: str, url: str) -> str | None:
+    async def async_replacement(self, rejected: Presented, method: str,
+                                    url: str) -> Presented | None:
         """:meth:`replacement` under asyncio."""
         try:
-            new = await async_get_token(self.profile, scope=self._scope(),
-                                        audience=self.audience, min_valid=self.min_valid,
-                                        rejected_token=rejected, timeout=self.timeout,
-                                        url=url)
+            new = await self.async_present(method, url, rejected=rejected)
         except RefreshFailed:
             return None
-        return None if same_token(rejected, new) else new
+        return None if same_token(rejected.token, new.token) else new
+
+    def _proof(self, answer: DpopProofResult) -> Presented:
+        return _presented(answer)
+
+    def _nonce(self, url: str) -> str | None:
+        nonces = self._learnt.get("nonces")
+        found = nonces.get(_origin(url)) if isinstance(nonces, dict) else None
+        return found if isinstance(found, str) else None
 
     def _scope(self) -> list[str] | None:
         return None if self.scope is None else list(self.scope)
@@ -166,5 +261,4 @@ def token_source(
                        min_valid=min_valid, timeout=timeout, https_only=https_only)
 
 
-__all__ = ["TokenSource", "authorization_headers", "check_transport", "same_token",
-           "token_source"]
+__all__ = ["Presented", "TokenSource", "check_transport", "same_token", "token_source"]

@@ -4,9 +4,11 @@
     >>> from compozy_client.httpx import CompozyAuth
     >>> client = httpx.Client(auth=CompozyAuth(profile="prod"))
 
-Each request carries the profile's current token; a 401 makes the agent
-replace it (once, for all concurrent callers) and the request is sent again
-once (the rule is in :mod:`compozy_client.httpauth`). The sync flow blocks on
+Each request carries the profile's current token (for a DPoP-bound profile,
+``Authorization: DPoP`` and a fresh proof from the agent); a 401 makes the
+agent replace it (once, for all concurrent callers) and the request is sent
+again once, after at most one retry with a DPoP nonce the server demanded
+(the rules are in :mod:`compozy_client.httpauth`). The sync flow blocks on
 the agent's socket; the async flow uses asyncio (httpx's AsyncClient under
 asyncio, or anyio on asyncio; not trio).
 
@@ -32,8 +34,8 @@ except ModuleNotFoundError as missing:
 
 from compozy_client.connection import DEFAULT_TIMEOUT
 from compozy_client.httpauth import (
+    Presented,
     TokenSource,
-    authorization_headers,
     check_transport,
     token_source,
 )
@@ -42,10 +44,7 @@ from compozy_client.httpauth import (
 class CompozyAuth(httpx.Auth):
     """An ``httpx.Auth`` presenting the agent's token for ``profile``.
 
-    Without ``profile`` (or ``audience``), the config file's ``rules:`` pick
-    them by each request's URL (``match: {url_prefix: ...}``), then
-    ``$COMPOZY_PROFILE``, then ``default``: one client can call APIs of
-    several sessions. ``scope`` (a list, or one space-separated string) and ``audience`` ask for
+    ``scope`` (a list, or one space-separated string) and ``audience`` ask for
     a narrower token, ``min_valid`` for one valid that many more seconds,
     ``timeout`` bounds each call to the agent: as in
     :func:`~compozy_client.get_token`, which raises
@@ -73,14 +72,22 @@ class CompozyAuth(httpx.Auth):
         return f"CompozyAuth({self.source!r})"
 
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response]:
-        url = str(request.url)
-        check_transport(url, self.source.https_only)
-        token = self.source.token(url)
-        sent = _authorize(request, token)
+        check_transport(str(request.url), self.source.https_only)
+        method, url = request.method, str(request.url)
+        presented = self.source.present(method, url)
+        sent = _authorize(request, presented)
         response = yield request
-        if not _rejected(response, sent):
+        nonce = self.source.nonce_demanded(presented, url, response.status_code,
+                                           response.headers)
+        if nonce is not None and _body_was_read(request):  # RFC 9449 section 9: once
+            presented = self.source.present(method, url, nonce=nonce)
+            sent = _authorize(request, presented)
+            response = yield request
+            nonce = self.source.nonce_demanded(presented, url, response.status_code,
+                                               response.headers)
+        if nonce is not None or not _rejected(response, sent):
             return
-        replacement = self.source.replacement(token, url)
+        replacement = self.source.replacement(presented, method, url)
         if replacement is not None and _body_was_read(request):
             _authorize(request, replacement)
             yield request
@@ -88,24 +95,33 @@ class CompozyAuth(httpx.Auth):
     async def async_auth_flow(
         self, request: httpx.Request
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        url = str(request.url)
-        check_transport(url, self.source.https_only)
-        token = await self.source.async_token(url)
-        sent = _authorize(request, token)
+        check_transport(str(request.url), self.source.https_only)
+        method, url = request.method, str(request.url)
+        presented = await self.source.async_present(method, url)
+        sent = _authorize(request, presented)
         response = yield request
-        if not _rejected(response, sent):
+        nonce = self.source.nonce_demanded(presented, url, response.status_code,
+                                           response.headers)
+        if nonce is not None and _body_was_read(request):
+            presented = await self.source.async_present(method, url, nonce=nonce)
+            sent = _authorize(request, presented)
+            response = yield request
+            nonce = self.source.nonce_demanded(presented, url, response.status_code,
+                                               response.headers)
+        if nonce is not None or not _rejected(response, sent):
             return
-        replacement = await self.source.async_replacement(token, url)
+        replacement = await self.source.async_replacement(presented, method, url)
         if replacement is not None and _body_was_read(request):
             _authorize(request, replacement)
             yield request
 
 
-def _authorize(request: httpx.Request, token: str) -> str:
-    """Put ``token`` on ``request``; the Authorization value sent."""
-    headers = authorization_headers(token, method=request.method, url=str(request.url))
-    request.headers.update(headers)
-    return headers["Authorization"]
+def _authorize(request: httpx.Request, presented: Presented) -> str:
+    """Put ``presented``'s headers on ``request``; the Authorization value sent."""
+    if not presented.dpop:
+        request.headers.pop("DPoP", None)
+    request.headers.update(presented.headers)
+    return presented.headers["Authorization"]
 
 
 def _rejected(response: httpx.Response, sent: str) -> bool:

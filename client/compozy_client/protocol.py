@@ -98,6 +98,11 @@ class Token(_Request, tag="token"):
     rejected_token: str | None = None
     force_new: bool = False
     timeout: float | None = None
+    #: The caller reads ``token_type`` and can use a DPoP-bound token (RFC 9449) with
+    #: proofs from ``dpop_proof``. Without it, a DPoP-bound session's token is refused
+    #: (``dpop_bound``): a tool that can only send ``Bearer <token>`` would fail later
+    #: with a less clear error.
+    accept_dpop: bool = False
 
     def __repr__(self) -> str:  # rejected_token is a secret
         return (
@@ -105,6 +110,42 @@ class Token(_Request, tag="token"):
             f"scope={self.scope!r}, audience={self.audience!r}, min_valid={self.min_valid!r}, "
             f"force_new={self.force_new!r}, timeout={self.timeout!r}, rejected_token="
             f"{'<redacted>' if self.rejected_token else None})"
+        )
+
+
+HttpMethod = Annotated[str, msgspec.Meta(max_length=32)]
+DpopNonce = Annotated[str, msgspec.Meta(max_length=1024)]
+
+
+class DpopProof(_Request, tag="dpop_proof"):
+    """A DPoP proof (RFC 9449 section 4) for one request, with the access token it binds.
+
+    For a session whose tokens are DPoP-bound (``token_binding: dpop``): the
+    agent signs a proof for ``htm`` and ``htu`` (query and fragment dropped),
+    with ``ath`` for the session's current access token and the server's
+    ``nonce`` when it demanded one, and returns both; the key never leaves the
+    agent. ``scope``, ``audience``, ``min_valid``, ``rejected_token``,
+    ``force_new`` and ``timeout`` as in :class:`Token`.
+    """
+
+    profile: ProfileName = "default"
+    token_id: TokenId | None = None
+    #: Both required (empty ones are refused); defaults only for the struct's field order.
+    htm: HttpMethod = ""
+    htu: Url = ""
+    nonce: DpopNonce | None = None
+    scope: ScopeList | None = None
+    audience: Url | None = None
+    min_valid: float = 0.0
+    rejected_token: str | None = None
+    force_new: bool = False
+    timeout: float | None = None
+
+    def __repr__(self) -> str:  # rejected_token is a secret
+        return (
+            f"DpopProof(id={self.id!r}, profile={self.profile!r}, token_id={self.token_id!r}, "
+            f"htm={self.htm!r}, min_valid={self.min_valid!r}, force_new={self.force_new!r}, "
+            f"rejected_token={'<redacted>' if self.rejected_token else None})"
         )
 
 
@@ -240,6 +281,7 @@ Request = (
     | Unlock
     | AuditLog
     | ExecSocket
+    | DpopProof
 )
 
 #: Every op name the protocol defines, in the order of the union.
@@ -248,6 +290,7 @@ OPS: Final[tuple[str, ...]] = tuple(
     for cls in (
         Hello, Status, List, Token, Refresh, Revoke, RevokeAll, Logout,
         LoginStart, LoginWait, LoginCancel, StoreApiKey, Lock, Unlock, AuditLog, ExecSocket,
+        DpopProof,
     )
 )
 
@@ -298,6 +341,11 @@ class SessionInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     #: Granted scopes the provider no longer holds for this session: it was narrowed
     #: (a warning says so); `compozy login` gets them back.
     missing_scopes: list[str] = []
+    #: ``Bearer`` or ``DPoP``: how the session's access tokens are used (RFC 9449).
+    token_type: str = "Bearer"
+    #: A DPoP session's signing algorithm and public key thumbprint (RFC 7638).
+    dpop_algorithm: str | None = None
+    dpop_thumbprint: str | None = None
 
 
 class StorageInfo(msgspec.Struct, kw_only=True):
@@ -339,6 +387,24 @@ class TokenResult(msgspec.Struct, kw_only=True, omit_defaults=True):
             f"TokenResult(token_id={self.token_id!r}, profile={self.profile!r}, "
             f"expires_at={self.expires_at!r}, access_token=<redacted>)"
         )
+
+
+class DpopProofResult(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A proof and the access token it is for: send ``Authorization: DPoP <access_token>``
+    and ``DPoP: <proof>`` (RFC 9449 section 7.1)."""
+
+    access_token: str
+    proof: str
+    token_type: str = "DPoP"
+    expires_at: float | None = None
+    token_id: str | None = None
+    profile: str | None = None
+    #: The public key's RFC 7638 thumbprint: the token's ``cnf.jkt``.
+    dpop_thumbprint: str | None = None
+
+    def __repr__(self) -> str:
+        return (f"DpopProofResult(token_id={self.token_id!r}, profile={self.profile!r}, "
+                f"expires_at={self.expires_at!r}, access_token=<redacted>, proof=<redacted>)")
 
 
 class RefreshResult(msgspec.Struct, kw_only=True):
@@ -674,4 +740,5 @@ RESULT_TYPES: Final[dict[str, type[msgspec.Struct]]] = {
     "unlock": Empty,
     "audit_log": AuditLogResult,
     "exec_socket": ExecSocketResult,
+    "dpop_proof": DpopProofResult,
 }

@@ -35,8 +35,8 @@ except ModuleNotFoundError as missing:
 
 from compozy_client.connection import DEFAULT_TIMEOUT
 from compozy_client.httpauth import (
+    Presented,
     TokenSource,
-    authorization_headers,
     check_transport,
     token_source,
 )
@@ -45,10 +45,7 @@ from compozy_client.httpauth import (
 class CompozyAuth(AuthBase):
     """A ``requests`` auth presenting the agent's token for ``profile``.
 
-    Without ``profile`` (or ``audience``), the config file's ``rules:`` pick
-    them by each request's URL (``match: {url_prefix: ...}``), then
-    ``$COMPOZY_PROFILE``, then ``default``: one client can call APIs of
-    several sessions. ``scope`` (a list, or one space-separated string) and ``audience`` ask for
+    ``scope`` (a list, or one space-separated string) and ``audience`` ask for
     a narrower token, ``min_valid`` for one valid that many more seconds,
     ``timeout`` bounds each call to the agent: as in
     :func:`~compozy_client.get_token`, which raises
@@ -76,53 +73,75 @@ class CompozyAuth(AuthBase):
         return f"CompozyAuth({self.source!r})"
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        url = request.url or ""
-        check_transport(url, self.source.https_only)
-        token = self.source.token(url)
-        sent = _authorize(request, token)
+        check_transport(request.url or "", self.source.https_only)
+        presented = self.source.present(request.method or "GET", request.url or "")
+        _authorize(request, presented)
         # Everything the hook needs travels with this request, not in self:
         # concurrent requests through one CompozyAuth never see each other's.
         request.register_hook("response", functools.partial(
-            self._retry_once_on_401, token=token, sent=sent, url=url,
+            self._retry_once_on_401, presented=presented,
             body_position=_body_position(request.body)))
         return request
 
     def _retry_once_on_401(
-        self, response: requests.Response, *, token: str, sent: str, url: str,
+        self, response: requests.Response, *, presented: Presented,
         body_position: int | None, **send_options: Any,
     ) -> requests.Response:
+        method = response.request.method or "GET"
+        url = response.request.url or ""
+        sent = presented.headers["Authorization"]
+        nonce = self.source.nonce_demanded(presented, url, response.status_code,
+                                           response.headers)
+        if nonce is not None:  # RFC 9449 section 9: once, with the nonce the server sent
+            if not _can_send_again(response, body_position):
+                return response
+            presented = self.source.present(method, url, nonce=nonce)
+            sent = presented.headers["Authorization"]
+            response = _send_again(response, presented, send_options)
+            nonce = self.source.nonce_demanded(presented, url, response.status_code,
+                                               response.headers)
         # A redirect to another host drops the header (requests' rebuild_auth), and the
         # retried request carries another: neither 401 says anything about this token.
-        if response.status_code != 401 \
+        if nonce is not None or response.status_code != 401 \
                 or response.request.headers.get("Authorization") != sent:
             return response
-        replacement = self.source.replacement(token, url)
-        # No transport adapter to send it again through (a test double may leave it unset).
-        adapter = getattr(response, "connection", None)
-        if replacement is None or adapter is None \
-                or not _rewind(response.request.body, body_position):
+        replacement = self.source.replacement(presented, method, url)
+        if replacement is None or not _can_send_again(response, body_position):
             return response
-        response.content  # noqa: B018 (read it, so its connection goes back to the pool)
-        response.close()
-        retry = response.request.copy()
-        if retry._cookies is not None:  # cookies the 401 set go along, as HTTPDigestAuth does
-            extract_cookies_to_jar(retry._cookies, response.request, response.raw)
-            retry.prepare_cookies(retry._cookies)
-        _authorize(retry, replacement)
-        # Sent through the adapter, not the session: the session's hooks (this one
-        # included) do not run again, so there is no second retry.
-        second: requests.Response = adapter.send(retry, **send_options)
-        second.history.append(response)
-        second.request = retry
-        return second
+        return _send_again(response, replacement, send_options)
 
 
-def _authorize(request: requests.PreparedRequest, token: str) -> str:
-    """Put ``token`` on ``request``; the Authorization value sent."""
-    headers = authorization_headers(token, method=request.method or "GET",
-                                    url=request.url or "")
-    request.headers.update(headers)
-    return headers["Authorization"]
+def _can_send_again(response: requests.Response, body_position: int | None) -> bool:
+    """Whether the request can go out again: a transport adapter to send it through (a
+    test double may leave it unset) and a body that can be sent again (rewound here)."""
+    return getattr(response, "connection", None) is not None \
+        and _rewind(response.request.body, body_position)
+
+
+def _send_again(response: requests.Response, presented: Presented,
+                send_options: dict[str, Any]) -> requests.Response:
+    """``response``'s request once more, with ``presented``'s headers."""
+    adapter = response.connection
+    response.content  # noqa: B018 (read it, so its connection goes back to the pool)
+    response.close()
+    retry = response.request.copy()
+    if retry._cookies is not None:  # cookies the 401 set go along, as HTTPDigestAuth does
+        extract_cookies_to_jar(retry._cookies, response.request, response.raw)
+        retry.prepare_cookies(retry._cookies)
+    _authorize(retry, presented)
+    # Sent through the adapter, not the session: the session's hooks (this one
+    # included) do not run again, so there is no further retry.
+    second: requests.Response = adapter.send(retry, **send_options)
+    second.history.append(response)
+    second.request = retry
+    return second
+
+
+def _authorize(request: requests.PreparedRequest, presented: Presented) -> None:
+    """Put ``presented``'s headers on ``request``."""
+    if not presented.dpop:
+        request.headers.pop("DPoP", None)
+    request.headers.update(presented.headers)
 
 
 def _body_position(body: object) -> int | None:

@@ -146,7 +146,7 @@ async def test_an_exec_socket_serves_only_its_profile_scope_and_audience() -> No
         child = await served.connect(path)
         hello = await child.ask({"op": "hello"})
         assert hello["result"]["socket_kind"] == "exec"
-        assert hello["result"]["ops"] == ["hello", "status", "token"]
+        assert hello["result"]["ops"] == ["dpop_proof", "hello", "status", "token"]
 
         # Naming neither scope nor audience gets the socket's; less scope is fine.
         token = await child.ask({"op": "token", "profile": "dev"})
@@ -169,6 +169,12 @@ async def test_an_exec_socket_serves_only_its_profile_scope_and_audience() -> No
             {"op": "logout", "all": True},
             {"op": "exec_socket", "profile": "prod"},
             {"op": "audit_log"},
+            # A DPoP proof hands out a token too (RFC 9449): the same rules.
+            {"op": "dpop_proof", "profile": "prod", "htm": "GET", "htu": "https://api.example/"},
+            {"op": "dpop_proof", "profile": "dev", "token_id": "prod", "htm": "GET",
+             "htu": "https://api.example/"},
+            {"op": "dpop_proof", "profile": "dev", "audience": "https://other.example",
+             "htm": "GET", "htu": "https://api.example/"},
         ]
         for request in refused:
             answer = await child.ask(request)

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import compozy_client
 
-HEAVY = ("httpx", "requests", "aiohttp", "anyio", "keyring", "platformdirs", "compozy_agent")
+# cryptography and joserfc: DPoP keys and proofs (RFC 9449) stay in the agent.
+HEAVY = ("httpx", "requests", "aiohttp", "anyio", "keyring", "platformdirs", "compozy_agent",
+         "cryptography", "joserfc")
 
 
 def modules_after(code: str, env: dict[str, str] | None = None) -> set[str]:
@@ -30,7 +32,7 @@ def test_importing_the_package_loads_nothing_heavy() -> None:
 
 def test_the_full_cli_never_loads_agent_dependencies() -> None:
     loaded = modules_after(
-        "from compozy_client import cli, api, connection, chain, config, protocol\n"
+        "from compozy_client import cli, api, connection, chain, config, protocol, dpop\n"
         "cli.build_parser()"
     )
     assert not {m for m in loaded if m.split(".")[0] in HEAVY}

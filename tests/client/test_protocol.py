@@ -39,6 +39,8 @@ def test_every_op_decodes_to_its_struct() -> None:
         "unlock": {"passphrase": "pw"},
         "audit_log": {"limit": 5, "profile": "dev"},
         "exec_socket": {"profile": "dev", "scope": ["a"], "audience": "x"},
+        "dpop_proof": {"profile": "dev", "htm": "GET", "htu": "https://api.example/x",
+                       "nonce": "n-1"},
     }
     assert set(samples) == set(p.OPS)
     for op, fields in samples.items():

@@ -91,3 +91,13 @@ def test_adapter_cost_benchmark_runs_and_reports_what_the_adapters_add() -> None
         assert re.search(rf"^{library}: CompozyAuth adds -?\d+\.\d{{3}} ms \(get_token alone "
                          r"\d+\.\d{3} ms\); ratio \d+\.\d\d \(no target\)$",
                          result.stdout, re.MULTILINE), result.stdout
+
+
+@pytest.mark.real_provider
+def test_dpop_cost_benchmark_runs_and_reports_the_ratio() -> None:
+    result = subprocess.run([sys.executable, str(BENCH / "dpop_cost.py"), "--requests", "20",
+                             "--rounds", "1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"^dpop_proof / token \(bearer\) p50 ratio \d+\.\d\d", result.stdout,
+                     re.MULTILINE), result.stdout
+    assert "Tokens: DPoP (" in result.stdout

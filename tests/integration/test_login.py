@@ -55,6 +55,9 @@ def test_device_login_then_token_status_and_list(
     assert token.returncode == 0 and token.stderr == ""
     assert len(token.stdout.strip()) > 20 and token.stdout.count("\n") == 1
     assert run_cli(env, "auth", "token").stdout == token.stdout  # cached, not refreshed
+    shown = json.loads(run_cli(env, "auth", "token", "--json").stdout)
+    assert shown["token_type"] == "Bearer" and shown["access_token"] == token.stdout.strip()
+    assert "token_type" not in document["session"]  # Bearer: the default is left out
     listed = json.loads(run_cli(env, "auth", "list", "--json").stdout)["sessions"]
     assert [s["account"] for s in listed] == ["alice@example.test"]
     assert "access_token" not in json.dumps(listed)

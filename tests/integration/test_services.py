@@ -507,7 +507,8 @@ def test_forwarding_socket_serves_only_hello_status_token(agent_env: AgentEnv) -
         assert stat.S_IMODE(os.stat(os.path.dirname(forward)).st_mode) == 0o700
         hello = ask(forward, {"id": 1, "op": "hello"})["result"]
         assert hello["socket_kind"] == "forward"
-        assert sorted(hello["ops"]) == ["hello", "status", "token"]
+        # dpop_proof: a DPoP-bound profile's token is of no use without its proofs.
+        assert sorted(hello["ops"]) == ["dpop_proof", "hello", "status", "token"]
         assert set(hello["ops"]) | {op for op, _ in FORBIDDEN_ON_FORWARD} == set(
             ask(agent.socket, {"id": 1, "op": "hello"})["result"]["ops"])
         for op, fields in FORBIDDEN_ON_FORWARD:
@@ -545,6 +546,9 @@ def test_forwarding_socket_serves_only_the_forwarded_profiles(agent_env: AgentEn
             # By id even for a forwarded profile: ids are not checked against profiles.
             {"op": "token", "token_id": token_ids["dev"], "profile": "dev"},
             {"op": "status", "profile": "prod"},
+            {"op": "dpop_proof", "profile": "prod", "htm": "GET", "htu": "https://api.test/"},
+            {"op": "dpop_proof", "token_id": token_ids["prod"], "htm": "GET",
+             "htu": "https://api.test/"},
         ):
             answer = ask(forward, {"id": 3, **request})
             assert answer["error"]["code"] == "forbidden", (request, answer)

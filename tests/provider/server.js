@@ -3,11 +3,17 @@
 //
 // Usage: node server.js [--port 0] [--access-token-ttl 3600] [--refresh-token-ttl 1209600]
 //                       [--device-code-ttl 600] [--device-interval 1] [--exit-with-stdin]
-//                       [--issuer http://127.0.0.1:PORT]
+//                       [--issuer http://127.0.0.1:PORT] [--dpop-require-nonce]
+//                       [--dpop-algs ES256,EdDSA]
 //
 // --issuer: the issuer to advertise, when clients reach this provider through something
 // else (the tests' fault-injecting proxy, tests/support/fault_proxy.py); the default is
 // this server's own address. Endpoint URLs follow the Host header each request carries.
+//
+// --dpop-require-nonce: the token endpoint demands a server-provided DPoP nonce (RFC 9449
+// section 8): every first proof without one is answered use_dpop_nonce with a DPoP-Nonce header.
+// --dpop-algs: the DPoP proof algorithms the provider accepts and lists in its discovery
+// (dpop_signing_alg_values_supported); oidc-provider's default is ES256, Ed25519, EdDSA.
 //
 // --exit-with-stdin: stop when stdin closes, so a provider whose test process died
 // (and with it the pipe's write end) does not live on.
@@ -31,6 +37,10 @@
 // * offline_access always yields a refresh token: oidc-provider drops offline_access from an
 //   authorization request whose prompt lacks "consent" (OIDC Core 11), so such a request gets
 //   "consent" added here, and issueRefreshToken is spelled out;
+// * a second public client, compozy-cli-dpop, whose access tokens must be DPoP-bound
+//   (RFC 9449 section 5.2, dpop_bound_access_tokens); its refresh tokens are bound to the key
+//   too (section 5, public clients). DPoP itself is on for every client (oidc-provider's
+//   default), so compozy-cli still gets Bearer tokens unless it sends a proof;
 // * an API resource (RFC 8707) whose access tokens are JWTs with "aud" set to it;
 // * login and consent pages of our own: plain HTML forms, no script, nothing fetched from
 //   elsewhere, so that a plain HTTP client and headless Chromium can both complete them.
@@ -49,6 +59,8 @@ const { values: options } = parseArgs({
     'device-interval': { type: 'string', default: '1' },
     'exit-with-stdin': { type: 'boolean', default: false },
     issuer: { type: 'string', default: '' },
+    'dpop-require-nonce': { type: 'boolean', default: false },
+    'dpop-algs': { type: 'string', default: 'ES256,Ed25519,EdDSA' },
   },
 });
 
@@ -67,6 +79,8 @@ const deviceCodeTTL = seconds('device-code-ttl');
 const deviceInterval = seconds('device-interval');
 
 const CLIENT_ID = 'compozy-cli';
+// The client whose tokens must be DPoP-bound (RFC 9449 section 5.2).
+const DPOP_CLIENT_ID = 'compozy-cli-dpop';
 // The API the CLI's tokens are for (RFC 8707 resource indicator).
 const API = 'https://api.compozy.dev';
 const API_SCOPES = ['compozy:read', 'compozy:write', 'compozy:deploy'];
@@ -202,7 +216,17 @@ const provider = new Provider(issuer, {
     redirect_uris: ['http://127.0.0.1/callback'],
     grant_types: ['authorization_code', 'refresh_token', 'urn:ietf:params:oauth:grant-type:device_code'],
     response_types: ['code'],
+  }, {
+    client_id: DPOP_CLIENT_ID,
+    client_name: 'Compozy CLI (DPoP)',
+    application_type: 'native',
+    token_endpoint_auth_method: 'none',
+    redirect_uris: ['http://127.0.0.1/callback'],
+    grant_types: ['authorization_code', 'refresh_token', 'urn:ietf:params:oauth:grant-type:device_code'],
+    response_types: ['code'],
+    dpop_bound_access_tokens: true,
   }],
+  enabledJWA: { dPoPSigningAlgValues: options['dpop-algs'].split(',').filter(Boolean) },
   scopes: [...OIDC_SCOPES, ...API_SCOPES],
   claims: {
     openid: ['sub'],
@@ -230,6 +254,13 @@ const provider = new Provider(issuer, {
     devInteractions: { enabled: false },
     deviceFlow: {
       enabled: true, userCodeInputSource, userCodeConfirmSource, successSource,
+    },
+    // RFC 9449; the nonce secret lets the provider hand out nonces (section 8), which it
+    // demands only with --dpop-require-nonce.
+    dPoP: {
+      enabled: true,
+      nonceSecret: Buffer.alloc(32, 'compozy-test-provider-dpop-nonce'),
+      requireNonce: () => options['dpop-require-nonce'],
     },
     revocation: { enabled: true },
     introspection: { enabled: true },
@@ -309,6 +340,11 @@ provider.use(async (ctx, next) => {
   };
   if (event === 'token') line.grant_type = ctx.oidc?.params?.grant_type ?? null;
   if (event === 'token' && ctx.oidc?.params?.resource) line.resource = ctx.oidc.params.resource;
+  // RFC 9449: whether the call carried a DPoP proof, and the type of the token it got.
+  if (event === 'token') line.dpop = Boolean(ctx.get('DPoP'));
+  if (event === 'token' && ctx.status === 200 && typeof ctx.body?.token_type === 'string') {
+    line.token_type = ctx.body.token_type;
+  }
   if (event === 'revocation' && ctx.oidc?.params?.token_type_hint) {
     line.token_type_hint = ctx.oidc.params.token_type_hint;
   }

@@ -195,8 +195,10 @@ def run_cli(
     )
     command = " ".join(args)
     agent_env.outputs.append((f"stderr of `compozy {command}`", result.stderr))
-    if args[:2] != ("auth", "token"):  # its stdout is a token by design
-        agent_env.outputs.append((f"stdout of `compozy {command}`", result.stdout))
+    # `auth token` and `auth dpop-proof` print a token by design: checked for keys only.
+    tokens_by_design = args[:2] in (("auth", "token"), ("auth", "dpop-proof"))
+    agent_env.outputs.append((f"{canary.TOKEN_OUTPUT if tokens_by_design else ''}stdout of "
+                              f"`compozy {command}`", result.stdout))
     return result
 
 
@@ -264,6 +266,7 @@ def agent_env() -> Iterator[AgentEnv]:
     yield env
     kill_autostarted(env)
     logs = [(f"log of agent pid {agent.pid}", agent.log()) for agent in env.agents]
+    canary.remember_dpop_keys(env.state_dir / "secrets.json")
     leaks = canary.find_leaks(root, [*logs, *env.outputs])
     shutil.rmtree(root, ignore_errors=True)
     assert not leaks, "tokens issued by the test provider leaked to: " + "; ".join(leaks)

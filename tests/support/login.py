@@ -63,9 +63,11 @@ def run_python_as_another_user(script: str, *args: str) -> str:
 
 
 def configure(
-    agent_env: AgentEnv, provider: OidcTestProvider, *profiles: str, storage: str = "auto"
+    agent_env: AgentEnv, provider: OidcTestProvider, *profiles: str, storage: str = "auto",
+    client_id: str | None = None, token_binding: str | None = None,
 ) -> None:
-    """A config file pointing every profile at the test provider, asking for its API."""
+    """A config file pointing every profile at the test provider, asking for its API;
+    ``client_id`` and ``token_binding`` (RFC 9449) for each profile when given."""
     agent_env.config.parent.mkdir(parents=True, exist_ok=True)
     lines = [f"storage: {storage}", "profiles:"]
     for profile in profiles or ("default",):
@@ -74,6 +76,8 @@ def configure(
             f"    issuer: {provider.issuer}",
             "    scopes: [openid, profile, email, offline_access, compozy:read, compozy:write]",
             f"    resources: [{provider.api}]",
+            *([f"    client_id: {client_id}"] if client_id else []),
+            *([f"    token_binding: {token_binding}"] if token_binding else []),
         ]
     agent_env.config.write_text("\n".join(lines) + "\n")
 

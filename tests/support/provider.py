@@ -39,6 +39,8 @@ from support.real_parts import require_tools
 
 PROVIDER_DIR = Path(__file__).resolve().parent.parent / "provider"
 CLIENT_ID = "compozy-cli"
+#: The public client whose access tokens must be DPoP-bound (RFC 9449 section 5.2).
+DPOP_CLIENT_ID = "compozy-cli-dpop"
 #: The API resource (RFC 8707) whose access tokens are JWTs with this ``aud``.
 API_RESOURCE = "https://api.compozy.dev"
 SCOPES = (
@@ -148,6 +150,8 @@ class OidcTestProvider:
         device_interval: int = 1,
         start_timeout: float = START_TIMEOUT,
         issuer: str | None = None,
+        dpop_require_nonce: bool = False,
+        dpop_algs: tuple[str, ...] | None = None,
     ) -> OidcTestProvider:
         """Install if needed and start a provider; ``port=0`` takes any free port.
 
@@ -155,6 +159,8 @@ class OidcTestProvider:
         authorization response names (RFC 8628 section 3.2). ``issuer`` is the
         issuer to advertise when clients reach the provider through a proxy
         (tests/support/fault_proxy.py); :attr:`direct` is then its own address.
+        ``dpop_require_nonce`` makes the token endpoint demand a DPoP nonce (RFC 9449
+        section 8); ``dpop_algs`` limits the DPoP algorithms it accepts and lists.
         """
         node, _ = ensure_installed()
         proc = subprocess.Popen(
@@ -173,6 +179,8 @@ class OidcTestProvider:
                 str(device_interval),
                 "--exit-with-stdin",  # the pipe closes when this process dies: no orphans
                 *(["--issuer", issuer] if issuer else []),
+                *(["--dpop-require-nonce"] if dpop_require_nonce else []),
+                *(["--dpop-algs", ",".join(dpop_algs)] if dpop_algs else []),
             ],
             cwd=PROVIDER_DIR,
             stdin=subprocess.PIPE,

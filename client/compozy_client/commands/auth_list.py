@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from compozy_client.commands.common import EXIT_OK, add_command, connect
-from compozy_client.commands.output import info, print_json, print_table, when
+from compozy_client.commands.output import info, print_json, print_table, token_binding, when
 
 # No typing import at run time: see compozy_client/__init__.py.
 TYPE_CHECKING = False
@@ -38,12 +38,12 @@ def run(args: argparse.Namespace) -> int:
         return when(epoch).split(" (")[0] if epoch else "-"
 
     rows = [["TOKEN ID", "PROFILE", "KIND", "ACCOUNT", "ISSUER", "STATE", "EXPIRES", "CREATED",
-             "LAST USED", "SCOPES"]]
+             "LAST USED", "TOKENS", "SCOPES"]]
     for s in result.sessions:
         rows.append([
             s.token_id, s.profile, s.kind, s.account or "-", s.issuer or "-", s.state,
             relative(s.expires_at), relative(s.created_at), relative(s.last_used_at),
-            " ".join(s.scopes) or "-",
+            token_binding(s, short=True), " ".join(s.scopes) or "-",
         ])
     print_table(rows)
     return EXIT_OK

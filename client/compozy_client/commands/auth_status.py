@@ -25,6 +25,7 @@ from compozy_client.commands.output import (
     print_json,
     span_from_now,
     table_lines,
+    token_binding,
     warn,
     when,
 )
@@ -210,6 +211,7 @@ def _print_status(
         if session.scopes:
             out.write(f"  Scopes: {' '.join(session.scopes)}\n")
         if session.kind == "oidc":
+            out.write(f"  Tokens: {token_binding(session)}\n")
             out.write(f"  Access token expires: {when(session.expires_at)}\n")
             if session.last_refresh_at is not None:
                 outcome = session.last_refresh_outcome or "ok"

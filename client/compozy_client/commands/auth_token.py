@@ -31,7 +31,13 @@ EXAMPLES = """examples:
   curl -H "Authorization: Bearer $(compozy auth token)" https://api.compozy.dev/v1/me
   compozy auth token --profile prod --min-valid 300
   compozy auth token --scope compozy:read --audience https://api.compozy.dev
-  compozy auth token --force-new     # the last token was refused with 401"""
+  compozy auth token --force-new     # the last token was refused with 401
+  compozy auth token --json          # with token_type (Bearer or DPoP) and expiry
+
+A profile whose tokens are DPoP-bound (token_binding: dpop) is refused here
+without --json: such a token works only with a proof from the agent, so
+`Authorization: Bearer $(compozy auth token)` could only fail later. Use
+`compozy auth dpop-proof --json` (token and proof together)."""
 
 
 def add_parser(subparsers: Any) -> None:
@@ -49,6 +55,10 @@ def add_parser(subparsers: Any) -> None:
         "--force-new", action="store_true",
         help="get a token issued now (within 5 s of the last forced one: that one)",
     )
+    parser.add_argument(
+        "--json", action="store_true",
+        help="print the token with its type (Bearer or DPoP), expiry and session as JSON",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -58,6 +68,14 @@ def run(args: argparse.Namespace) -> int:
 
     static = static_credential(command_config(args))
     if static is not None:
+        if args.json:
+            import msgspec
+
+            from compozy_client.commands.output import print_json
+
+            print_json(msgspec.structs.asdict(TokenResult(access_token=static.api_key,
+                                                          kind="api_key")))
+            return EXIT_OK
         sys.stdout.write(static.api_key + "\n")
         return EXIT_OK
     request = Token(
@@ -67,9 +85,19 @@ def run(args: argparse.Namespace) -> int:
         audience=args.audience,
         min_valid=args.min_valid,
         force_new=args.force_new,
+        # With --json the caller sees token_type and can tell a DPoP token (RFC 9449).
+        accept_dpop=args.json,
     )
     with connect(budgeted=True) as conn:
         request.timeout = time_left()
         result = conn.call(request, TokenResult)
+    if args.json:
+        import msgspec
+
+        from compozy_client.commands.output import print_json
+
+        # Every field, token_type included (the wire leaves out defaults such as Bearer).
+        print_json(msgspec.structs.asdict(result))
+        return EXIT_OK
     sys.stdout.write(result.access_token + "\n")
     return EXIT_OK

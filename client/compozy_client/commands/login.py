@@ -152,6 +152,11 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(launcher, ignore_errors=True)
     account = f" as {session.account}" if session.account else ""
     info(f"Logged in to {session.issuer}{account} (profile {session.profile})")
+    if session.token_type == "DPoP":  # RFC 9449: say so, it changes which tools work
+        from compozy_client.commands.output import token_binding
+
+        info(f"  Tokens: {token_binding(session)}: usable with proofs from the agent "
+             "(compozy auth dpop-proof, the httpx and requests adapters), not as bearer tokens")
     return EXIT_OK
 
 

@@ -71,6 +71,19 @@ def print_json(value: Any) -> None:
     sys.stdout.write(encoded.decode() + "\n")
 
 
+def token_binding(session: Any, short: bool = False) -> str:
+    """How a session's tokens are used: ``Bearer``, or ``DPoP (ES256, key thumbprint ...)``
+    (RFC 9449; the thumbprint is the RFC 7638 one a token's ``cnf.jkt`` names)."""
+    from compozy_client.safetext import one_line
+
+    if session.token_type != "DPoP":
+        return "Bearer" if session.kind == "oidc" else "-"
+    thumbprint = one_line(session.dpop_thumbprint or "?", 64)
+    if short and len(thumbprint) > 12:
+        thumbprint = thumbprint[:12] + "…"
+    return f"DPoP ({one_line(session.dpop_algorithm or '?', 16)}, key thumbprint {thumbprint})"
+
+
 def when(epoch: float | None) -> str:
     """'in 54m (2026-11-22 12:34:56 UTC)' style."""
     import time
