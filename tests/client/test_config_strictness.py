@@ -53,6 +53,8 @@ COMMANDS: dict[str, list[str]] = {
     "auth kube-token": ["auth", "kube-token"],
     "auth setup-kube": ["auth", "setup-kube", "--cluster", "dev"],
     "auth setup-docker": ["auth", "setup-docker", "--registry", "registry.example.com"],
+    "auth dpop-proof": ["auth", "dpop-proof", "--method", "GET", "--url",
+                        "https://api.example.com/v1/me"],
 }
 
 
