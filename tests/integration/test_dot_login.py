@@ -184,13 +184,16 @@ def test_dot_device_login_with_the_profiles_overrides(
         assert refused.returncode == 1
         assert "device_authorization_endpoint in the profile" in refused.stderr
         configure_dot(agent_env, dot_provider)
+        # The provider is shared with other tests: count this test's grants only.
+        device_grants = {"grant_type": "urn:ietf:params:oauth:grant-type:device_code",
+                         "status": 200, "id_token": False}
+        before = dot_provider.count("token", **device_grants)
         result = dot_login_device(agent_env, login="bob")
         assert result.returncode == 0, result.stderr + agent.log()
         assert re.search(r"enter the code [0-9A-V]{8} exactly as shown", result.stderr)
         assert "or open:" not in result.stderr  # no verification_uri_complete
         # The device grant came without an ID token: the account is userinfo's sub.
-        assert dot_provider.count("token", grant_type="urn:ietf:params:oauth:grant-type:"
-                                  "device_code", status=200, id_token=False) == 1
+        assert dot_provider.count("token", **device_grants) == before + 1
         assert status(agent_env)["session"]["account"] == "2"
         assert dot_provider.userinfo_status(token(agent_env)) == 200
         refreshed = run_cli(agent_env, "auth", "refresh")

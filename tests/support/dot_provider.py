@@ -20,26 +20,22 @@ Deny. All over plain HTTP, following the pages' own forms.
 
 from __future__ import annotations
 
-import collections
 import importlib.metadata
-import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urljoin, urlsplit
 
 import httpx
 import pytest
 
-from support import canary
+from support.provider_process import ProviderProcess
 
 PROVIDER_DIR = Path(__file__).resolve().parent.parent / "provider_django"
 REQUIREMENTS = PROVIDER_DIR / "requirements.txt"
@@ -87,8 +83,10 @@ def ensure_installed() -> None:
         pytest.skip(message)
 
 
-class DotProvider:
+class DotProvider(ProviderProcess):
     """A running DOT provider. Start it with :meth:`start`; stop it with :meth:`stop`."""
+
+    description = "the django-oauth-toolkit provider"
 
     client_id: str = CLIENT_ID
     device_client_id: str = DEVICE_CLIENT_ID
@@ -97,25 +95,8 @@ class DotProvider:
 
     def __init__(self, proc: subprocess.Popen[bytes], state: tempfile.TemporaryDirectory[str],
                  ready_timeout: float) -> None:
-        self.proc = proc
         self._state = state
-        self._events: list[dict[str, Any]] = []
-        self._seen_seq = 0
-        self._arrived = threading.Condition()
-        self._ended = False
-        self._stderr: collections.deque[str] = collections.deque(maxlen=60)
-        self._reader = threading.Thread(target=self._read_events, daemon=True)
-        self._reader.start()
-        self._errors = threading.Thread(target=self._read_stderr, daemon=True)
-        self._errors.start()
-        with self._arrived:
-            self._arrived.wait_for(lambda: self._ready() is not None or self._ended,
-                                   ready_timeout)
-        ready = self._ready()
-        if ready is None:
-            self.stop()
-            pytest.fail(f"the django-oauth-toolkit provider did not start within "
-                        f"{ready_timeout:.0f} s; its stderr ended with:\n{self.stderr()}")
+        ready = self._start_reading(proc, ready_timeout, stderr_lines=60)
         #: ``http://127.0.0.1:PORT/o``: DOT mounted under a path, as its docs lay out.
         self.issuer: str = ready["issuer"]
         #: The server's root (where RFC 8414's well-known document is).
@@ -139,87 +120,12 @@ class DotProvider:
         )
         return cls(proc, state, start_timeout)
 
-    def __enter__(self) -> DotProvider:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
-
     def __repr__(self) -> str:
         return f"<DotProvider {getattr(self, 'issuer', '(starting)')} pid={self.proc.pid}>"
 
-    # -- the event log (as in support/provider.py) --------------------------
-
-    def _ready(self) -> dict[str, Any] | None:
-        return next((e for e in self._events if e.get("event") == "ready"), None)
-
-    def _read_events(self) -> None:
-        assert self.proc.stdout is not None
-        try:
-            for raw in self.proc.stdout:
-                try:
-                    event = json.loads(raw)
-                except ValueError:
-                    continue
-                if not isinstance(event, dict):
-                    continue
-                secrets = event.pop("secrets", None)
-                if isinstance(secrets, list):
-                    canary.remember(secrets)
-                with self._arrived:
-                    self._events.append(event)
-                    if isinstance(event.get("seq"), int):
-                        self._seen_seq = max(self._seen_seq, event["seq"])
-                    self._arrived.notify_all()
-        finally:
-            with self._arrived:
-                self._ended = True
-                self._arrived.notify_all()
-
-    def _read_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            self._stderr.append(raw.decode(errors="replace").rstrip())
-
-    def stderr(self) -> str:
-        """The last lines the provider wrote to stderr (server errors, crashes)."""
-        return "\n".join(self._stderr)
-
-    def _catch_up(self, timeout: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            try:
-                written = int(httpx.get(f"{self.root}/__test__/seq", timeout=timeout)
-                              .json()["seq"])
-            except (httpx.HTTPError, ValueError, KeyError):
-                written = None
-            if written is not None:
-                with self._arrived:
-                    self._arrived.wait_for(
-                        lambda: self._seen_seq >= written or self._ended, timeout)
-                return
-        self._reader.join(timeout)
-
-    def events(self, event: str | None = None, **match: Any) -> list[dict[str, Any]]:
-        """The event lines so far, optionally only those of a kind and with these fields."""
-        self._catch_up()
-        with self._arrived:
-            return [e for e in self._events if _matches(e, event, match)]
-
-    def count(self, event: str = "token", **match: Any) -> int:
-        return len(self.events(event, **match))
-
-    def count_token_calls(self, grant_type: str | None = None, **match: Any) -> int:
-        if grant_type is not None:
-            match["grant_type"] = grant_type
-        return self.count("token", **match)
-
-    def wait_for(self, event: str, count: int, timeout: float = 30.0, **match: Any) -> bool:
-        """Block until the provider has logged ``count`` such events; False on timeout."""
-        with self._arrived:
-            return self._arrived.wait_for(
-                lambda: sum(1 for e in self._events if _matches(e, event, match)) >= count,
-                timeout)
+    @property
+    def seq_url(self) -> str:
+        return f"{self.root}/__test__/seq"
 
     # -- endpoints (DOT's URL names under /o/) ------------------------------
 
@@ -261,25 +167,8 @@ class DotProvider:
 
     def stop(self) -> None:
         """Stop the provider (SIGTERM, then SIGKILL after 10 s), reap it, remove its state."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._reader.join(5)
-        self._errors.join(5)
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
+        super().stop()
         self._state.cleanup()
-
-
-def _matches(event: dict[str, Any], kind: str | None, match: dict[str, Any]) -> bool:
-    if kind is not None and event.get("event") != kind:
-        return False
-    return all(event.get(key) == value for key, value in match.items())
 
 
 # --------------------------------------------------------------------------
