@@ -120,17 +120,11 @@ class DotProvider(ProviderProcess):
         )
         return cls(proc, state, start_timeout)
 
-    def __repr__(self) -> str:
-        return f"<DotProvider {getattr(self, 'issuer', '(starting)')} pid={self.proc.pid}>"
-
     @property
     def seq_url(self) -> str:
         return f"{self.root}/__test__/seq"
 
     # -- endpoints (DOT's URL names under /o/) ------------------------------
-
-    def url(self, path: str) -> str:
-        return f"{self.issuer}{path}"
 
     @property
     def token_endpoint(self) -> str:

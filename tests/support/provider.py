@@ -169,17 +169,11 @@ class OidcTestProvider(ProviderProcess):
         )
         return cls(proc, start_timeout)
 
-    def __repr__(self) -> str:
-        return f"<OidcTestProvider {getattr(self, 'issuer', '(starting)')} pid={self.proc.pid}>"
-
     @property
     def seq_url(self) -> str:
         return f"{self.direct}/__test__/seq"
 
     # -- convenience -----------------------------------------------------------
-
-    def url(self, path: str) -> str:
-        return f"{self.issuer}{path}"
 
     @property
     def token_endpoint(self) -> str:

@@ -28,6 +28,8 @@ from support import canary
 class ProviderProcess:
     #: How a start-up failure names the provider.
     description = "the test provider"
+    #: The provider's issuer, from its ``ready`` line (set by the subclass).
+    issuer: str
 
     def _start_reading(self, proc: subprocess.Popen[bytes], ready_timeout: float,
                        stderr_lines: int = 40) -> dict[str, Any]:
@@ -58,6 +60,14 @@ class ProviderProcess:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+    def __repr__(self) -> str:
+        issuer = getattr(self, "issuer", "(starting)")
+        return f"<{type(self).__name__} {issuer} pid={self.proc.pid}>"
+
+    def url(self, path: str) -> str:
+        """``path`` under the provider's issuer."""
+        return f"{self.issuer}{path}"
 
     @property
     def seq_url(self) -> str:
