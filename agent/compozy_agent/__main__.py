@@ -44,6 +44,8 @@ from compozy_client import __version__
 from compozy_client.paths import absolute_path_variables, default_socket_path, socket_path
 
 if TYPE_CHECKING:
+    import ssl
+
     from compozy_agent.store import SessionStore, StorageChoice, StoreError
 
 log = logging.getLogger("compozy_agent")
@@ -199,9 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     if detach:
         _detach(options.daemon)
     from compozy_agent.store import StoreError
+    from compozy_agent.tls import start_building
 
     try:
-        anyio.run(_serve, options, bound, path)
+        anyio.run(_serve, options, bound, path, start_building())
     except StoreError as exc:  # an unusable state directory: nothing could be kept
         log.error("%s", exc)
         print(f"compozy-agent: {exc}", file=sys.stderr)
@@ -276,7 +279,8 @@ def _also_default_path(bound: list[BoundSocket]) -> list[BoundSocket]:
         return []
 
 
-async def _serve(options: argparse.Namespace, bound: list[BoundSocket], path: str) -> None:
+async def _serve(options: argparse.Namespace, bound: list[BoundSocket], path: str,
+                 tls_context: Callable[[], ssl.SSLContext]) -> None:
     from compozy_agent.agent_lock import LOCK_FILE, AgentLock, describe_locked_at
     from compozy_agent.audit import AuditLog
     from compozy_agent.clock import SystemClock
@@ -288,10 +292,10 @@ async def _serve(options: argparse.Namespace, bound: list[BoundSocket], path: st
         storage = load_config().storage
     except ConfigError as exc:
         log.error("%s; using automatic storage", exc)
-    # A cold start (docs/performance.md): the keyring's import runs in its own
-    # thread, then its probe waits on D-Bus while this thread imports the HTTP
-    # stack and a worker loads the CA bundle (OpenSSL releases the GIL there).
-    # Imports hold the GIL, so the two imports are not run side by side.
+    # A cold start (docs/performance.md): the CA bundle has been loading in its
+    # own thread since before anyio started (OpenSSL releases the GIL there); the
+    # keyring's probe waits on D-Bus in the keyring's thread while this thread
+    # imports the HTTP stack and the session rooms.
     keyring_loaded = anyio.Event()
     opened: list[SessionStore | StoreError] = []
     async with anyio.create_task_group() as opening:
@@ -300,7 +304,8 @@ async def _serve(options: argparse.Namespace, bound: list[BoundSocket], path: st
         from compozy_agent.http import ProviderClient
         from compozy_agent.manager import SessionManager
 
-        provider = await anyio.to_thread.run_sync(ProviderClient, time.time)
+        context = await anyio.to_thread.run_sync(tls_context)
+        provider = ProviderClient(time.time, ssl_context=context)
     store = opened[0]
     if isinstance(store, BaseException):
         raise store  # a StoreError: main() says why, as for any unusable state directory

@@ -30,7 +30,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, overload
+from typing import TYPE_CHECKING, Final, overload
 from urllib.parse import urlsplit
 
 import anyio
@@ -41,6 +41,9 @@ from compozy_agent import oidc
 from compozy_agent.oidc import ProviderUnreachable
 from compozy_client import __version__
 from compozy_client.safetext import one_line
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = [
     "CALL_DEADLINE",
@@ -205,7 +208,8 @@ class ProviderClient:
     the network in tests (``httpx.MockTransport``). ``timeout`` bounds each
     read, write and wait for a connection; connecting gets at most 5 seconds;
     ``call_deadline`` bounds each exchange as a whole (on the event loop's
-    clock: it measures I/O, not the wall clock).
+    clock: it measures I/O, not the wall clock). ``ssl_context`` is the TLS
+    context to verify providers with (:mod:`compozy_agent.tls`), else httpx's.
     """
 
     def __init__(
@@ -217,12 +221,15 @@ class ProviderClient:
         connect_timeout: float = CONNECT_TIMEOUT,
         discovery_ttl: float = DISCOVERY_TTL,
         call_deadline: float = CALL_DEADLINE,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._now = now
         self._discovery_ttl = discovery_ttl
         self.call_deadline = call_deadline
         self._client = httpx.AsyncClient(
             transport=transport,
+            # A context built ahead (compozy_agent.tls), else httpx's own default.
+            verify=ssl_context if ssl_context is not None else True,
             timeout=httpx.Timeout(timeout, connect=min(timeout, connect_timeout)),
             follow_redirects=False,
             # Accept: GitHub answers form-encoded bodies unless asked for JSON.

@@ -7,8 +7,6 @@ client's own claims about itself are never used.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import socket
 import struct
 import sys
@@ -41,6 +39,10 @@ def peer_of(sock: socket.socket) -> Peer:
 
 
 def _peer_bsd(sock: socket.socket) -> Peer:
+    # Imported here: ctypes.util alone costs Linux's agent start about 5 ms.
+    import ctypes
+    import ctypes.util
+
     libc_name = ctypes.util.find_library("c")
     if libc_name is None:
         raise PeerCredentialsUnavailable("no C library to call getpeereid")

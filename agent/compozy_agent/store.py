@@ -171,6 +171,8 @@ def _plain_reason(exc: BaseException) -> str:
     """
     links = list(_chain(exc))
     for link in reversed(links):  # innermost first: keyring wraps precise errors vaguely
+        if type(link).__module__ == "compozy_agent.secretservice":
+            return str(link)  # its own words and D-Bus error names only
         for cls in type(link).__mro__:
             reason = _PLAIN_REASONS.get((cls.__module__, cls.__qualname__))
             if reason is None:
@@ -605,7 +607,7 @@ class SessionStore:
             raise
         except _Deadline as exc:
             reason = str(exc)
-            if isinstance(self.secrets, KeyringSecrets):
+            if self.secrets.name == "keyring":
                 reason += " (is the keyring locked, or waiting on a prompt nobody sees?)"
         except Exception as exc:
             reason = _plain_reason(exc)
@@ -860,6 +862,44 @@ def _no_backend_reason() -> str:
         f"Secret Service not available: {reason}")
 
 
+#: The keyring backend naming the Secret Service (``PYTHON_KEYRING_BACKEND``).
+_SECRET_SERVICE_BACKEND: Final = "keyring.backends.SecretService.Keyring"
+
+
+def _direct_secret_service() -> Any:
+    """The Secret Service client of :mod:`compozy_agent.secretservice`, or None where the
+    ``keyring`` package chooses: not Linux, another backend asked for (by
+    ``PYTHON_KEYRING_BACKEND`` or keyring's own config file), a KDE session
+    (keyring prefers KWallet there), no session bus address, no jeepney."""
+    if not sys.platform.startswith("linux") or not os.environ.get("DBUS_SESSION_BUS_ADDRESS"):
+        return None
+    forced = os.environ.get("PYTHON_KEYRING_BACKEND", "").strip()
+    if forced:
+        if forced != _SECRET_SERVICE_BACKEND:
+            return None
+    elif "KDE" in os.environ.get("XDG_CURRENT_DESKTOP", "").upper() or os.path.exists(
+            _keyring_config_file()):
+        return None
+    try:
+        from compozy_agent.secretservice import SecretServiceSecrets
+    except ImportError:
+        return None
+    return SecretServiceSecrets(SERVICE)
+
+
+def _keyring_config_file() -> str:
+    """keyring's ``keyringrc.cfg``, where a person may choose a backend (Linux's place)."""
+    config_home = os.environ.get("XDG_CONFIG_HOME", "").strip() or os.path.join(
+        os.path.expanduser("~"), ".config")
+    return os.path.join(config_home, "python_keyring", "keyringrc.cfg")
+
+
+def _no_secret_service(exc: BaseException) -> bool:
+    """``exc`` says there is no Secret Service (checked by name: the module may be absent)."""
+    return any(type(link).__name__ == "SecretServiceUnavailable"
+               and type(link).__module__ == "compozy_agent.secretservice" for link in _chain(exc))
+
+
 def _load_keyring() -> Any:
     """``keyring``'s backend, detected on first use (D-Bus calls); raises with a reason."""
     try:
@@ -890,7 +930,15 @@ def _probe_keyring() -> KeyringSecrets:
     return _probe(KeyringSecrets(_load_keyring()))
 
 
-def _probe(candidate: KeyringSecrets) -> KeyringSecrets:
+class _ProbedBackend(SecretBackend, Protocol):
+    @property
+    def description(self) -> str: ...
+
+
+_Probed = TypeVar("_Probed", bound=_ProbedBackend)
+
+
+def _probe(candidate: _Probed) -> _Probed:
     """``candidate``, once it has stored, returned and deleted a probe entry (blocking)."""
     expected = secrets.token_hex(16)
     try:
@@ -898,6 +946,8 @@ def _probe(candidate: KeyringSecrets) -> KeyringSecrets:
         read_back = candidate.get(PROBE_USER)
         candidate.delete(PROBE_USER)
     except Exception as exc:
+        if _no_secret_service(exc):
+            raise  # the caller asks the keyring package instead
         reason = f"{_plain_reason(exc)} ({candidate.description})"
     else:
         if read_back == expected:
@@ -952,6 +1002,27 @@ async def _open_store(
                             call_timeout=call_timeout)
     calls = _CallThread("compozy-agent keyring")
     started = time.monotonic()
+    direct = _direct_secret_service()
+    if direct is not None:
+        if loaded is not None:
+            loaded()  # nothing heavy was imported: the agent's start goes on meanwhile
+        try:
+            probed = await calls.run(lambda: _probe(direct), probe_timeout)
+        except _Deadline:
+            reason = f"the keyring did not answer within {probe_timeout:g} s (locked or hung?)"
+        except SecretStoreUnavailable as exc:
+            reason = str(exc)
+        except Exception as exc:
+            if not _no_secret_service(exc):
+                raise
+            reason = ""  # no Secret Service at all: the keyring package looks further
+        else:
+            log.debug("keyring probe passed: %s", probed.description)
+            return SessionStore(state_dir, probed, probed.description,
+                                call_timeout=call_timeout, _calls=calls)
+        if reason:
+            return _without_keyring(choice, state_dir, reason, call_timeout)
+        await calls.run(direct.close, probe_timeout)
     try:
         candidate = KeyringSecrets(await calls.run(_load_keyring, probe_timeout))
         if loaded is not None:
@@ -968,6 +1039,12 @@ async def _open_store(
         log.debug("keyring probe passed: %s", keyring_secrets.description)
         return SessionStore(state_dir, keyring_secrets, keyring_secrets.description,
                             call_timeout=call_timeout, _calls=calls)
+    return _without_keyring(choice, state_dir, reason, call_timeout)
+
+
+def _without_keyring(choice: StorageChoice, state_dir: str, reason: str,
+                     call_timeout: float) -> SessionStore:
+    """Memory for ``auto``; for ``keyring``, :class:`SecretStoreUnavailable` saying ``reason``."""
     if choice == "keyring":
         raise SecretStoreUnavailable(
             f"storage: keyring is set in the config, but there is no working keyring: {reason}; "

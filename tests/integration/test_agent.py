@@ -567,15 +567,34 @@ def test_a_cold_auth_token_starts_the_agent_without_loading_the_full_cli(
 
     prepare_dirs(agent_env)
     launcher = Path(__file__).resolve().parents[2] / "client" / "bin" / "compozy"
-    result = subprocess.run([sys.executable, "-X", "importtime", str(launcher), "auth", "token"],
-                            env=agent_env.env(), capture_output=True, text=True, timeout=60)
+    # A descriptor the caller leaves open to its children must not reach the agent.
+    kept_read, kept_write = os.pipe()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-X", "importtime", str(launcher), "auth", "token"],
+            env=agent_env.env(), capture_output=True, text=True, timeout=60,
+            pass_fds=(kept_write,))
+        pipe = os.readlink(f"/proc/self/fd/{kept_write}")
+    finally:
+        os.close(kept_read)
+        os.close(kept_write)
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()
                 if line.startswith("import time:")}
     # No session yet: the agent's own answer, given through the fast path.
     assert result.returncode == 1 and "compozy login" in result.stderr, result.stderr[-2000:]
     assert "compozy_client.autostart" in imported
-    assert {"compozy_client.cli", "compozy_client.connection", "msgspec"} & imported == set()
-    assert len(agent_pids(agent_env)) == 1
+    # Not even subprocess: the fast path forks and execs the agent by hand.
+    assert {"compozy_client.cli", "compozy_client.connection", "msgspec",
+            "subprocess"} & imported == set()
+    (pid,) = agent_pids(agent_env)
+    # ... as isolated as subprocess.Popen started it: working directory /, its own
+    # session, /dev/null for stdio, nothing else of its caller's.
+    assert os.readlink(f"/proc/{pid}/cwd") == "/"
+    assert os.getsid(pid) == pid
+    descriptors = {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}")
+                   for fd in os.listdir(f"/proc/{pid}/fd")}
+    assert [descriptors[fd] for fd in (0, 1, 2)] == ["/dev/null"] * 3
+    assert pipe not in descriptors.values()
 
 
 def test_concurrent_clis_start_exactly_one_agent(agent_env: AgentEnv) -> None:
