@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from jeepney import DBusAddress, MatchRule, MessageType, new_method_call
 from jeepney.bus_messages import message_bus
@@ -51,6 +51,7 @@ PREFERRED_COLLECTION_ENV: Final = "KEYRING_PROPERTY_PREFERRED_COLLECTION"
 CALL_TIMEOUT: Final = 10.0
 #: How long an unlock prompt may stay open (a person typing a password).
 PROMPT_TIMEOUT: Final = 120.0
+_T = TypeVar("_T")
 #: D-Bus errors meaning there is no Secret Service to talk to.
 _NOT_THERE: Final = frozenset({
     "org.freedesktop.DBus.Error.ServiceUnknown",
@@ -79,6 +80,10 @@ class SecretServiceUnavailable(SecretServiceError):
 
 class SecretServiceLocked(SecretServiceError):
     """The collection is locked and was not unlocked (the prompt was dismissed or is unseen)."""
+
+
+class _ConnectionBroke(SecretServiceError):
+    """The kept connection failed mid-call; it is closed, and the next call opens another."""
 
 
 def _error_name(reply: Any) -> str:
@@ -111,13 +116,39 @@ class SecretServiceSecrets:
     # ------------------------------------------------------------ the API
 
     def get(self, key: str) -> str | None:
+        return self._once_more_if_broken(lambda: self._get(key))
+
+    def put(self, key: str, value: str) -> None:
+        self._once_more_if_broken(lambda: self._put(key, value))
+
+    def delete(self, key: str) -> None:
+        """Delete the entry; nothing to do when there is none."""
+        self._once_more_if_broken(lambda: self._delete(key))
+
+    def close(self) -> None:
+        self._connection = None
+        if self._closer is not None:
+            self._closer()
+
+    def _once_more_if_broken(self, call: Callable[[], _T]) -> _T:
+        """``call()``, tried again on a new connection if the kept one had broken (the
+        bus restarted, the service was replaced). Each call may be repeated: a read,
+        a write that replaces, a delete of what is found."""
+        try:
+            return call()
+        except _ConnectionBroke:
+            return call()
+
+    # ------------------------------------------------------------ the calls
+
+    def _get(self, key: str) -> str | None:
         path = self._find(key)
         if path is None:
             return None
         reply = self._call(path, ITEM_IFACE, "GetSecret", "o", (self._session,))
         return bytes(reply[0][2]).decode("utf-8")
 
-    def put(self, key: str, value: str) -> None:
+    def _put(self, key: str, value: str) -> None:
         collection = self._unlocked_collection()
         properties = {
             f"{ITEM_IFACE}.Label": ("s", f"Password for '{key}' on '{self._service}'"),
@@ -130,8 +161,7 @@ class SecretServiceSecrets:
         if prompt != "/":
             self._prompt(prompt)
 
-    def delete(self, key: str) -> None:
-        """Delete the entry; nothing to do when there is none."""
+    def _delete(self, key: str) -> None:
         path = self._find(key)
         if path is None:
             return
@@ -143,11 +173,6 @@ class SecretServiceSecrets:
             raise
         if prompt != "/":
             self._prompt(prompt)
-
-    def close(self) -> None:
-        self._connection = None
-        if self._closer is not None:
-            self._closer()
 
     # ------------------------------------------------------------ the parts
 
@@ -253,7 +278,7 @@ class SecretServiceSecrets:
             reply = connection.send_and_get_reply(message, timeout=CALL_TIMEOUT)
         except (OSError, EOFError) as exc:
             self.close()  # opened again on the next call
-            raise SecretServiceError(
+            raise _ConnectionBroke(
                 "the connection to the keyring broke"
                 + (f": {exc.strerror}" if isinstance(exc, OSError) and exc.strerror else "")
             ) from None

@@ -179,20 +179,12 @@ def parse_config(raw: bytes, info: os.stat_result, path: str) -> Config:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.__class__.__name__}") from None
-    import yaml  # only when a config file exists
+    from compozy_client import configcache
 
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(
-            f"config file {path} is not valid YAML{where}; fix or remove it"
-        ) from None
-    except RecursionError:  # PyYAML composes nested nodes recursively
-        raise ConfigError(f"config file {path} is nested too deeply; fix or remove it") from None
-    if data is None:
-        data = {}
+    data: object = configcache.cached(path, raw)
+    parsed_now = data is None
+    if parsed_now:
+        data = _parse_yaml(text, path)
     if not isinstance(data, dict):
         raise ConfigError(
             f"config file {path} must be a mapping (auth:, profiles:, rules:, storage:)")
@@ -208,6 +200,24 @@ def parse_config(raw: bytes, info: os.stat_result, path: str) -> Config:
         problem = rule_problem(rule)
         if problem is not None:
             raise ConfigError(f"config file {path}: rules[{index}]: {problem}")
+    if parsed_now:
+        configcache.remember(path, raw, data)  # valid: the next reader needs no YAML
     config.path = path
     config.readable_by_others = bool(info.st_mode & (stat.S_IRGRP | stat.S_IROTH))
     return config
+
+
+def _parse_yaml(text: str, path: str) -> object:
+    import yaml  # only when a config file exists and was not parsed before
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(
+            f"config file {path} is not valid YAML{where}; fix or remove it"
+        ) from None
+    except RecursionError:  # PyYAML composes nested nodes recursively
+        raise ConfigError(f"config file {path} is nested too deeply; fix or remove it") from None
+    return {} if data is None else data

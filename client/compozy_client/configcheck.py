@@ -38,7 +38,7 @@ def _record(path: str, raw: bytes) -> bytes:
     return _HEADER + __version__.encode() + b"\n" + os.fsencode(path) + b"\n" + raw
 
 
-def _private_directory() -> str | None:
+def private_directory() -> str | None:
     """The socket's directory, if it exists, is ours and is writable by nobody else."""
     directory = os.path.dirname(os.path.abspath(socket_path()))
     try:
@@ -53,7 +53,7 @@ def _private_directory() -> str | None:
 
 def was_checked(path: str, raw: bytes) -> bool:
     """Whether the full CLI validated exactly ``raw`` as the config file ``path``."""
-    directory = _private_directory()
+    directory = private_directory()
     if directory is None:
         return False
     expected = _record(path, raw)
@@ -78,7 +78,7 @@ def record_checked(path: str, raw: bytes) -> None:
     """Record that ``raw``, read from ``path``, is a valid config file (best effort)."""
     if b"api_key" in raw or len(raw) > MAX_CONFIG_BYTES or was_checked(path, raw):
         return
-    directory = _private_directory()
+    directory = private_directory()
     if directory is None:
         return
     target = os.path.join(directory, RECORD_NAME)
