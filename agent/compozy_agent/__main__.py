@@ -279,6 +279,10 @@ def _also_default_path(bound: list[BoundSocket]) -> list[BoundSocket]:
         return []
 
 
+#: The GIL's switch interval while the keyring is probed beside the imports (seconds).
+STARTING_SWITCH_INTERVAL: Final = 0.0005
+
+
 async def _serve(options: argparse.Namespace, bound: list[BoundSocket], path: str,
                  tls_context: Callable[[], ssl.SSLContext]) -> None:
     from compozy_agent.agent_lock import LOCK_FILE, AgentLock, describe_locked_at
@@ -296,16 +300,25 @@ async def _serve(options: argparse.Namespace, bound: list[BoundSocket], path: st
     # own thread since before anyio started (OpenSSL releases the GIL there); the
     # keyring's probe waits on D-Bus in the keyring's thread while this thread
     # imports the HTTP stack and the session rooms.
+    # Each D-Bus answer wakes the keyring's thread, which then waits for the GIL
+    # this thread holds while importing: for up to the switch interval (5 ms),
+    # a dozen times over. A shorter interval while both run lets the probe
+    # finish alongside the imports instead of after them.
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(STARTING_SWITCH_INTERVAL)
     keyring_loaded = anyio.Event()
     opened: list[SessionStore | StoreError] = []
-    async with anyio.create_task_group() as opening:
-        opening.start_soon(_open_session_store, storage, keyring_loaded.set, opened)
-        await keyring_loaded.wait()
-        from compozy_agent.http import ProviderClient
-        from compozy_agent.manager import SessionManager
+    try:
+        async with anyio.create_task_group() as opening:
+            opening.start_soon(_open_session_store, storage, keyring_loaded.set, opened)
+            await keyring_loaded.wait()
+            from compozy_agent.http import ProviderClient
+            from compozy_agent.manager import SessionManager
 
-        context = await anyio.to_thread.run_sync(tls_context)
-        provider = ProviderClient(time.time, ssl_context=context)
+            context = await anyio.to_thread.run_sync(tls_context)
+            provider = ProviderClient(time.time, ssl_context=context)
+    finally:
+        sys.setswitchinterval(switch_interval)
     store = opened[0]
     if isinstance(store, BaseException):
         raise store  # a StoreError: main() says why, as for any unusable state directory

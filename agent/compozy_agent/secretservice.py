@@ -86,6 +86,10 @@ class _ConnectionBroke(SecretServiceError):
     """The kept connection failed mid-call; it is closed, and the next call opens another."""
 
 
+class _IsLocked(SecretServiceLocked):
+    """The service answered IsLocked: the collection was locked after we looked."""
+
+
 def _error_name(reply: Any) -> str:
     return str(reply.header.fields.get(4, "")) or "an unnamed D-Bus error"  # 4: ERROR_NAME
 
@@ -108,6 +112,7 @@ class SecretServiceSecrets:
         self._connection: DBusConnection | None = None
         self._session = ""
         self._collection = ""
+        self._lock_checked = False
         self._closer: Callable[[], object] | None = None
 
     def __repr__(self) -> str:
@@ -132,11 +137,15 @@ class SecretServiceSecrets:
 
     def _once_more_if_broken(self, call: Callable[[], _T]) -> _T:
         """``call()``, tried again on a new connection if the kept one had broken (the
-        bus restarted, the service was replaced). Each call may be repeated: a read,
-        a write that replaces, a delete of what is found."""
+        bus restarted, the service was replaced), or after unlocking a collection
+        locked meanwhile. Each call may be repeated: a read, a write that replaces,
+        a delete of what is found."""
         try:
             return call()
         except _ConnectionBroke:
+            return call()
+        except _IsLocked:  # locked since we looked: unlock (perhaps a prompt), once
+            self._unlock()
             return call()
 
     # ------------------------------------------------------------ the calls
@@ -200,6 +209,7 @@ class SecretServiceSecrets:
                 "Secret Service not available: cannot connect to the D-Bus session bus "
                 f"({reason})") from None
         self._connection = connection
+        self._lock_checked = False
         # Closed with this object at the latest (an agent keeps it for its life).
         self._closer = weakref.finalize(self, connection.close)
         try:
@@ -215,14 +225,21 @@ class SecretServiceSecrets:
         self._connect()
         if not self._collection:
             self._collection = self._find_collection()
-        if self._property(self._collection, COLLECTION_IFACE, "Locked"):
-            unlocked, prompt = self._call(SERVICE_PATH, SERVICE_IFACE, "Unlock", "ao",
-                                          ([self._collection],))
-            if self._collection not in unlocked and prompt != "/":
-                self._prompt(prompt)
+        if not self._lock_checked:
+            # Once per connection; afterwards an IsLocked answer says so (and
+            # _once_more_if_broken unlocks): one round trip less per call.
             if self._property(self._collection, COLLECTION_IFACE, "Locked"):
-                raise SecretServiceLocked("the keyring is locked")
+                self._unlock()
+            self._lock_checked = True
         return self._collection
+
+    def _unlock(self) -> None:
+        unlocked, prompt = self._call(SERVICE_PATH, SERVICE_IFACE, "Unlock", "ao",
+                                      ([self._collection],))
+        if self._collection not in unlocked and prompt != "/":
+            self._prompt(prompt)
+        if self._property(self._collection, COLLECTION_IFACE, "Locked"):
+            raise SecretServiceLocked("the keyring is locked")
 
     def _find_collection(self) -> str:
         preferred = os.environ.get(PREFERRED_COLLECTION_ENV, "").strip()
@@ -292,6 +309,6 @@ class SecretServiceSecrets:
             raise SecretServiceUnavailable(
                 f"Secret Service not available on the session bus ({name})")
         if name == _LOCKED:
-            raise SecretServiceLocked("the keyring is locked")
+            raise _IsLocked("the keyring is locked")
         # Only the error's name: its message is the service's words.
         raise SecretServiceError(f"the Secret Service answered with a D-Bus error ({name})", name)
