@@ -28,9 +28,8 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, overload
+from typing import TYPE_CHECKING, Any, Final, overload
 from urllib.parse import urlsplit
 
 import anyio
@@ -185,8 +184,7 @@ def _map_httpx_error(exc: Exception, url: str) -> oidc.OAuthFailure:
     return ProviderUnreachable("HTTP error", host)  # pragma: no cover - HTTPError is last
 
 
-@dataclass(frozen=True, repr=False)
-class HttpResponse:
+class HttpResponse(msgspec.Struct, frozen=True):
     """What came back: status, headers with lowercase names, body, when it arrived, and
     when its request was sent (on the agent's clock; a token's life counts from then)."""
 
@@ -199,6 +197,10 @@ class HttpResponse:
     def __repr__(self) -> str:  # bodies carry tokens
         return (f"HttpResponse(status={self.status}, sent_at={self.sent_at!r}, "
                 f"received_at={self.received_at!r})")
+
+    def __rich_repr__(self) -> list[tuple[str, Any]]:  # a Struct's own would show the body
+        return [("status", self.status), ("sent_at", self.sent_at),
+                ("received_at", self.received_at)]
 
 
 class ProviderClient:

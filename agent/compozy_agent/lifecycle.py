@@ -234,8 +234,9 @@ import math
 import random
 from collections import OrderedDict, deque
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Final, TypeAlias
+
+import msgspec
 
 from compozy_agent.narrowing import ScopeWatch
 from compozy_client.errors import ErrorCode
@@ -336,8 +337,7 @@ def _names(values: Iterable[str]) -> str:
     return listed + (f" and {more} more" if more > 0 else "")
 
 
-@dataclass(frozen=True, slots=True)
-class Grant:
+class Grant(msgspec.Struct, frozen=True):
     """What a session was granted at login, which a narrower token may not exceed (rule 12).
 
     ``scopes``: the login response's ``scope``, or what the login asked for when
@@ -408,8 +408,7 @@ class Secret:
     __str__ = __repr__
 
 
-@dataclass(frozen=True, slots=True)
-class AccessToken:
+class AccessToken(msgspec.Struct, frozen=True):
     """A cached access token. ``issued_at`` and ``expires_at`` are on the agent's wall clock."""
 
     value: Secret
@@ -443,16 +442,14 @@ def usable_token(
 # (Actions). StartRefresh is both: the caller that receives it must run it.
 
 
-@dataclass(frozen=True, slots=True)
-class Ready:
+class Ready(msgspec.Struct, frozen=True):
     """Hand out ``token``. If ``background`` is set, also run that refresh (don't wait for it)."""
 
     token: AccessToken
     background: StartRefresh | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class StartRefresh:
+class StartRefresh(msgspec.Struct, frozen=True):
     """Run this refresh (shielded from cancellation) and report its outcome.
 
     Spend ``refresh_token`` at the token endpoint, asking for ``slot``'s scopes
@@ -475,8 +472,7 @@ class StartRefresh:
         return self.slot[1]
 
 
-@dataclass(frozen=True, slots=True)
-class WaitForRefresh:
+class WaitForRefresh(msgspec.Struct, frozen=True):
     """A refresh (or the saving of a rotated refresh token) is in flight, or (``until``
     set) an early attempt may start at that wall-clock time (rule 8b).
 
@@ -488,24 +484,21 @@ class WaitForRefresh:
     until: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Fail:
+class Fail(msgspec.Struct, frozen=True):
     """Answer the caller with this wire error (``compozy_client.errors.ErrorCode``)."""
 
     code: str
     message: str
 
 
-@dataclass(frozen=True, slots=True)
-class PersistRefreshToken:
+class PersistRefreshToken(msgspec.Struct, frozen=True):
     """Write ``refresh_token`` to the secret store; report persist_done / persist_failed."""
 
     persist_id: int
     refresh_token: Secret
 
 
-@dataclass(frozen=True, slots=True)
-class DeleteRefreshToken:
+class DeleteRefreshToken(msgspec.Struct, frozen=True):
     """Remove the session's refresh token from the secret store (best effort)."""
 
 
@@ -524,8 +517,7 @@ class State(enum.Enum):
     REVOKED = "revoked"
 
 
-@dataclass(frozen=True, slots=True)
-class Status:
+class Status(msgspec.Struct, frozen=True):
     """A snapshot for ``compozy auth status``. Never carries a token."""
 
     state: State
@@ -608,8 +600,7 @@ def _retry_hint(slot: SlotKey | None, delay: float) -> str:
     return f"ask again in {delay:.0f} s or later"
 
 
-@dataclass(frozen=True, slots=True)
-class _Flight:
+class _Flight(msgspec.Struct, frozen=True):
     """The one operation in flight: a refresh of ``slot``, or a persist (slot is None)."""
 
     op_id: int
@@ -618,8 +609,7 @@ class _Flight:
     forced: bool = False
 
 
-@dataclass(slots=True)
-class AccessTokenSlot:
+class AccessTokenSlot(msgspec.Struct):
     """The cache for one (scopes, audience) of a session, and what its last refresh did."""
 
     key: SlotKey

@@ -17,12 +17,13 @@ The flows run as tasks of the driver; ``login_wait`` collects the outcome.
 from __future__ import annotations
 
 import logging
+import reprlib
 import secrets
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
+import msgspec
 
 from compozy_agent import oidc
 from compozy_agent.backend import OpError
@@ -62,8 +63,7 @@ def _new_id() -> str:
     return secrets.token_hex(4)
 
 
-@dataclass(eq=False)
-class Login:
+class Login(msgspec.Struct, eq=False):
     login_id: str
     profile: str
     issuer: str
@@ -74,24 +74,38 @@ class Login:
     #: The connection that started it: the login ends when that connection closes.
     owner: object = None
     #: The OIDC nonce of a browser login's authentication request (OIDC Core 3.1.2.1).
-    nonce: str | None = field(default=None, repr=False)
-    done: anyio.Event = field(default_factory=anyio.Event)
+    nonce: str | None = None
+    done: anyio.Event = msgspec.field(default_factory=anyio.Event)
     session: Session | None = None
     error: OpError | None = None
-    cancel_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    cancel_scope: anyio.CancelScope = msgspec.field(default_factory=anyio.CancelScope)
     #: Set once its flow has ended and let go of its listener or polling.
-    released: anyio.Event = field(default_factory=anyio.Event)
+    released: anyio.Event = msgspec.field(default_factory=anyio.Event)
     #: ``token_binding`` as configured (bearer, dpop, auto), and the key made for this
     #: login when it asks for DPoP-bound tokens (RFC 9449); the key is saved with the
     #: session's refresh token when the login ends.
     token_binding: str = "bearer"
-    dpop_key: DpopKey | None = field(default=None, repr=False)
+    dpop_key: DpopKey | None = None
+
+    def __rich_repr__(self) -> list[tuple[str, Any]]:  # never the nonce or the DPoP key
+        return [(name, getattr(self, name)) for name in _LOGIN_SHOWN]
+
+    @reprlib.recursive_repr()
+    def __repr__(self) -> str:
+        return "Login(" + ", ".join(f"{name}={value!r}"
+                                    for name, value in self.__rich_repr__()) + ")"
 
     def dpop_signer(self, now: Callable[[], float]) -> DpopSigner | None:
         key = self.dpop_key
         if key is None:
             return None
         return lambda method, url, nonce: key.proof(method, url, now(), nonce=nonce)
+
+
+#: What a Login's repr shows: a field added to Login shows only once it is listed here.
+_LOGIN_SHOWN: Final = ("login_id", "profile", "issuer", "client_id", "scopes", "resources",
+                       "expires_at", "owner", "done", "session", "error", "cancel_scope",
+                       "released", "token_binding")
 
 
 class Logins(Mapping[str, Login]):

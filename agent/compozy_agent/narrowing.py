@@ -29,8 +29,9 @@ and feeds it every successful refresh. This module owns two decisions:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Final, Literal, TypeAlias
+
+import msgspec
 
 __all__ = [
     "DOWNSCOPE_MODES",
@@ -76,8 +77,7 @@ def unheld_scopes(requested: frozenset[str], held: frozenset[str] | None) -> fro
     return frozenset() if held is None else requested - held
 
 
-@dataclass(slots=True)
-class ScopeWatch:
+class ScopeWatch(msgspec.Struct):
     """What one session's chain of refresh tokens is known to hold.
 
     ``granted``: the login's scopes (None when not known: nothing is compared).

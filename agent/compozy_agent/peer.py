@@ -10,11 +10,11 @@ from __future__ import annotations
 import socket
 import struct
 import sys
-from dataclasses import dataclass
+
+import msgspec
 
 
-@dataclass(frozen=True)
-class Peer:
+class Peer(msgspec.Struct, frozen=True):
     """A connected client: kernel-reported credentials (pid may be None on some BSDs)."""
 
     uid: int

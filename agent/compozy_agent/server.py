@@ -49,6 +49,7 @@ import errno
 import fcntl
 import logging
 import os
+import reprlib
 import resource
 import secrets
 import socket
@@ -56,7 +57,6 @@ import stat
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any, Final, assert_never
 
 import anyio
@@ -144,8 +144,7 @@ class SocketSetupError(Exception):
     """The socket cannot be created safely at the requested path."""
 
 
-@dataclass
-class BoundSocket:
+class BoundSocket(msgspec.Struct):
     """A listening socket we created, with the lock that makes it ours."""
 
     sock: socket.socket
@@ -260,8 +259,7 @@ def check_inherited_socket(sock: socket.socket) -> str:
     return path
 
 
-@dataclass(eq=False)
-class ExecGrant:
+class ExecGrant(msgspec.Struct, eq=False):
     """What one ``compozy exec`` child's socket serves: ``FORWARD_OPS`` for ``profile``;
     tokens of at most ``scope`` and only for ``audience`` when they are set (a request
     that names neither gets them)."""
@@ -273,9 +271,9 @@ class ExecGrant:
     #: The listening socket's inode: the path is removed only while it is still ours.
     inode: int
     #: Ends the accept loop of the socket.
-    accepting: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    accepting: anyio.CancelScope = msgspec.field(default_factory=anyio.CancelScope)
     #: The connections made to it, closed with it.
-    clients: set[Client] = field(default_factory=set)
+    clients: set[Client] = msgspec.field(default_factory=set)
 
     def refusal(self, request: p.Request, op: str) -> str | None:
         """Why this socket refuses ``request``, or None (filling in its scope and audience)."""
@@ -332,31 +330,40 @@ def bind_exec_socket(directory: str) -> tuple[socket.socket, str]:
     return sock, path
 
 
-@dataclass(eq=False)
-class Client:
+class Client(msgspec.Struct, eq=False):
     """One connection: the peer the kernel reported, the socket kind, the process behind it."""
 
     peer: Peer
     kind: str = "full"
     #: Who connected, read when the connection was accepted (``audit.capture``).
-    process: ConnectedProcess = field(default_factory=lambda: ConnectedProcess(ProcessInfo()))
+    process: ConnectedProcess = msgspec.field(
+        default_factory=lambda: ConnectedProcess(ProcessInfo()))
     #: Since when (time.monotonic()) this connection has been idle: the agent waiting for
     #: its next request, or for it to read an answer. None while a request is in flight.
     waiting_since: float | None = None
     #: The connection's socket, to shut down when it is closed for idleness.
-    sock: socket.socket | None = field(default=None, repr=False)
+    sock: socket.socket | None = None
     timed_out: bool = False
     #: On a ``compozy exec`` socket: what that socket serves.
     grant: ExecGrant | None = None
 
+    def __rich_repr__(self) -> list[tuple[str, Any]]:  # every field but the socket
+        return [("peer", self.peer), ("kind", self.kind), ("process", self.process),
+                ("waiting_since", self.waiting_since), ("timed_out", self.timed_out),
+                ("grant", self.grant)]
 
-@dataclass
-class ServerStats:
+    @reprlib.recursive_repr()  # its grant lists it among its clients
+    def __repr__(self) -> str:
+        return "Client(" + ", ".join(f"{name}={value!r}"
+                                     for name, value in self.__rich_repr__()) + ")"
+
+
+class ServerStats(msgspec.Struct):
     connections_open: int = 0
     connections_total: int = 0
     refused_peers: int = 0
     requests: int = 0
-    errors_by_code: dict[str, int] = field(default_factory=dict)
+    errors_by_code: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class AgentServer:

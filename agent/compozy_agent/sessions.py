@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import reprlib
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 import anyio.abc
+import msgspec
 
 from compozy_agent import oidc
 from compozy_agent.backend import OpError
@@ -70,17 +71,25 @@ REFRESHES_AT_ONCE: Final = 16
 STORE_WRITES_AT_ONCE: Final = 8
 
 
-@dataclass(eq=False)
-class Session:
+class Session(msgspec.Struct, eq=False):
     meta: StoredSession
     lifecycle: SessionLifecycle | None
-    api_key: str | None = field(default=None, repr=False)
+    api_key: str | None = None
     #: The key a DPoP-bound session's tokens are bound to (RFC 9449); None for bearer.
-    dpop_key: DpopKey | None = field(default=None, repr=False)
-    changed: anyio.Event = field(default_factory=anyio.Event, repr=False)
+    dpop_key: DpopKey | None = None
+    changed: anyio.Event = msgspec.field(default_factory=anyio.Event)
     last_used_at: float | None = None
     #: Whether the driver still holds this session (a forgotten one ignores late events).
     active: bool = True
+
+    def __rich_repr__(self) -> list[tuple[str, Any]]:  # never the API key or the DPoP key
+        return [("meta", self.meta), ("lifecycle", self.lifecycle),
+                ("last_used_at", self.last_used_at), ("active", self.active)]
+
+    @reprlib.recursive_repr()
+    def __repr__(self) -> str:
+        return "Session(" + ", ".join(f"{name}={value!r}"
+                                      for name, value in self.__rich_repr__()) + ")"
 
     def notify(self) -> None:
         """Wake everyone waiting for this session's refresh or persist to end."""
