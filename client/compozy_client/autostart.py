@@ -17,7 +17,12 @@ import sys
 import time
 from collections.abc import Mapping
 
-from compozy_client.paths import absolute_path_variables
+from compozy_client.agentpaths import absolute_path_variables
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import _socket
+    from collections.abc import Callable
 
 #: How long a caller waits for an agent it started to answer (seconds).
 AUTOSTART_TIMEOUT = 10.0
@@ -43,6 +48,32 @@ def start_once(path: str) -> float:
     start_agent(path)
     _started[path] = now
     return now
+
+
+def connect_once_started(
+    path: str, deadline: float, connect: Callable[[str, float], _socket.socket | None],
+) -> _socket.socket | None:
+    """For the token fast path, which found no agent on ``path``: start one (once, if
+    allowed) and return ``connect(path, deadline)``'s socket once it answers; None when
+    none answered by AUTOSTART_TIMEOUT or ``deadline``. ``OSError`` from ``connect``
+    (other than nothing listening) goes to the caller.
+
+    The full CLI, if it must take over, waits for this agent instead of starting
+    another (:func:`start_once`).
+    """
+    if not autostart_allowed():
+        return None
+    started_by = min(start_once(path) + AUTOSTART_TIMEOUT, deadline)
+    delay = 0.005
+    while time.monotonic() < started_by:
+        time.sleep(delay)
+        # A failed connect costs microseconds; a coarse poll would add up to its
+        # interval to every cold start (bench/cold_start.py).
+        delay = min(delay * 2, 0.02)
+        sock = connect(path, deadline)
+        if sock is not None:
+            return sock
+    return None
 
 
 def start_agent(path: str) -> None:

@@ -15,24 +15,27 @@ import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import MutableMapping
+    from compozy_client.agentpaths import (
+        PATH_VARIABLES as PATH_VARIABLES,
+    )
+    from compozy_client.agentpaths import (
+        UnsafePathError as UnsafePathError,
+    )
+    from compozy_client.agentpaths import (
+        absolute_path_variables as absolute_path_variables,
+    )
+    from compozy_client.agentpaths import (
+        check_private_dir as check_private_dir,
+    )
+    from compozy_client.agentpaths import (
+        ensure_private_dir as ensure_private_dir,
+    )
 
 # Plain constants, no typing.Final: importing typing alone would double this path's cost.
 SOCKET_ENV = "COMPOZY_AGENT_SOCK"
 CONFIG_ENV = "COMPOZY_CONFIG"
 APP_NAME = "compozy"
 SOCKET_NAME = "agent.sock"
-
-
-#: Variables naming one path each, which the agent must read as the CLI did.
-PATH_VARIABLES = (
-    SOCKET_ENV, CONFIG_ENV, "COMPOZY_STATE_DIR", "XDG_RUNTIME_DIR", "XDG_STATE_HOME",
-    "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME",
-)
-
-
-class UnsafePathError(Exception):
-    """A directory that would hold the socket is not private to this user."""
 
 
 def runtime_dir() -> str | None:
@@ -77,51 +80,6 @@ def config_path() -> str:
     )
 
 
-def ensure_private_dir(directory: str) -> None:
-    """Create ``directory`` 0700 if missing; refuse one that is not private to us.
-
-    Refused: a directory owned by another user, group or world writable, or
-    not a directory at all (a symlink to one included).
-    """
-    try:
-        os.mkdir(directory, 0o700)
-    except FileExistsError:
-        pass
-    except FileNotFoundError:
-        ensure_private_dir(os.path.dirname(directory))
-        os.mkdir(directory, 0o700)
-    check_private_dir(directory)
-
-
-def check_private_dir(directory: str) -> None:
-    """Raise :class:`UnsafePathError` unless ``directory`` is ours and not writable by others."""
-    info = os.lstat(directory)
-    if not stat.S_ISDIR(info.st_mode):
-        raise UnsafePathError(f"{directory} is not a directory")
-    if info.st_uid != os.getuid():
-        raise UnsafePathError(
-            f"{directory} belongs to uid {info.st_uid}, not to you (uid {os.getuid()}); "
-            "refusing to use it for the agent socket"
-        )
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise UnsafePathError(
-            f"{directory} is writable by group or others (mode {stat.S_IMODE(info.st_mode):o}); "
-            f"run: chmod 700 {directory}"
-        )
-
-
-def absolute_path_variables(environ: MutableMapping[str, str]) -> None:
-    """Make each of :data:`PATH_VARIABLES` in ``environ`` absolute, against the current directory.
-
-    For a process about to leave that directory (the agent works in ``/``):
-    a relative ``COMPOZY_STATE_DIR=state`` must keep naming the same place.
-    """
-    for name in PATH_VARIABLES:
-        value = environ.get(name, "").strip()
-        if value and not os.path.isabs(value):
-            environ[name] = os.path.abspath(value)
-
-
 #: The most of a config file read; a few KiB is a large one.
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -160,3 +118,16 @@ def config_file_problem(path: str, info: os.stat_result) -> str | None:
         return (f"config file {path} is not a regular file; it is not used. "
                 "Put your settings in a plain file there, or remove it")
     return None
+
+
+#: Names whose home is now compozy_client.agentpaths (the agent imports them from here).
+_AGENT_PATHS = ("PATH_VARIABLES", "UnsafePathError", "absolute_path_variables",
+                "check_private_dir", "ensure_private_dir")
+
+
+def __getattr__(name: str) -> object:
+    if name in _AGENT_PATHS:
+        from compozy_client import agentpaths
+
+        return getattr(agentpaths, name)
+    raise AttributeError(f"module 'compozy_client.paths' has no attribute {name!r}")

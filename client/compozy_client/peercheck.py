@@ -17,7 +17,9 @@ the message can say how to fix it.
 
 Each check returns a message saying what is wrong and how to fix it, or None.
 This module imports only ``os``, ``stat`` and ``sys`` (already loaded at
-interpreter start): ``compozy auth token``'s fast path runs it on every call.
+interpreter start): ``compozy auth token``'s fast path runs it on every call, and
+where bytecode is not cached compiles it every time, so what only other systems
+need (:mod:`compozy_client.getpeereid`, through ctypes) is imported where used.
 The agent has its own peer check (``compozy_agent.peer``); the client never
 imports the agent.
 """
@@ -122,7 +124,9 @@ def peer_uid(sock: SupportsGetsockopt) -> int | None:
     """
     platform = next((name for name in _PEER_OPTIONS if sys.platform.startswith(name)), None)
     if platform is None:
-        return _peer_uid_getpeereid(sock)
+        from compozy_client.getpeereid import peer_uid_getpeereid
+
+        return peer_uid_getpeereid(sock)
     level, option, size, uid_at, version = _PEER_OPTIONS[platform]
     raw = sock.getsockopt(level, option, size)
     if len(raw) < uid_at + 4:
@@ -130,21 +134,3 @@ def peer_uid(sock: SupportsGetsockopt) -> int | None:
     if version is not None and int.from_bytes(raw[:4], sys.byteorder) != version:
         return None  # a struct layout we do not know
     return int.from_bytes(raw[uid_at:uid_at + 4], sys.byteorder)
-
-
-def _peer_uid_getpeereid(sock: SupportsGetsockopt) -> int | None:
-    """Other Unix systems: getpeereid(3) through ctypes, when libc has it."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name, use_errno=True)
-    getpeereid = getattr(libc, "getpeereid", None)
-    if getpeereid is None:
-        return None
-    uid = ctypes.c_uint32()
-    gid = ctypes.c_uint32()
-    if getpeereid(sock.fileno(), ctypes.byref(uid), ctypes.byref(gid)) != 0:
-        error = ctypes.get_errno()
-        raise OSError(error, os.strerror(error))
-    return uid.value

@@ -294,11 +294,11 @@ def test_a_result_of_another_shape_raises_the_clients_typed_error() -> None:
 
 
 def test_the_token_fast_path_hands_a_deep_answer_to_the_full_cli() -> None:
-    from compozy_client import fasttoken
+    from compozy_client import fasttoken_rare
 
     deep = b"[" * 100_000 + b"]" * 100_000
-    assert fasttoken._token_from_json(b'{"id":1,"ok":true,"result":' + deep + b"}") is None
-    assert fasttoken._token_from_json(b'{"id":1,"ok":false,"error":' + deep + b"}") is None
+    assert fasttoken_rare.token_from_json(b'{"id":1,"ok":true,"result":' + deep + b"}") is None
+    assert fasttoken_rare.token_from_json(b'{"id":1,"ok":false,"error":' + deep + b"}") is None
 
 
 @pytest.mark.parametrize(
@@ -363,7 +363,7 @@ def test_the_token_fast_path_reads_a_bounded_answer(
     server.start()
     monkeypatch.setenv("COMPOZY_AGENT_SOCK", path)
     try:
-        answer = fasttoken._ask_agent({"profile": "default"}, time.monotonic() + 20)
+        answer = fasttoken.exchange({"profile": "default"}, time.monotonic() + 20)
     finally:
         server.join(20)
         listener.close()
