@@ -18,6 +18,9 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import MutableMapping
 
+__all__ = ["PATH_VARIABLES", "UnsafePathError", "absolute_path_variables",
+           "check_private_dir", "ensure_private_dir"]
+
 #: Variables naming one path each, which the agent must read as the CLI did.
 PATH_VARIABLES = (
     SOCKET_ENV, CONFIG_ENV, "COMPOZY_STATE_DIR", "XDG_RUNTIME_DIR", "XDG_STATE_HOME",

@@ -26,14 +26,7 @@ import os
 import time
 
 from compozy_client import fasttoken
-from compozy_client.configcheck import was_checked
-from compozy_client.paths import (
-    MAX_CONFIG_BYTES,
-    config_file_problem,
-    config_path,
-    open_config_file,
-    socket_path,
-)
+from compozy_client.paths import config_path, socket_path
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -105,7 +98,7 @@ def get(
     """
     if deadline is None:
         deadline = time.monotonic() + fasttoken.budget()
-    text = _light_config_text()
+    text = fasttoken.light_config()  # None: a key, or a file to leave to the library
     if text is not None:
         key = os.environ.get("FLYZT_API_KEY", "").strip()
         if key:
@@ -135,25 +128,6 @@ def get(
         if answer is not None:
             return answer
     return _get_full(profile, audience, min_valid, rejected_token, deadline, host, url)
-
-
-def _light_config_text() -> bytes | None:
-    """The config file's bytes (empty when there is none) when no YAML is needed to use
-    it here: one to be trusted, holding no key. None sends the caller to the full
-    library, which reads it (or refuses it and says why)."""
-    path = config_path()
-    try:
-        with open(open_config_file(path), "rb") as file:
-            if config_file_problem(path, os.fstat(file.fileno())) is not None:
-                return None
-            text = file.read(MAX_CONFIG_BYTES + 1)
-    except FileNotFoundError:
-        return b""
-    except OSError:
-        return None
-    if len(text) > MAX_CONFIG_BYTES or b"api_key" in text or not was_checked(path, text):
-        return None  # as every command: only bytes the full library validated (configcheck)
-    return text
 
 
 def _by_rules(

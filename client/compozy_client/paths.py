@@ -1,7 +1,11 @@
 """Where the agent's socket and the config file live, and the rules they obey.
 
 Standard library only, and no pathlib: the CLI's token fast path computes the
-socket path on every call, so paths are plain strings here. The runtime
+socket path on every call, so paths are plain strings here. What only the agent
+and its starters need (the private socket directory, path variables made
+absolute) lives in :mod:`compozy_client.agentpaths` and is still importable from
+here: where bytecode is not cached, the fast path compiles this module on every
+call. The runtime
 directory rule follows ``platformdirs.user_runtime_dir`` (a test holds the two
 together) so the agent, which uses platformdirs for its other directories, and
 the CLI always agree.
@@ -14,22 +18,8 @@ import stat
 import sys
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from compozy_client.agentpaths import (
-        PATH_VARIABLES as PATH_VARIABLES,
-    )
-    from compozy_client.agentpaths import (
-        UnsafePathError as UnsafePathError,
-    )
-    from compozy_client.agentpaths import (
-        absolute_path_variables as absolute_path_variables,
-    )
-    from compozy_client.agentpaths import (
-        check_private_dir as check_private_dir,
-    )
-    from compozy_client.agentpaths import (
-        ensure_private_dir as ensure_private_dir,
-    )
+if TYPE_CHECKING:  # the names __getattr__ (at the end) hands out
+    from compozy_client.agentpaths import *  # noqa: F403
 
 # Plain constants, no typing.Final: importing typing alone would double this path's cost.
 SOCKET_ENV = "COMPOZY_AGENT_SOCK"
@@ -120,14 +110,14 @@ def config_file_problem(path: str, info: os.stat_result) -> str | None:
     return None
 
 
-#: Names whose home is now compozy_client.agentpaths (the agent imports them from here).
-_AGENT_PATHS = ("PATH_VARIABLES", "UnsafePathError", "absolute_path_variables",
-                "check_private_dir", "ensure_private_dir")
+if not TYPE_CHECKING:  # mypy sees the names themselves (above), not a catch-all
 
+    def __getattr__(name: str) -> object:
+        """The agent's path rules (compozy_client.agentpaths) under their names here,
+        where the agent imports them from, loaded on first use."""
+        if name in ("PATH_VARIABLES", "UnsafePathError", "absolute_path_variables",
+                    "check_private_dir", "ensure_private_dir"):
+            from compozy_client import agentpaths
 
-def __getattr__(name: str) -> object:
-    if name in _AGENT_PATHS:
-        from compozy_client import agentpaths
-
-        return getattr(agentpaths, name)
-    raise AttributeError(f"module 'compozy_client.paths' has no attribute {name!r}")
+            return getattr(agentpaths, name)
+        raise AttributeError(f"module 'compozy_client.paths' has no attribute {name!r}")
