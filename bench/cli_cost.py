@@ -22,7 +22,14 @@ has them), and not compiled, as in an editable install run with
 removed first and none is written; the standard library keeps its cache, for
 both commands alike). The last line is the compiled variant's verdict.
 
+With ``--baseline DIR``, a checkout of other code (``main``, say) with its own
+``.venv``, that checkout's ``compozy auth token`` and ``auth kube-token`` run in
+the same rounds too, its package compiled or not as this one's: a change is
+measured side by side with the code before it, against the same bare
+interpreter and agent.
+
     .venv/bin/python bench/cli_cost.py [--runs 40] [--variant both|compiled|source]
+                                       [--baseline ../main]
 """
 
 from __future__ import annotations
@@ -66,20 +73,25 @@ def with_rules(bench_env: dict[str, str], home: Path) -> dict[str, str]:
     return {**bench_env, "COMPOZY_CONFIG": str(config)}
 
 
-def compare(name: str, env: dict[str, str], runs: int, home: Path) -> list[tuple[str, float]]:
+def compare(name: str, env: dict[str, str], runs: int, home: Path,
+            baseline: Path | None = None) -> list[tuple[str, float]]:
     """Medians of `compozy auth token` and the git helper's `get` (without and with rules)
     over the median of `python3 -c pass`, measured in the same interleaved rounds."""
     helper = [str(BINDIR / "git-credential-compozy"), "get"]
+    kube_env = {**env, "KUBERNETES_EXEC_INFO": EXEC_INFO}
     commands: list[tuple[str, list[str], dict[str, str], bytes | None]] = [
         ("python3 -c pass", [sys.executable, "-c", "pass"], env, None),
         ("compozy auth token", [str(BINDIR / "compozy"), "auth", "token"], env, None),
         ("git helper get", helper, env, GIT_GET),
         ("git helper get, rules", helper, with_rules(env, home), GIT_GET),
-        ("kube-token", [str(BINDIR / "compozy"), "auth", "kube-token"],
-         {**env, "KUBERNETES_EXEC_INFO": EXEC_INFO}, None),
+        ("kube-token", [str(BINDIR / "compozy"), "auth", "kube-token"], kube_env, None),
         ("docker helper get", [str(BINDIR / "docker-credential-compozy"), "get"], env,
          b"registry.compozy.dev\n"),
     ]
+    if baseline is not None:
+        launcher = str(baseline / ".venv" / "bin" / "compozy")
+        commands += [("baseline auth token", [launcher, "auth", "token"], env, None),
+                     ("baseline kube-token", [launcher, "auth", "kube-token"], kube_env, None)]
     for _ in range(3):  # warm the page cache for all
         for _label, command, command_env, stdin in commands:
             timed(command, command_env, stdin)
@@ -90,7 +102,12 @@ def compare(name: str, env: dict[str, str], runs: int, home: Path) -> list[tuple
     medians = [statistics.median(each) for each in times]
     for (label, *_), median in zip(commands, medians, strict=True):
         print(f"[{name}] {label:<22} median {median * 1000:6.1f} ms over {runs} runs")
-    bare, token, helper_light, helper_rules, kube_token, docker_get = medians
+    bare, token, helper_light, helper_rules, kube_token, docker_get = medians[:6]
+    if baseline is not None:
+        base_token, base_kube = medians[6:]
+        print(f"[{name}] compozy auth token / python3 -c pass: {token / bare:.2f}, "
+              f"baseline {base_token / bare:.2f}; kube-token: {kube_token / bare:.2f}, "
+              f"baseline {base_kube / bare:.2f}")
     print(f"[{name}] git helper get / compozy auth token: {helper_light / token:.2f}; "
           f"with rules: {helper_rules / token:.2f}")
     print(f"[{name}] kube-token / compozy auth token: {kube_token / token:.2f}; "
@@ -102,9 +119,9 @@ def compare(name: str, env: dict[str, str], runs: int, home: Path) -> list[tuple
             ("", token / bare)]
 
 
-def remove_package_bytecode() -> None:
+def remove_package_bytecode(root: Path) -> None:
     """The client package's compiled modules, so the next runs compile from source."""
-    for cache in (ROOT / "client" / "compozy_client").rglob("__pycache__"):
+    for cache in (root / "client" / "compozy_client").rglob("__pycache__"):
         shutil.rmtree(cache, ignore_errors=True)
 
 
@@ -112,21 +129,27 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=40)
     parser.add_argument("--variant", choices=("both", "compiled", "source"), default="both")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="a checkout with its own .venv, measured in the same rounds")
     options = parser.parse_args()
+    baseline = options.baseline.resolve() if options.baseline is not None else None
+    roots = [ROOT] if baseline is None else [ROOT, baseline]
     with bench_home() as bench:
         login(bench)
         results: list[tuple[str, float]] = []
         if options.variant in ("both", "source"):
-            remove_package_bytecode()
+            for root in roots:
+                remove_package_bytecode(root)
             source_env = {**bench.env, "PYTHONDONTWRITEBYTECODE": "1"}
             results += [(f"source (PYTHONDONTWRITEBYTECODE=1, no .pyc) {label}", ratio)
                         for label, ratio in compare("source", source_env, options.runs,
-                                                    bench.home)]
+                                                    bench.home, baseline)]
         if options.variant in ("both", "compiled"):
             # Compile the package as an install would (a run without the variable).
-            subprocess.run([sys.executable, "-m", "compileall", "-q",
-                            str(Path(ROOT / "client" / "compozy_client"))], check=True)
-            results += compare("compiled", bench.env, options.runs, bench.home)
+            for root in roots:
+                subprocess.run([sys.executable, "-m", "compileall", "-q",
+                                str(root / "client" / "compozy_client")], check=True)
+            results += compare("compiled", bench.env, options.runs, bench.home, baseline)
         for label, ratio in results:
             print(verdict(label, ratio, TARGET))
     return 0
