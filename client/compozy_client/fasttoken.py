@@ -30,7 +30,6 @@ import _socket
 import os
 import time
 
-from compozy_client.configcheck import was_checked
 from compozy_client.paths import (
     MAX_CONFIG_BYTES,
     config_file_problem,
@@ -113,9 +112,11 @@ def light_config() -> bytes | None:
                 return None
             text = file.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
-        return b""
+        return b""  # nothing to check: configcheck is not even loaded
     except OSError:
         return None
+    from compozy_client.configcheck import was_checked
+
     if len(text) > MAX_CONFIG_BYTES or b"api_key" in text or not was_checked(path, text):
         return None
     return text

@@ -22,6 +22,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
+from compozy_client.configcheck import record_checked
+
 LAUNCHER = Path(__file__).resolve().parents[2] / "client" / "bin" / "compozy"
 TOKEN_ANSWER = b'{"id":1,"ok":true,"result":{"access_token":"tok-123","expires_at":1.0}}\n'
 #: The most code the common token path may compile, in tokens (comments, blank lines and
@@ -35,6 +39,7 @@ class StandInAgent:
     with ``answer`` None, holds the connection open until closed)."""
 
     def __init__(self, path: str, answer: bytes | None) -> None:
+        self.path = path
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
         self.listener.listen(1)
@@ -62,6 +67,7 @@ class StandInAgent:
         self.release.set()
         self.listener.close()
         self.thread.join(10)
+        Path(self.path).unlink()
 
 
 @contextmanager
@@ -117,21 +123,40 @@ runpy.run_path(launcher, run_name="__main__")
 """
 
 
-def test_the_common_token_path_compiles_only_what_it_needs(tmp_path: Path) -> None:
-    """Without cached bytecode, `compozy auth token` answered with a token compiles its
-    own modules only, and at most HOT_PATH_TOKEN_BUDGET tokens of them."""
+def compiled_by_token_path(tmp_path: Path) -> dict[str, int]:
+    """The package's modules `compozy auth token` compiles (answered with a token, no
+    bytecode cached), with the code tokens of each."""
     with stand_in_agent(tmp_path, TOKEN_ANSWER):
         result = subprocess.run(
             [sys.executable, "-c", _COUNTING_RUNNER, str(LAUNCHER), "auth", "token"],
             capture_output=True, text=True, env=launcher_env(tmp_path), timeout=30)
     assert result.returncode == 0 and result.stdout == "tok-123\n", result.stderr[-2000:]
-    compiled = {line.split()[1]: int(line.split()[2]) for line in result.stderr.splitlines()
-                if line.startswith("compiled ")}
+    return {line.split()[1]: int(line.split()[2]) for line in result.stderr.splitlines()
+            if line.startswith("compiled ")}
+
+
+def test_the_common_token_path_compiles_only_what_it_needs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without cached bytecode, `compozy auth token` answered with a token compiles its
+    own modules only, and at most HOT_PATH_TOKEN_BUDGET tokens of them."""
+    # A config file the full CLI validated, as most people have (compozy_client.configcheck).
+    config = tmp_path / ".compozy" / "config.yaml"
+    config.parent.mkdir()
+    config.write_bytes(b"storage: memory\n")
+    config.chmod(0o600)
+    monkeypatch.setenv("COMPOZY_AGENT_SOCK", str(tmp_path / "agent.sock"))
+    record_checked(str(config), config.read_bytes())
+    compiled = compiled_by_token_path(tmp_path)
     # The modules the common path needs, each compiled from source here (so the count
     # is real), and no other module of the package.
     assert set(compiled) == {"__init__.py", "fasttoken.py", "paths.py", "configcheck.py",
                              "peercheck.py"}, compiled
     assert sum(compiled.values()) <= HOT_PATH_TOKEN_BUDGET, compiled
+    # Without a config file there is nothing for configcheck to check.
+    config.unlink()
+    assert set(compiled_by_token_path(tmp_path)) == {
+        "__init__.py", "fasttoken.py", "paths.py", "peercheck.py"}
 
 
 def test_the_rare_turns_load_their_modules_only_when_taken(tmp_path: Path) -> None:
@@ -144,7 +169,6 @@ def test_the_rare_turns_load_their_modules_only_when_taken(tmp_path: Path) -> No
     assert imported_modules(common.stderr) & rare == set()
 
     # Flags: parsed by the rare module, sent as the full CLI would send them.
-    (tmp_path / "agent.sock").unlink()
     with stand_in_agent(tmp_path, TOKEN_ANSWER) as agent:
         flagged = run_launcher(["auth", "token", "--profile", "work", "--scope=a,b c",
                                 "--min-valid", "60", "--audience", "https://api"],
