@@ -234,3 +234,35 @@ def test_ctrl_c_while_the_token_path_waits_exits_130_without_a_traceback(
                 process.wait()
     assert process.returncode == 130, stderr
     assert stdout == "" and "Traceback" not in stderr and "error" not in stderr
+
+
+@pytest.mark.parametrize("stdout", ["closed", "reader gone"])
+def test_a_token_that_cannot_be_written_is_said_without_a_traceback(
+    tmp_path: Path, stdout: str
+) -> None:
+    """`compozy auth token >&-` and `compozy auth token | head -c0`: exit 1, one line."""
+    import os
+
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "FLYZT_API_KEY": "key-never-shown",
+           "COMPOZY_CONFIG": str(tmp_path / "none.yaml")}
+    read, write = os.pipe()
+    if stdout == "reader gone":
+        os.close(read)
+        target: int | None = write
+    else:
+        os.close(read)
+        os.close(write)
+        target = None
+    try:
+        result = subprocess.run(
+            [sys.executable, str(LAUNCHER), "auth", "token"], env=env, timeout=60,
+            stdout=target if target is not None else subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True,
+            # "closed": the launcher starts with descriptor 1 closed.
+            preexec_fn=None if target is not None else (lambda: os.close(1)))
+    finally:
+        if target is not None:
+            os.close(target)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: cannot write to standard output: "), result.stderr
+    assert "Traceback" not in result.stderr and "key-never-shown" not in result.stderr
