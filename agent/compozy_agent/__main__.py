@@ -17,6 +17,15 @@ Modes:
 
 from __future__ import annotations
 
+import gc
+
+if __name__ == "__main__":
+    # Run as a program (the CLI starts agents with `python -m compozy_agent`): no
+    # cyclic garbage collection while the agent imports and starts, about a tenth
+    # of a cold start's CPU (docs/performance.md); on again once it serves
+    # (_serve). Imported (tests, the console script's entry()), nothing changes here.
+    gc.disable()
+
 import argparse
 import contextlib
 import logging
@@ -111,6 +120,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: What build_parser() makes of ``--autostarted`` alone, the command line the CLI
+#: starts agents with (test_the_autostarted_command_line_is_parsed_as_the_parser_would).
+_AUTOSTARTED: Final = {
+    "socket": None, "daemon": False, "sh": False, "csh": False, "fish": False,
+    "autostarted": True, "log_file": None, "forward_socket": None, "forward_profile": None,
+    "launchd": False, "verbose": False, "idle_timeout": DEFAULT_IDLE_TIMEOUT,
+    "max_connections": DEFAULT_MAX_CONNECTIONS,
+}
+
+
+def parse_options(args: list[str]) -> argparse.Namespace:
+    """The options ``args`` give. An autostarted agent's one argument is read without
+    building the parser: argparse's help formatter and translations load locale,
+    shutil and the compression modules, about 7 ms of every cold start."""
+    if args == ["--autostarted"]:
+        return argparse.Namespace(**_AUTOSTARTED)
+    return build_parser().parse_args(args)
+
+
 _COMPLETION_EXAMPLES = """examples:
   source <(compozy-agent completion bash)      # in ~/.bashrc
   source <(compozy-agent completion zsh)       # in ~/.zshrc, after compinit
@@ -165,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         from compozy_client.commands import completion
 
         return completion.complete(_completion_tree(), args[1:], completion.dynamic_values)
-    options = build_parser().parse_args(args)
+    options = parse_options(args)
     _leave_the_working_directory(options)
     if options.sh or options.csh or options.fish:
         return _shell_mode(options, os.path.abspath(options.socket or socket_path()))
@@ -347,8 +375,15 @@ async def _serve(options: argparse.Namespace, bound: list[BoundSocket], path: st
             ready = anyio.Event()
             group.start_soon(server.serve, bound, ready)
             await ready.wait()
+            # Off while starting (the top of this module). What starting made is kept
+            # out of collections from now on (it lives as long as the agent); else
+            # the first collection, due at once, would scan all of it before the
+            # first answer.
+            gc.freeze()
+            gc.enable()
             log.info("compozy-agent %s (pid %d) serving %s", __version__, os.getpid(), path)
     finally:
+        gc.enable()
         audit.close()
         with anyio.CancelScope(shield=True):
             await provider.aclose()
@@ -515,6 +550,7 @@ def _shell_quote(value: str) -> str:
 
 
 def entry() -> None:
+    gc.disable()  # the console script: as when run with -m (the top of this module)
     sys.exit(main())
 
 
