@@ -381,6 +381,8 @@ async def _serve(options: argparse.Namespace, bound: list[BoundSocket], path: st
             # first answer.
             gc.freeze()
             gc.enable()
+            log.debug("garbage collection on; %d objects from the start are kept out of it",
+                      gc.get_freeze_count())
             log.info("compozy-agent %s (pid %d) serving %s", __version__, os.getpid(), path)
     finally:
         gc.enable()

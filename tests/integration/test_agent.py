@@ -792,3 +792,12 @@ def test_an_answer_longer_than_the_protocol_allows_is_refused_by_async_get_token
     finally:
         stop.set()
         server.join(10)
+
+
+def test_garbage_collection_is_on_once_the_agent_serves(agent: AgentProcess) -> None:
+    """Off while the agent starts (a cold start's CPU), never left off (issue 15)."""
+    log = agent.log()
+    collection = log.index("garbage collection on; ")
+    assert collection < log.index("serving ")
+    frozen = int(log[collection:].split("; ", 1)[1].split()[0])
+    assert frozen > 10_000  # the modules and objects of the start, not collected
