@@ -7,6 +7,7 @@ loopback listener closes), so nothing is left pending (issue 15, item 1).
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,6 +74,31 @@ def test_ctrl_c_during_a_device_login_cancels_it_and_exits_130(
     again = login_device(env)
     assert again.returncode == 0, again.stderr
     assert not any("replaced this one" in line for line in agent.lines), agent.log()
+
+
+def test_a_ctrl_c_before_the_wait_is_sent_still_cancels_at_the_agent(
+    agent: AgentProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window the tmux test above can only hit by chance: Ctrl-C after the login
+    started and before its login_wait went out. The CLI cancels on a second
+    connection while the login's own is still open; closed first, it would end the
+    login at the agent for another reason ("the connection that started it closed")."""
+    from compozy_client.cli import main
+    from compozy_client.commands.waiting import WaitDisplay
+
+    for name in [n for n in os.environ if n.startswith(("COMPOZY_", "FLYZT_"))]:
+        monkeypatch.delenv(name)
+    for name, value in agent.agent_env.env().items():
+        monkeypatch.setenv(name, value)
+
+    def interrupted(self: WaitDisplay) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(WaitDisplay, "start", interrupted)
+    with pytest.raises(SystemExit) as exited:
+        main(["login", "--device"])
+    assert exited.value.code == 130
+    assert cancelled_at_the_agent(agent), agent.log()
 
 
 def test_ctrl_c_during_a_browser_login_cancels_it_and_closes_the_listener(

@@ -103,41 +103,49 @@ def run(args: argparse.Namespace) -> int:
     login_id: str | None = None
     try:
         with connect() as conn:
-            started = conn.call(request, LoginStartResult)
-            login_id = started.login_id
-            if started.flow == "browser":
-                assert started.authorization_url is not None
-                opened = False
-                if not args.no_browser:
-                    info(f"Opening your browser to log in to {started.issuer} ...")
-                    launcher = _browser_launcher(started.authorization_url)
-                    opened = launcher is not None and _open_browser(launcher)
-                if not opened:
-                    info("Open this URL in a browser to log in:")
-                info(f"  {started.authorization_url}")
-            else:
-                # Verbatim: some providers match user codes case-sensitively and
-                # without the hyphen others print (django-oauth-toolkit).
-                info(f"To log in to {started.issuer}, open {started.verification_uri} and "
-                     f"enter the code {started.user_code} exactly as shown")
-                if started.verification_uri_complete:
-                    info(f"  or open: {started.verification_uri_complete}")
-                target = started.verification_uri_complete or started.verification_uri
-                if target and _offers_to_open_the_browser():
-                    launcher = _browser_launcher(target)
-                    if launcher is not None:
-                        prompt = f"Press Enter to open {target} in your browser"
-                        open_on_enter = _opener(launcher)
-            lasts = min(args.timeout, started.expires_in or args.timeout)
-            display = WaitDisplay("Waiting for approval in the browser",
-                                  time.monotonic() + lasts,
-                                  prompt=one_line(prompt, MESSAGE_LIMIT) if prompt else None,
-                                  open_on_enter=open_on_enter)
             try:
-                display.start()  # inside: a Ctrl-C while it starts still erases the line
-                session = _wait_for_login(conn, started.login_id, args.timeout)
-            finally:
-                display.stop()
+                started = conn.call(request, LoginStartResult)
+                login_id = started.login_id
+                if started.flow == "browser":
+                    assert started.authorization_url is not None
+                    opened = False
+                    if not args.no_browser:
+                        info(f"Opening your browser to log in to {started.issuer} ...")
+                        launcher = _browser_launcher(started.authorization_url)
+                        opened = launcher is not None and _open_browser(launcher)
+                    if not opened:
+                        info("Open this URL in a browser to log in:")
+                    info(f"  {started.authorization_url}")
+                else:
+                    # Verbatim: some providers match user codes case-sensitively and
+                    # without the hyphen others print (django-oauth-toolkit).
+                    info(f"To log in to {started.issuer}, open {started.verification_uri} and "
+                         f"enter the code {started.user_code} exactly as shown")
+                    if started.verification_uri_complete:
+                        info(f"  or open: {started.verification_uri_complete}")
+                    target = started.verification_uri_complete or started.verification_uri
+                    if target and _offers_to_open_the_browser():
+                        launcher = _browser_launcher(target)
+                        if launcher is not None:
+                            prompt = f"Press Enter to open {target} in your browser"
+                            open_on_enter = _opener(launcher)
+                lasts = min(args.timeout, started.expires_in or args.timeout)
+                display = WaitDisplay("Waiting for approval in the browser",
+                                      time.monotonic() + lasts,
+                                      prompt=one_line(prompt, MESSAGE_LIMIT) if prompt else None,
+                                      open_on_enter=open_on_enter)
+                try:
+                    display.start()  # inside: a Ctrl-C while it starts still erases the line
+                    session = _wait_for_login(conn, started.login_id, args.timeout)
+                finally:
+                    display.stop()
+            except KeyboardInterrupt:
+                # Cancel while this connection is still open: closing it first would
+                # end the login for another reason at the agent (its connection closed).
+                if login_id is not None:
+                    _cancel_login(login_id)
+                    login_id = None
+                raise
     except KeyboardInterrupt:
         # The person chose to stop: end the login at the agent now, not after its
         # current answer (up to 25 s), and say nothing that sounds like a failure.
