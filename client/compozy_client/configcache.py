@@ -27,7 +27,7 @@ import stat
 from typing import Any
 
 from compozy_client import __version__
-from compozy_client.configcheck import private_directory
+from compozy_client.configcheck import private_directory, write_private_record
 from compozy_client.paths import MAX_CONFIG_BYTES
 
 RECORD_NAME = "config-parsed"
@@ -87,23 +87,4 @@ def remember(path: str, raw: bytes, data: dict[str, Any]) -> None:
             return  # JSON would change it (a YAML date, an integer key): parse it each time
     except (TypeError, ValueError, RecursionError):
         return
-    directory = private_directory()
-    if directory is None:
-        return
-    target = os.path.join(directory, RECORD_NAME)
-    temp = f"{target}.{os.getpid()}.tmp"
-    try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
-        try:
-            view = memoryview(_prefix(path, raw) + encoded.encode())
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-        os.replace(temp, target)
-    except OSError:
-        try:  # noqa: SIM105
-            os.unlink(temp)
-        except OSError:
-            pass
+    write_private_record(RECORD_NAME, _prefix(path, raw) + encoded.encode())

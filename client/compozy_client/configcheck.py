@@ -78,18 +78,24 @@ def record_checked(path: str, raw: bytes) -> None:
     """Record that ``raw``, read from ``path``, is a valid config file (best effort)."""
     if b"api_key" in raw or len(raw) > MAX_CONFIG_BYTES or was_checked(path, raw):
         return
+    write_private_record(RECORD_NAME, _record(path, raw))
+
+
+def write_private_record(name: str, data: bytes) -> None:
+    """Write ``data`` to ``name`` in :func:`private_directory`, 0600 and atomically
+    (best effort: a record is only ever a saving)."""
     directory = private_directory()
     if directory is None:
         return
-    target = os.path.join(directory, RECORD_NAME)
+    target = os.path.join(directory, name)
     temp = f"{target}.{os.getpid()}.tmp"
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
         try:
-            data = memoryview(_record(path, raw))
-            while data:
-                data = data[os.write(fd, data):]
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
         finally:
             os.close(fd)
         os.replace(temp, target)
